@@ -1,0 +1,61 @@
+"""elastic_jax: distributed SGD under elastic consistency, in JAX.
+
+A functional reference implementation of Nadiradze, Markov, Chatterjee,
+Kungurtsev and Alistarh, "Elastic Consistency" (arXiv:2001.05918, AAAI 2021).
+Every distributed SGD variant is an `Algorithm` of pure functions; the caller
+evaluates gradients at the algorithm's `views` and hands them to `update`.
+"""
+
+from elastic_jax import bounds, checks, delays
+from elastic_jax.algorithms.asynchronous import async_sgd
+from elastic_jax.algorithms.sync import sync_sgd
+from elastic_jax.compressors import (
+    CompressionInfo,
+    Compressor,
+    compression_info,
+    identity,
+    qsgd,
+    random_k,
+    scaled_sign,
+    top_k,
+)
+from elastic_jax.core import (
+    WORKER_AXIS,
+    Algorithm,
+    AlgorithmInfo,
+    State,
+    derive_key,
+    make_step,
+    model,
+    params,
+    run,
+)
+from elastic_jax.error_feedback import error_feedback
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WORKER_AXIS",
+    "Algorithm",
+    "AlgorithmInfo",
+    "CompressionInfo",
+    "Compressor",
+    "State",
+    "async_sgd",
+    "bounds",
+    "checks",
+    "compression_info",
+    "delays",
+    "derive_key",
+    "error_feedback",
+    "identity",
+    "make_step",
+    "model",
+    "params",
+    "qsgd",
+    "random_k",
+    "run",
+    "scaled_sign",
+    "sync_sgd",
+    "top_k",
+]

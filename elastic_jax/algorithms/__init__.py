@@ -1,0 +1,1 @@
+"""Distributed SGD variants, one module per family (THEORY.md section 5)."""

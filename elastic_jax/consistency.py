@@ -1,0 +1,111 @@
+"""Measured elastic consistency: the bookkeeping shared by every algorithm.
+
+THEORY.md section 2: at every round `r`,
+
+    b_hat_r  = max_p ||x_t - v_t^p|| / eta_r
+    b_rms_r  = sqrt(mean_p ||x_t - v_t^p||^2) / eta_r
+    m_hat_r  = running max of ||g|| (including round r's gradients)
+    mu_hat_r = running max of ||C(eta g)|| / eta
+    bound_r  = B(m_hat_r or mu_hat_r, system) * etabar_r / eta_r
+
+A round with `eta_r = 0` reports `b_hat = bound = 0`.
+
+References:
+  G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
+  "Elastic Consistency", arXiv:2001.05918.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ConsistencyState(NamedTuple):
+    """Running maxima carried in the shared state (all scalars of the param dtype)."""
+
+    m_hat: jax.Array  # [] max ||g|| over every gradient seen
+    mu_hat: jax.Array  # [] max ||C(eta g)|| / eta over every compressed update
+    eta_max: jax.Array  # [] max learning rate of every round so far
+
+
+def init(dtype) -> ConsistencyState:
+    zero = jnp.zeros((), dtype)
+    return ConsistencyState(zero, zero, zero)
+
+
+def tree_sq_norm(tree) -> jax.Array:
+    """Squared Euclidean norm of a whole pytree (accumulated in at least float32)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros(())
+    return sum(jnp.sum(jnp.square(_wide(x))) for x in leaves)
+
+
+def tree_norm(tree) -> jax.Array:
+    return jnp.sqrt(tree_sq_norm(tree))
+
+
+def _wide(x):
+    x = jnp.asarray(x)
+    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+
+
+def per_eta(value, eta):
+    """`value / eta`, and 0 where `eta == 0` (THEORY.md section 2)."""
+    safe = jnp.where(eta > 0, eta, 1)
+    return jnp.where(eta > 0, value / safe, jnp.zeros_like(value))
+
+
+def observe(
+    state: ConsistencyState, grad_norms, eta, update_norms=None
+) -> ConsistencyState:
+    """Folds one round into the running maxima.
+
+    Args:
+      state: the running maxima before the round.
+      grad_norms: `[P]` norms of the round's (clipped) gradients.
+      eta: the round's learning rate.
+      update_norms: `[P]` norms `||C(eta g)||` of compressed updates, or None.
+    """
+    dtype = state.m_hat.dtype
+    m_hat = jnp.maximum(state.m_hat, jnp.max(grad_norms).astype(dtype))
+    mu_hat = state.mu_hat
+    if update_norms is not None:
+        mu_hat = jnp.maximum(mu_hat, jnp.max(per_eta(update_norms, eta)).astype(dtype))
+    eta_max = jnp.maximum(state.eta_max, jnp.asarray(eta, dtype))
+    return ConsistencyState(m_hat, mu_hat, eta_max)
+
+
+def window_max(schedule, round_, rounds_back: int):
+    """`max_{0 <= j <= rounds_back, round - j >= 0} eta_{round - j}` (etabar of a window)."""
+    js = jnp.arange(rounds_back + 1)
+    rounds = round_ - js
+    etas = jax.vmap(lambda r: jnp.asarray(schedule(jnp.maximum(r, 0))))(rounds)
+    return jnp.max(jnp.where(rounds >= 0, etas, jnp.zeros_like(etas)))
+
+
+def metrics(sq_dists, eta, bound_b, etabar) -> dict[str, jax.Array]:
+    """`consistency/b_hat`, `b_rms` and `bound` from the round's squared distances.
+
+    Args:
+      sq_dists: `[n]` values `||x_t - v_t^p||^2` over live workers and updates.
+      eta: the round's learning rate.
+      bound_b: the system constant `B` (may be `inf`).
+      etabar: the largest learning rate the bound's argument involves.
+    """
+    dtype = sq_dists.dtype
+    b_hat = per_eta(jnp.sqrt(jnp.max(sq_dists)), eta)
+    b_rms = per_eta(jnp.sqrt(jnp.mean(sq_dists)), eta)
+    bound_b = jnp.asarray(bound_b, dtype)
+    scaled = bound_b * per_eta(jnp.asarray(etabar, dtype), eta)
+    # 0 * inf would be nan: a round with eta = 0 reports bound = 0.
+    bound = jnp.where(eta > 0, jnp.where(bound_b == 0, 0.0, scaled), 0.0).astype(dtype)
+    return {
+        "consistency/b_hat": b_hat,
+        "consistency/b_rms": b_rms,
+        "consistency/bound": bound,
+    }
+

@@ -1,0 +1,27 @@
+"""The public surface: what `import elastic_jax as ej` offers, and nothing else."""
+
+import elastic_jax as ej
+
+PUBLIC = {
+    "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "State",
+    "async_sgd", "bounds", "checks", "compression_info", "delays", "derive_key",
+    "error_feedback", "identity", "make_step", "model", "params", "qsgd", "random_k", "run",
+    "scaled_sign", "sync_sgd", "top_k",
+}
+
+
+def test_public_surface():
+    assert set(ej.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert getattr(ej, name) is not None
+    exported = {n for n in dir(ej) if not n.startswith("_")}
+    # Submodules imported by the package are visible too; nothing else is.
+    assert exported - PUBLIC <= {"algorithms", "compressors", "consistency", "core",
+                                 "validation"}
+
+
+def test_algorithm_is_a_namedtuple_of_functions():
+    alg = ej.sync_sgd(0.1, 2)
+    assert isinstance(alg, ej.Algorithm)
+    assert alg._fields == ("init", "views", "update", "local", "combine", "view", "info")
+    assert alg.num_workers == 2 and alg.info.name == "sync_sgd"

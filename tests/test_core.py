@@ -1,0 +1,143 @@
+"""The drivers: make_step, run, compilation, checks, randomness, state invariants."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import elastic_jax as ej
+from elastic_jax import core
+from tests import helpers as h
+
+
+def test_fifty_rounds_compile_once():
+    p = h.params0()
+    alg = ej.async_sgd(0.05, 4, 6, reads="inconsistent", compressor=ej.top_k(fraction=0.2),
+                       error_feedback=True)
+    loss = chex.assert_max_traces(h.noisy_quadratic, n=1)
+    batch_fn = h.noise_batch_fn(p)
+    state, metrics = ej.run(alg, loss, alg.init(p, jax.random.key(0)), batch_fn=batch_fn,
+                            rounds=50)
+    assert metrics["loss"].shape == (50,)
+    assert int(state.shared.round) == 50
+    # A second run of the same configuration reuses the compiled round.
+    state, _ = ej.run(alg, loss, state, batch_fn=batch_fn, rounds=3)
+    assert int(state.shared.round) == 53
+
+
+def test_state_is_stable_and_caller_state_is_not_donated():
+    p = h.params0()
+    alg = ej.sync_sgd(0.1, 2, compressor=ej.top_k(k=3), error_feedback=True)
+    state = alg.init(p, jax.random.key(0))
+    new, _ = ej.run(alg, h.noisy_quadratic, state, batch_fn=h.noise_batch_fn(p), rounds=2)
+    ej.checks.assert_state_stable(state, new)
+    # The caller's state is still usable after run (its buffers were not donated).
+    assert np.isfinite(h.flat(ej.params(state))).all()
+    with pytest.raises(AssertionError):
+        ej.checks.assert_state_stable(state, new._replace(workers=new.workers._replace(
+            residual=jax.tree.map(lambda x: x.astype(jnp.float16), new.workers.residual))))
+
+
+def test_scan_and_python_loops_agree():
+    p = h.params0()
+    alg = ej.async_sgd(0.05, 2, 3, compressor=ej.top_k(k=4))
+    state = alg.init(p, jax.random.key(1))
+    a, ma = ej.run(alg, h.noisy_quadratic, state, batch_fn=h.noise_batch_fn(p), rounds=6)
+    b, mb = ej.run(alg, h.noisy_quadratic, state, batch_fn=h.noise_batch_fn(p), rounds=6,
+                   loop="scan")
+    np.testing.assert_allclose(h.flat(ej.params(a)), h.flat(ej.params(b)), rtol=1e-6)
+    assert set(ma) == set(mb)
+
+
+def test_same_seed_same_trajectory_and_seeds_differ():
+    p = h.params0()
+    alg = ej.async_sgd(0.05, 3, 4, reads="inconsistent")
+    runs = [ej.run(alg, h.noisy_quadratic, alg.init(p, jax.random.key(s)),
+                   batch_fn=h.noise_batch_fn(p), rounds=5)[0] for s in (7, 7, 8)]
+    np.testing.assert_array_equal(h.flat(ej.params(runs[0])), h.flat(ej.params(runs[1])))
+    assert not np.array_equal(h.flat(ej.params(runs[0])), h.flat(ej.params(runs[2])))
+
+
+def test_keys_are_derived_not_split():
+    base = jax.random.key(0)
+    a = core.derive_key(base, core.TAG_DELAY, 5, 3)
+    b = core.worker_keys(base, core.TAG_DELAY, 5, 8)[3]
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    c = core.derive_key(base, core.TAG_DATA, 5, 3)
+    assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(c))
+
+
+def test_has_aux_and_stacked_batches():
+    alg = ej.sync_sgd(0.1, 2)
+    p = h.params0()
+
+    def loss(params, batch):
+        value = h.noisy_quadratic(params, batch)
+        return value, {"double": 2 * value}
+
+    batches = jax.tree.map(lambda x: jnp.zeros((4, 2) + x.shape), p)
+    state, metrics = ej.run(alg, loss, alg.init(p, 0), batches, has_aux=True)
+    np.testing.assert_allclose(metrics["aux/double"], 2 * metrics["loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="rounds"):
+        ej.run(alg, loss, state, batches, rounds=5, has_aux=True)
+    with pytest.raises(ValueError, match="batches"):
+        ej.run(alg, loss, state, has_aux=True)
+
+
+def test_every_algorithm_reports_the_common_metrics():
+    p = h.params0()
+    expected = {"loss", "consistency/b_hat", "consistency/b_rms", "consistency/bound",
+                "grad_norm/max", "update_norm", "comm/bits", "learning_rate"}
+    algs = {
+        "sync": ej.sync_sgd(0.1, 2),
+        "sync_ef": ej.sync_sgd(0.1, 2, compressor=ej.top_k(k=2), error_feedback=0.5),
+        "async": ej.async_sgd(0.1, 2, 2),
+    }
+    for name, alg in algs.items():
+        _, metrics = ej.run(alg, h.noisy_quadratic, alg.init(p, 0),
+                            batch_fn=h.noise_batch_fn(p), rounds=1)
+        assert expected <= set(metrics), name
+        assert ("ef/residual_norm" in metrics) == name.endswith("_ef")
+        assert ("delay/mean" in metrics) == (name == "async")
+    # comm/bits: 2 dense workers send 32 d bits each; Top-k sends k (32 + ceil(log2 d)).
+    _, metrics = ej.run(algs["sync"], h.noisy_quadratic, algs["sync"].init(p, 0),
+                        batch_fn=h.noise_batch_fn(p), rounds=1)
+    assert float(metrics["comm/bits"][0]) == 2 * 32 * 20
+    _, metrics = ej.run(algs["sync_ef"], h.noisy_quadratic, algs["sync_ef"].init(p, 0),
+                        batch_fn=h.noise_batch_fn(p), rounds=1)
+    assert float(metrics["comm/bits"][0]) == 2 * 2 * (32 + 5)
+
+
+def test_zero_learning_rate_round_reports_zero():
+    alg = ej.async_sgd(0.0, 2, 3)
+    p = h.params0()
+    _, metrics = ej.run(alg, h.noisy_quadratic, alg.init(p, 0), batch_fn=h.noise_batch_fn(p),
+                        rounds=2, checks=True)
+    np.testing.assert_array_equal(metrics["consistency/b_hat"], 0)
+    np.testing.assert_array_equal(metrics["consistency/bound"], 0)
+    np.testing.assert_array_equal(metrics["update_norm"], 0)
+
+
+def test_checks_pass_on_a_correct_run_and_fail_with_the_round():
+    p = h.params0()
+    alg = ej.async_sgd(0.05, 2, 3, compressor=ej.top_k(k=4), error_feedback=True)
+    state, _ = ej.run(alg, h.noisy_quadratic, alg.init(p, 0), batch_fn=h.noise_batch_fn(p),
+                      rounds=5, checks=True)
+
+    def broken_combine(shared, msg):
+        new_shared, metrics = alg.combine(shared, msg)
+        metrics = dict(metrics)
+        metrics["consistency/b_hat"] = 2 * metrics["consistency/bound"] + 1
+        return new_shared, metrics
+
+    views, update = core.compose_update(alg.local, broken_combine, alg.view, 2)
+    broken = alg._replace(update=update, views=views)
+    step = jax.jit(ej.make_step(broken, h.noisy_quadratic, checks=True))
+    batch = h.noise_batch_fn(p)(0, jax.random.split(jax.random.key(0), 2))
+    with pytest.raises(Exception, match="round 5: consistency/b_hat"):
+        jax.block_until_ready(step(state, batch))
+    nan_batch = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), batch)
+    good = jax.jit(ej.make_step(alg, h.noisy_quadratic, checks=True))
+    with pytest.raises(Exception, match="round 5: the state is not finite"):
+        jax.block_until_ready(good(state, nan_batch))

@@ -1,0 +1,70 @@
+"""Delay laws: ranges, shorthands, traces."""
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import elastic_jax as ej
+
+LAWS = {"fixed": ej.delays.fixed(), "uniform": ej.delays.uniform(),
+        "geometric": ej.delays.geometric(0.3)}
+_SAMPLERS = {
+    name: jax.jit(jax.vmap(lambda key, lo, law=law: law.sample(key, 0, 0, lo, 9, (50,)),
+                           in_axes=(0, None)))
+    for name, law in LAWS.items()
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(sorted(LAWS)), lo=st.integers(0, 9), seed=st.integers(0, 2**31 - 1))
+def test_lags_stay_in_range(name, lo, seed):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    lags = np.asarray(_SAMPLERS[name](keys, lo))
+    assert lags.dtype == np.int32
+    assert lags.min() >= lo and lags.max() <= 9
+    if name == "fixed":
+        assert np.all(lags == 9)
+
+
+def test_uniform_and_geometric_distributions():
+    keys = jax.random.split(jax.random.key(0), 400)
+    uniform = np.asarray(_SAMPLERS["uniform"](keys, 2))
+    counts = np.bincount(uniform.ravel(), minlength=10)[2:]
+    expected = uniform.size / 8
+    assert np.all(np.abs(counts - expected) < 6 * np.sqrt(expected))
+    geo = np.asarray(_SAMPLERS["geometric"](keys, 0)).ravel()
+    # P(G = 0) = p, P(G >= 9) truncated to 9: (1 - p)^9.
+    assert abs(np.mean(geo == 0) - 0.3) < 0.02
+    assert abs(np.mean(geo == 9) - 0.7**9) < 0.01
+
+
+def test_shorthands_and_bad_laws():
+    assert ej.delays.resolve("fixed").name == "fixed"
+    assert ej.delays.resolve("geometric").name == "geometric"
+    assert ej.delays.resolve(np.zeros((3, 2), int)).name == "trace"
+    with pytest.raises(ValueError, match="delay: got 'poisson'"):
+        ej.delays.resolve("poisson")
+    with pytest.raises(ValueError, match="delay:.*integer trace"):
+        ej.delays.resolve(np.zeros((3,), int))
+    with pytest.raises(ValueError, match="delay:.*integer trace"):
+        ej.delays.resolve(np.zeros((3, 2), float))
+    with pytest.raises(ValueError, match=r"p: got 0.0; expected .*\(0.0, 1.0\]"):
+        ej.delays.geometric(0.0)
+
+
+def test_trace_validation_in_async():
+    good = np.array([[0, 1, 2], [3, 1, 2]])
+    ej.async_sgd(0.1, 3, 3, delay=good)
+    with pytest.raises(ValueError, match=r"shape \[rounds, 3\]"):
+        ej.async_sgd(0.1, 3, 3, delay=np.zeros((4, 2), int))
+    with pytest.raises(ValueError, match=r"lag 0 at round 1, worker 2; expected lags in \[2, 3\]"):
+        ej.async_sgd(0.1, 3, 3, delay=np.array([[0, 1, 2], [3, 1, 0]]))
+    with pytest.raises(ValueError, match=r"lag 4 .* \[0, 3\]"):
+        ej.async_sgd(0.1, 3, 3, delay=np.array([[4, 1, 2]]))
+    with pytest.raises(ValueError, match="reads: got 'inconsistent'"):
+        ej.async_sgd(0.1, 3, 3, delay=good, reads="inconsistent")
+    lags = ej.delays.trace(good).sample(None, jnp.asarray(1), 2, 0, 3, ())
+    assert int(lags) == 2

@@ -1,0 +1,66 @@
+"""Bad input: a ValueError naming the argument and its valid range, before compiling."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import elastic_jax as ej
+from tests import helpers as h
+
+FACTORY_CASES = [
+    (lambda: ej.sync_sgd(0.1, 0), r"num_workers: got 0; expected an integer in \[1, inf\]"),
+    (lambda: ej.sync_sgd(0.1, 2.5), r"num_workers: got 2.5"),
+    (lambda: ej.sync_sgd(-0.1, 2), r"learning_rate: got -0.1; expected a finite number in \[0.0"),
+    (lambda: ej.sync_sgd(math.inf, 2), r"learning_rate: got inf"),
+    (lambda: ej.sync_sgd(math.nan, 2), r"learning_rate: got nan"),
+    (lambda: ej.sync_sgd(0.1, 2, error_feedback=1.5),
+     r"error_feedback: got 1.5; expected a bool or a float beta in \[0, 1\]"),
+    (lambda: ej.sync_sgd(0.1, 2, error_feedback=-0.1), r"error_feedback: got -0.1"),
+    (lambda: ej.sync_sgd(0.1, 2, clip_norm=0.0), r"clip_norm: got 0.0; expected .*\(0.0, inf\]"),
+    (lambda: ej.async_sgd(0.1, 4, 2), r"max_delay: got 2; expected an integer >= num_workers - 1 = 3"),
+    (lambda: ej.async_sgd(0.1, 4, -1), r"max_delay: got -1"),
+    (lambda: ej.async_sgd(0.1, 2, 3, delay="poisson"), r"delay: got 'poisson'; expected one of"),
+    (lambda: ej.async_sgd(0.1, 2, 3, reads="stale"),
+     r"reads: got 'stale'; expected one of 'consistent', 'inconsistent'"),
+    (lambda: ej.async_sgd(0.1, 2, 3, compressor="top_k"), r"compressor: got 'top_k'"),
+    (lambda: ej.sync_sgd(0.1, 2, compressor=ej.qsgd(4), error_feedback=True),
+     r"compressor: .*not contractive.*"),
+    (lambda: ej.async_sgd(0.1, 2, 3, compressor=ej.random_k(k=2, scaled=True),
+                          error_feedback=0.5), r"scaled=False"),
+    (lambda: ej.async_sgd(0.1, 2, 3, compressor=ej.error_feedback(ej.top_k(k=2))),
+     r"compressor: got a compressor already wrapped by ej.error_feedback; expected a bare"),
+    (lambda: ej.top_k(fraction=0.0), r"fraction: got 0.0; expected"),
+    (lambda: ej.top_k(fraction=1.5), r"fraction: got 1.5; expected"),
+    (lambda: ej.top_k(k=0), r"k: got 0"),
+]
+
+
+@pytest.mark.parametrize("make,message", FACTORY_CASES)
+def test_factories_refuse_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_k_larger_than_d_is_refused_at_init():
+    alg = ej.async_sgd(0.1, 2, 3, compressor=ej.top_k(k=21))
+    with pytest.raises(ValueError, match=r"k: got 21; expected .*20"):
+        alg.init(h.params0(), jax.random.key(0))
+    alg = ej.sync_sgd(0.1, 2, compressor=ej.random_k(k=100), error_feedback=True)
+    with pytest.raises(ValueError, match=r"k: got 100"):
+        alg.init(h.params0(), jax.random.key(0))
+
+
+def test_traced_hyperparameters_pass_validation():
+    def build(lr, beta):
+        alg = ej.async_sgd(lr, 2, 3, compressor=ej.top_k(k=2), error_feedback=beta)
+        return ej.params(alg.init(h.params0(), 0))["a"].sum() * lr * beta
+
+    value = jax.jit(build)(0.1, 0.5)
+    assert np.isfinite(value)
+
+
+def test_numpy_scalars_are_accepted():
+    alg = ej.async_sgd(np.float32(0.1), np.int64(2), np.int32(3), error_feedback=np.float64(1.0))
+    assert alg.num_workers == 2
