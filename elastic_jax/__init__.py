@@ -8,6 +8,9 @@ evaluates gradients at the algorithm's `views` and hands them to `update`.
 
 from elastic_jax import bounds, checks, delays
 from elastic_jax.algorithms.asynchronous import async_sgd
+from elastic_jax.algorithms.elastic_scheduling import elastic_scheduling
+from elastic_jax.algorithms.local import local_sgd
+from elastic_jax.algorithms.message_passing import message_passing_sgd
 from elastic_jax.algorithms.sync import sync_sgd
 from elastic_jax.compressors import (
     CompressionInfo,
@@ -46,10 +49,13 @@ __all__ = [
     "checks",
     "compression_info",
     "delays",
+    "elastic_scheduling",
     "derive_key",
     "error_feedback",
     "identity",
+    "local_sgd",
     "make_step",
+    "message_passing_sgd",
     "model",
     "params",
     "qsgd",

@@ -125,22 +125,21 @@ def _ceil_log2(n: int) -> int:
     return (int(n) - 1).bit_length()
 
 
+def _check_positive_int(name: str, value):
+    """An integer >= 1 when concrete; tracers pass through."""
+    if validation.is_traced(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        validation.fail(name, value, "an integer >= 1")
+    return int(value)
+
+
 def _check_k_fraction(k, fraction):
     if (k is None) == (fraction is None):
         validation.fail("k", k, f"exactly one of k and fraction (got fraction={fraction!r})")
-    if k is not None and not validation.is_traced(k):
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            validation.fail("k", k, "an integer >= 1")
-        k = int(k)
-    if fraction is not None and not validation.is_traced(fraction):
-        number = validation.concrete_number(fraction)
-        if (
-            isinstance(number, bool)
-            or not isinstance(number, numbers.Real)
-            or not (0.0 < number <= 1.0)
-        ):
-            validation.fail("fraction", fraction, "a number in (0, 1]")
-    return k, fraction
+    if fraction is not None:
+        validation.check_real("fraction", fraction, lo=0.0, hi=1.0, lo_open=True)
+    return (None if k is None else _check_positive_int("k", k)), fraction
 
 
 def _resolve_k(k, fraction, d: int):
@@ -186,7 +185,7 @@ def _flat_abs(leaves) -> jax.Array:
 
 def _mask_of(scores: jax.Array, k: int) -> jax.Array:
     """Boolean mask of the `k` largest scores; ties to the lowest index (`lax.top_k`)."""
-    _, idx = lax.top_k(scores[::-1], k); idx = scores.shape[0] - 1 - idx
+    _, idx = lax.top_k(scores, k)
     return jnp.zeros(scores.shape, bool).at[idx].set(True)
 
 
@@ -206,29 +205,18 @@ def _flatten(tree):
 
 
 def _make(spec: CompressorSpec, description: str, seed=None) -> Compressor:
-    """Wraps a spec as an optax transformation (key in state iff stochastic)."""
-    if spec.stochastic:
+    """Wraps a spec as an optax transformation (a key in state iff stochastic)."""
 
-        def init_fn(params):
-            del params
-            return CompressorState(key=_as_key(seed))
+    def init_fn(params):
+        del params
+        return CompressorState(key=_as_key(seed)) if spec.stochastic else optax.EmptyState()
 
-        def update_fn(updates, state, params=None, *, key=None, **extra_args):
-            del params, extra_args
-            if key is None:
-                new_key, key = jax.random.split(state.key)
-                state = CompressorState(key=new_key)
-            return spec.compress(updates, key), state
-
-    else:
-
-        def init_fn(params):
-            del params
-            return optax.EmptyState()
-
-        def update_fn(updates, state, params=None, *, key=None, **extra_args):
-            del params, key, extra_args
-            return spec.compress(updates, None), state
+    def update_fn(updates, state, params=None, *, key=None, **extra_args):
+        del params, extra_args
+        if spec.stochastic and key is None:
+            new_key, key = jax.random.split(state.key)
+            state = CompressorState(key=new_key)
+        return spec.compress(updates, key), state
 
     return Compressor(init_fn, update_fn, spec, description)
 
@@ -288,8 +276,12 @@ def top_k(k: int | None = None, *, fraction: float | None = None, scope: str = "
         return [(_resolve_k(k, fraction, d), d)]
 
     def validate(params):
-        for i, (kl, d) in enumerate(leaf_ks(params)):
-            _check_k_fits(kl, d, f" (non-empty leaf {i}, scope='per_leaf')" if per_leaf else "")
+        sizes = _sizes(params)
+        if not per_leaf:
+            _check_k_fits(_resolve_k(k, fraction, sum(sizes)), sum(sizes))
+        for i, d in enumerate(sizes if per_leaf else []):
+            if d > 0:
+                _check_k_fits(_resolve_k(k, fraction, d), d, f" (leaf {i}, scope='per_leaf')")
 
     def info(params):
         units = leaf_ks(params)
@@ -376,10 +368,11 @@ def qsgd(levels: int, *, key=0) -> Compressor:
 
     `C(g)_j = ||g|| sign(g_j) xi_j / s` with `xi_j = l + Bernoulli(r - l)`,
     `r = s |g_j| / ||g||`, `l = floor(r)`: stochastic rounding of `r` to an
-    integer, so `E xi_j = r` and `E C(g) = g`. The per-entry variance is at most
-    `||g||^2/s^2 * min(1/4, r_j/s)`; summing over `j` gives
-    `E||C(g) - g||^2 <= min(d/s^2, sqrt(d)/s) ||g||^2` (Alistarh et al. 2017),
-    `omega = min(d/s^2, sqrt(d)/s)`. Not a contraction. Sends
+    integer, so `E xi_j = r` and `E C(g) = g`. Entry `j` has variance
+    `(||g||/s)^2 f (1 - f) <= (||g||/s)^2 min(1/4, r_j)`, `f = r_j - l`; summing with
+    `sum_j r_j = s ||g||_1 / ||g|| <= s sqrt(d)` gives
+    `E||C(g) - g||^2 <= min(d/s^2, sqrt(d)/s) ||g||^2`: `omega = min(d/s^2, sqrt(d)/s)`
+    (Alistarh et al., "QSGD", 2017). Not a contraction. Sends
     `32 + d (1 + ceil(log2(s + 1)))` bits (norm, then sign and level per entry).
     A zero pytree maps to zeros.
 
@@ -390,10 +383,7 @@ def qsgd(levels: int, *, key=0) -> Compressor:
     Returns:
       A stochastic `Compressor` whose state holds a typed PRNG key.
     """
-    if not validation.is_traced(levels) and (
-        isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 1
-    ):
-        validation.fail("levels", levels, "an integer >= 1")
+    levels = _check_positive_int("levels", levels)
     _check_key(key)
 
     def info(params):
@@ -403,10 +393,9 @@ def qsgd(levels: int, *, key=0) -> Compressor:
         return CompressionInfo(None, omega, "no", bits, d, None)
 
     def compress(tree, key):
-        leaves, treedef = jax.tree.flatten(tree)
+        leaves, treedef = _flatten(tree)
         if not leaves:
             return tree
-        leaves = [jnp.asarray(leaf) for leaf in leaves]
         dtype = _compute_dtype(leaves)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in leaves))
         safe_norm = jnp.where(norm > 0, norm, 1)
@@ -426,10 +415,11 @@ def qsgd(levels: int, *, key=0) -> Compressor:
 def scaled_sign() -> Compressor:
     """Scaled sign: `C(g) = (||g||_1 / d) sign(g)`, global over the pytree.
 
-    `||g - C(g)||^2 = ||g||^2 - ||g||_1^2/d`, a deterministic contraction with
+    With `n` non-zero entries, `||g - C(g)||^2 = ||g||^2 - ||g||_1^2 (2d - n)/d^2
+    <= ||g||^2 - ||g||_1^2/d`: a deterministic contraction with
     `delta = ||g||_1^2 / (d ||g||^2)`, which depends on `g`; `info` reports its
-    worst case `1/d` (by Cauchy-Schwarz, `||g||_1 >= ||g||`). Sends `32 + d` bits
-    (the scale, then one sign bit per entry).
+    worst case `1/d` (`||g||_1 >= ||g||`). Sends `32 + d` bits (the scale, then
+    one sign bit per entry).
 
     Returns:
       A deterministic `Compressor` with an empty state.

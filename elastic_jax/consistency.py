@@ -87,18 +87,24 @@ def window_max(schedule, round_, rounds_back: int):
     return jnp.max(jnp.where(rounds >= 0, etas, jnp.zeros_like(etas)))
 
 
-def metrics(sq_dists, eta, bound_b, etabar) -> dict[str, jax.Array]:
+def metrics(sq_dists, eta, bound_b, etabar, live=None) -> dict[str, jax.Array]:
     """`consistency/b_hat`, `b_rms` and `bound` from the round's squared distances.
 
     Args:
-      sq_dists: `[n]` values `||x_t - v_t^p||^2` over live workers and updates.
+      sq_dists: `[n]` values `||x_t - v_t^p||^2` over workers and updates.
       eta: the round's learning rate.
       bound_b: the system constant `B` (may be `inf`).
-      etabar: the largest learning rate the bound's argument involves.
+      etabar: the largest learning rate the bound's argument involves (pass 1
+        when `bound_b` already is a sum of terms times their own rates).
+      live: optional `[n]` booleans: only these entries count (crashed nodes).
     """
     dtype = sq_dists.dtype
+    if live is None:
+        live = jnp.ones(sq_dists.shape, bool)
+    sq_dists = jnp.where(live, sq_dists, 0)
+    count = jnp.maximum(jnp.sum(live), 1).astype(dtype)
     b_hat = per_eta(jnp.sqrt(jnp.max(sq_dists)), eta)
-    b_rms = per_eta(jnp.sqrt(jnp.mean(sq_dists)), eta)
+    b_rms = per_eta(jnp.sqrt(jnp.sum(sq_dists) / count), eta)
     bound_b = jnp.asarray(bound_b, dtype)
     scaled = bound_b * per_eta(jnp.asarray(etabar, dtype), eta)
     # 0 * inf would be nan: a round with eta = 0 reports bound = 0.
@@ -108,4 +114,3 @@ def metrics(sq_dists, eta, bound_b, etabar) -> dict[str, jax.Array]:
         "consistency/b_rms": b_rms,
         "consistency/bound": bound,
     }
-

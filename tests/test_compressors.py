@@ -329,6 +329,20 @@ def test_compression_info(compressor, expected):
     assert C.compression_info(compressor, abstract) == info
 
 
+@pytest.mark.parametrize(
+    ("sizes", "k", "scope", "bits"),
+    [
+        ((16,), 2, "global", 2 * (32 + 4)),  # ceil(log2 16) = 4
+        ((16, 1), 2, "global", 2 * (32 + 5)),  # ceil(log2 17) = 5
+        ((1,), 1, "global", 32),  # ceil(log2 1) = 0
+        ((1, 2, 4), 1, "per_leaf", (32 + 0) + (32 + 1) + (32 + 2)),
+    ],
+)
+def test_top_k_index_bits(sizes, k, scope, bits):
+    params = {f"l{i}": jnp.zeros(n) for i, n in enumerate(sizes)}
+    assert C.compression_info(C.top_k(k, scope=scope), params).bits == bits
+
+
 # --------------------------------------------------------------------------- validation
 
 

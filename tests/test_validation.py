@@ -19,7 +19,8 @@ FACTORY_CASES = [
      r"error_feedback: got 1.5; expected a bool or a float beta in \[0, 1\]"),
     (lambda: ej.sync_sgd(0.1, 2, error_feedback=-0.1), r"error_feedback: got -0.1"),
     (lambda: ej.sync_sgd(0.1, 2, clip_norm=0.0), r"clip_norm: got 0.0; expected .*\(0.0, inf\]"),
-    (lambda: ej.async_sgd(0.1, 4, 2), r"max_delay: got 2; expected an integer >= num_workers - 1 = 3"),
+    (lambda: ej.async_sgd(0.1, 4, 2),
+     r"max_delay: got 2; expected an integer >= num_workers - 1 = 3"),
     (lambda: ej.async_sgd(0.1, 4, -1), r"max_delay: got -1"),
     (lambda: ej.async_sgd(0.1, 2, 3, delay="poisson"), r"delay: got 'poisson'; expected one of"),
     (lambda: ej.async_sgd(0.1, 2, 3, reads="stale"),
@@ -64,3 +65,33 @@ def test_traced_hyperparameters_pass_validation():
 def test_numpy_scalars_are_accepted():
     alg = ej.async_sgd(np.float32(0.1), np.int64(2), np.int32(3), error_feedback=np.float64(1.0))
     assert alg.num_workers == 2
+
+
+MESSAGE_PASSING_CASES = [
+    (lambda: ej.message_passing_sgd(0.1, 4, drop_prob=1.0),
+     r"drop_prob: got 1.0; expected a finite number in \[0.0, 1.0\)"),
+    (lambda: ej.message_passing_sgd(0.1, 4, drop_prob=-0.1), r"drop_prob: got -0.1"),
+    (lambda: ej.message_passing_sgd(0.1, 4, crashes=4, crash_horizon=10),
+     r"crashes: got 4; expected an integer in \[0, 3\]"),
+    (lambda: ej.message_passing_sgd(0.1, 4, crashes=2),
+     r"crash_horizon: got None; expected an integer >= 2 when crashes is a count"),
+    (lambda: ej.message_passing_sgd(0.1, 4, crashes=2, crash_horizon=1),
+     r"crash_horizon: got 1; expected an integer in \[2, inf\]"),
+    (lambda: ej.message_passing_sgd(0.1, 4, crashes=[(4, 1)]), r"workers in \[0, 3\]"),
+    (lambda: ej.message_passing_sgd(0.1, 4, crashes=[(1, -1)]), r"crash rounds in \[0, "),
+    (lambda: ej.message_passing_sgd(0.1, 4, crashes=[(1, 2), (1, 3)]), r"worker 1 repeats"),
+    (lambda: ej.message_passing_sgd(0.1, 2, crashes=[(0, 2), (1, 3)]),
+     r"at most num_workers - 1 = 1 crashes"),
+    (lambda: ej.message_passing_sgd(0.1, 4, max_delay=-1), r"max_delay: got -1"),
+    (lambda: ej.message_passing_sgd(0.1, 4, retransmit=1), r"retransmit: got 1; expected a bool"),
+    (lambda: ej.local_sgd(0.1, 4, 0), r"period: got 0; expected an integer in \[1, inf\]"),
+    (lambda: ej.elastic_scheduling(0.1, 4, -1),
+     r"max_outstanding: got -1; expected an integer in \[0, inf\]"),
+    (lambda: ej.elastic_scheduling(0.1, 4, 2, mode="mean"), r"mode: got 'mean'"),
+]
+
+
+@pytest.mark.parametrize("make,message", MESSAGE_PASSING_CASES)
+def test_message_passing_factories_refuse_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

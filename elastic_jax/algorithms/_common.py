@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from elastic_jax import compressors as compressors_lib
 from elastic_jax import consistency, validation
-from elastic_jax import error_feedback as ef_lib
+from elastic_jax.error_feedback import ef_step
 
 
 class WorkerUpdate(NamedTuple):
@@ -77,7 +77,7 @@ def make_rule(compressor, error_feedback, clip_norm) -> Rule:
     if beta is not None:
         if compressor is None:
             compressor = compressors_lib.identity()
-        ef_lib.error_feedback(compressor, beta=1.0)  # refuses a non-contractive compressor
+        error_feedback(compressor, beta=1.0)  # refuses a non-contractive compressor
     return Rule(compressor, beta, clip_norm)
 
 
@@ -116,7 +116,7 @@ def worker_update(rule: Rule, eta, grad, residual, key) -> WorkerUpdate:
     zero = jnp.zeros((), grad_norm.dtype)
     if rule.beta is not None:
         step = jax.tree.map(lambda s, e: s.astype(e.dtype), step, residual)
-        update, new_residual = ef_lib.ef_step(
+        update, new_residual = ef_step(
             residual, step, rule.compressor.spec.compress, key, rule.beta
         )
         return WorkerUpdate(

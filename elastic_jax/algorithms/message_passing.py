@@ -1,0 +1,377 @@
+"""Message-passing SGD: every node keeps its own view; messages are delayed, dropped, lost.
+
+Round semantics (THEORY.md section 5). In round `r` every live node `p`
+computes its gradient at its own view and broadcasts its update `u_r^p`. A node
+applies its own message at once; a message of round `s` with delay
+`k in [0, max_delay]` (drawn by the delay law per sender and receiver) is
+applied by its receiver before round `s + 1 + k`. Messages of round `s` are
+weighted by `1 / n_s`, the nodes alive at the start of round `s`. A dropped
+message is retransmitted and arrives before round `s + 1 + max_delay`, or is
+lost forever (`retransmit=False`). A node crashing at round `c` takes part in
+round `c`, its round-`c` message reaches each surviving node independently with
+probability 1/2, and from round `c + 1` it computes and sends nothing.
+
+The auxiliary model `x` counts every message that reached at least one other
+live node (every message sent, under permanent drops). Node `q`'s view is
+represented exactly as `v^q = x + L^q + pending^q`, where `pending^q` are the
+counted messages of the last `max_delay + 1` rounds `q` has not applied yet and
+`L^q` accumulates the counted messages `q` will never receive; so
+`x - v^q = -(L^q + pending^q)` is measured without cancellation, and with no
+delay and no faults every view is `x` itself (the run is `sync_sgd`'s).
+
+State memory: the messages of the last `max_delay + 1` rounds (`O(max_delay P d)`),
+their arrival table (`O(max_delay P^2)` integers), `L` (`O(P d)`, only when a
+message can be lost) and residuals (`O(P d)`, error feedback).
+
+References:
+  G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
+  "Elastic Consistency", arXiv:2001.05918.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elastic_jax import bounds, consistency, core, delays, validation
+from elastic_jax.algorithms import _common
+
+NEVER = np.iinfo(np.int32).max  # crash round of a node that never crashes
+LOST = -1  # arrival of a counted message that will never reach its receiver
+
+
+class WorkerState(NamedTuple):
+    lost: Any  # pytree [P, ...] or None: L^q, counted messages q will never receive
+    residual: Any  # pytree [P, ...] or None: error-feedback residuals
+
+
+class MessagePassingShared(NamedTuple):
+    round: jax.Array  # [] int32
+    key: jax.Array  # [] typed key
+    params: Any  # the auxiliary model built from the counted (compressed) messages
+    messages: Any  # pytree [D + 1, P, ...]: round s's messages in slot s mod (D + 1)
+    arrival: jax.Array  # [D + 1, P, P] int32: round before which (sender, receiver) applies
+    slot_alive: jax.Array  # [D + 1] float: n_s, the nodes alive at the start of round s
+    crash_round: jax.Array  # [P] int32: the round each node crashes at (NEVER if none)
+    stats: consistency.ConsistencyState
+
+    def live(self):
+        """`[P]` booleans: the nodes alive at the start of the current round."""
+        return self.crash_round >= self.round
+
+    def gap(self, index, workers_lost):
+        """`v^q - x = L^q + pending^q` for node `index` (its own `lost` row given)."""
+        pending = (self.arrival[:, :, index] > self.round) | (self.arrival[:, :, index] == LOST)
+
+        def one(buffer, x):
+            kept = jnp.where(_expand(pending, buffer.ndim), buffer, 0)
+            per_slot = jnp.sum(kept, axis=1) / _expand(self.slot_alive, buffer.ndim - 1).astype(
+                buffer.dtype)
+            return jnp.sum(per_slot, axis=0).astype(x.dtype)
+
+        gap = jax.tree.map(one, self.messages, self.params)
+        if workers_lost is not None:
+            gap = jax.tree.map(lambda g, lost: g + lost.astype(g.dtype), gap, workers_lost)
+        return gap
+
+    def actual(self, workers: WorkerState):
+        """The mean of the live nodes' models."""
+        num = self.crash_round.shape[0]
+        lost = workers.lost
+        gaps = jax.vmap(self.gap)(jnp.arange(num), lost) if lost is not None else jax.vmap(
+            lambda q: self.gap(q, None))(jnp.arange(num))
+        live = self.live()
+        count = jnp.sum(live)
+        mean_gap = jax.tree.map(
+            lambda g: jnp.sum(jnp.where(_expand(live, g.ndim), g, 0), axis=0) / count.astype(
+                g.dtype), gaps)
+        return jax.tree.map(lambda x, g: x + g, self.params, mean_gap)
+
+    def auxiliary(self, workers: WorkerState):
+        if workers.residual is None:
+            return self.params
+        live = self.live()
+        count = jnp.maximum(jnp.sum(live), 1)
+        mean = jax.tree.map(
+            lambda e: jnp.sum(jnp.where(_expand(live, e.ndim), e, 0), axis=0) / count.astype(
+                e.dtype), workers.residual)
+        return _common.apply(self.params, mean)
+
+
+def _expand(mask, ndim):
+    return jnp.reshape(mask, mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def _crash_table(crashes, crash_horizon, num_workers):
+    """Validates `crashes` and returns `(count, explicit rounds [P] or None)`."""
+    if crashes is None:
+        return 0, None
+    if isinstance(crashes, numbers.Integral) and not isinstance(crashes, bool):
+        count = validation.check_int("crashes", crashes, lo=0, hi=num_workers - 1)
+        if count > 0:
+            if crash_horizon is None:
+                validation.fail("crash_horizon", None, "an integer >= 2 when crashes is a count "
+                                "(crash rounds are drawn uniformly in [1, crash_horizon))")
+            validation.check_int("crash_horizon", crash_horizon, lo=2)
+        return count, None
+    try:
+        pairs = [(int(w), int(r)) for w, r in crashes]
+    except (TypeError, ValueError):
+        validation.fail("crashes", crashes, "a count or a list of (worker, round) pairs")
+    if len(pairs) > num_workers - 1:
+        validation.fail("crashes", crashes, f"at most num_workers - 1 = {num_workers - 1} "
+                        "crashes (one node must survive)")
+    rounds = np.full((num_workers,), NEVER, np.int64)
+    for worker, round_ in pairs:
+        if not 0 <= worker < num_workers:
+            validation.fail("crashes", crashes,
+                            f"workers in [0, {num_workers - 1}]; got worker {worker}")
+        if round_ < 0 or round_ >= NEVER:
+            validation.fail("crashes", crashes, f"crash rounds in [0, {NEVER - 1}]; got {round_}")
+        if rounds[worker] != NEVER:
+            validation.fail("crashes", crashes, f"distinct workers; worker {worker} repeats")
+        rounds[worker] = round_
+    return len(pairs), rounds.astype(np.int32)
+
+
+def message_passing_sgd(
+    learning_rate,
+    num_workers: int,
+    *,
+    max_delay: int = 0,
+    delay="uniform",
+    drop_prob: float = 0.0,
+    retransmit: bool = True,
+    crashes=None,
+    crash_horizon: int | None = None,
+    compressor=None,
+    error_feedback=False,
+    clip_norm=None,
+) -> core.Algorithm:
+    """Message-passing SGD with bounded delays, drops and crash faults.
+
+    Update rule (round `r`, node `q`, messages `u_s^p` as in `sync_sgd`):
+
+        v^q_{r+1} = v^q_r - u_r^q / n_r - sum_{(s, p) arriving before r + 1} u_s^p / n_s
+        x_{r+1}   = x_r - (1 / n_r) sum_{p counted} u_r^p
+
+    Elastic consistency (`ej.bounds.message_passing_sgd`):
+    `B = max_delay (1 - 1/P) M_msg [+ rho M] + f M_msg / (P - f + 1)`; none
+    (`inf`) under permanent drops.
+
+    Args:
+      learning_rate: a non-negative float or an optax schedule of the round.
+      num_workers: `P >= 1`.
+      max_delay: the largest message delay, in rounds (>= 0).
+      delay: the delay law of each (sender, receiver, round) message.
+      drop_prob: the probability that a message to a receiver is dropped, in [0, 1).
+      retransmit: whether a dropped message is retransmitted (arriving at the
+        latest allowed round) or lost forever.
+      crashes: None, a count `f < P` (workers by a permutation from the key,
+        rounds uniform in `[1, crash_horizon)`), or a list of `(worker, round)`.
+      crash_horizon: required with a crash count.
+      compressor: a bare compressor applied to each message, or None.
+      error_feedback: False, True (`beta = 1`) or a float `beta` in [0, 1]
+        (each node keeps its own residual).
+      clip_norm: clip each gradient to this global norm (> 0).
+
+    Returns:
+      An `ej.Algorithm`.
+
+    Example:
+      >>> alg = ej.message_passing_sgd(0.1, 8, max_delay=4, crashes=2, crash_horizon=100)
+    """
+    schedule = validation.as_schedule(learning_rate)
+    num_workers = validation.check_int("num_workers", num_workers, lo=1)
+    max_delay = validation.check_int("max_delay", max_delay, lo=0)
+    law = delays.resolve(delay)
+    if law.lags is not None:
+        validation.fail("delay", validation.Text("a recorded trace"),
+                        "'fixed', 'uniform', 'geometric' or a DelayLaw: message delays are "
+                        "drawn per sender and receiver")
+    validation.check_real("drop_prob", drop_prob, lo=0.0, hi=1.0, hi_open=True)
+    if not isinstance(retransmit, bool):
+        validation.fail("retransmit", retransmit, "a bool")
+    num_crashes, explicit_rounds = _crash_table(crashes, crash_horizon, num_workers)
+    rule = _common.make_rule(compressor, error_feedback, clip_norm)
+    drop_value = validation.concrete_number(drop_prob)
+    may_drop = drop_value is None or drop_value > 0.0
+    permanent = may_drop and not retransmit
+    may_lose = permanent or num_crashes > 0
+    size = max_delay + 1
+
+    def init_fn(params, key):
+        rule.validate(params)
+        key = core.as_key(key)
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        if explicit_rounds is not None:
+            crash_round = jnp.asarray(explicit_rounds)
+        elif num_crashes > 0:
+            fault_key = core.derive_key(key, core.TAG_FAULT, 0, num_workers)
+            order = jax.random.permutation(jax.random.fold_in(fault_key, 0), num_workers)
+            rounds = jax.random.randint(jax.random.fold_in(fault_key, 1), (num_crashes,), 1,
+                                        crash_horizon, jnp.int32)
+            crash_round = jnp.full((num_workers,), NEVER, jnp.int32).at[
+                order[:num_crashes]].set(rounds)
+        else:
+            crash_round = jnp.full((num_workers,), NEVER, jnp.int32)
+        shared = MessagePassingShared(
+            round=jnp.zeros((), jnp.int32),
+            key=key,
+            params=jax.tree.map(jnp.asarray, params),
+            messages=jax.tree.map(
+                lambda x: jnp.zeros((size, num_workers) + jnp.shape(x),
+                                    _common.residual_dtype(jnp.result_type(x))), params),
+            arrival=jnp.zeros((size, num_workers, num_workers), jnp.int32),
+            slot_alive=jnp.ones((size,), dtype),
+            crash_round=crash_round,
+            stats=consistency.init(dtype),
+        )
+        lost = None
+        if may_lose:
+            lost = jax.tree.map(lambda x: jnp.zeros((num_workers,) + jnp.shape(x),
+                                                    _common.residual_dtype(jnp.result_type(x))),
+                                params)
+        residual = _common.init_residual(rule, params, num_workers)
+        return core.State(shared, WorkerState(lost, residual))
+
+    def view_fn(index, worker, shared):
+        gap = shared.gap(index, worker.lost)
+        return jax.tree.map(lambda x, g: (x + g.astype(x.dtype)).astype(x.dtype),
+                            shared.params, gap)
+
+    def local_fn(index, worker, grad, key, shared):
+        eta = schedule(shared.round)
+        alive = shared.crash_round[index] >= shared.round
+        gap = shared.gap(index, worker.lost)
+        msg = _common.worker_update(rule, eta, grad, worker.residual, key)
+        residual = None
+        if rule.beta is not None:
+            residual = jax.tree.map(lambda n, o: jnp.where(alive, n, o), msg.residual_new,
+                                    worker.residual)
+        lost = worker.lost
+        if lost is not None:
+            # The slot the combine is about to overwrite leaves the window: its
+            # messages lost to this node move into L.
+            slot = shared.round % size
+            leaving = (shared.arrival[slot, :, index] == LOST)
+            n_slot = shared.slot_alive[slot]
+
+            def absorb(acc, buffer):
+                kept = jnp.where(_expand(leaving, buffer.ndim - 1), buffer[slot], 0)
+                return acc + (jnp.sum(kept, axis=0) / n_slot.astype(buffer.dtype)).astype(
+                    acc.dtype)
+
+            lost = jax.tree.map(absorb, lost, shared.messages)
+        update = jax.tree.map(lambda u: jnp.where(alive, u, 0), msg.update)
+        out = _common.WorkerUpdate(
+            update=update,
+            residual_old=msg.residual_old,
+            residual_new=None,
+            grad_norm=jnp.where(alive, msg.grad_norm, 0),
+            update_norm=jnp.where(alive, msg.update_norm, 0),
+            residual_norm=jnp.where(alive, msg.residual_norm, 0),
+        )
+        if rule.beta is None:
+            extra = consistency.tree_sq_norm(gap)
+        else:
+            extra = gap
+        return WorkerState(lost, residual), (out, extra)
+
+    def draws(shared):
+        """The round's delays `[P, P]`, drops `[P, P]` and crash recipients `[P, P]`."""
+        round_ = shared.round
+
+        def per_sender(p):
+            delay_key = core.derive_key(shared.key, core.TAG_DELAY, round_, p)
+            fault_key = core.derive_key(shared.key, core.TAG_FAULT, round_, p)
+            k = jax.vmap(lambda q: law.sample(jax.random.fold_in(delay_key, q), round_, p, 0,
+                                              max_delay, ()))(jnp.arange(num_workers))
+            dropped = jax.random.bernoulli(jax.random.fold_in(fault_key, 0), drop_prob,
+                                           (num_workers,))
+            reached = jax.random.bernoulli(jax.random.fold_in(fault_key, 1), 0.5, (num_workers,))
+            return k.astype(jnp.int32), dropped, reached
+
+        return jax.vmap(per_sender)(jnp.arange(num_workers))
+
+    def combine_fn(shared, inputs):
+        msg, extra = inputs
+        eta = schedule(shared.round)
+        round_ = shared.round
+        dtype = shared.stats.m_hat.dtype
+        live = shared.live()
+        n_alive = jnp.sum(live)
+        crashing = shared.crash_round == round_
+        survivors = shared.crash_round > round_
+        others = ~jnp.eye(num_workers, dtype=bool)
+        k, dropped, reached = draws(shared)
+        if not may_drop:
+            dropped = jnp.zeros_like(dropped)
+        receivers = survivors[None, :] & others
+        # A crashing node's last message reaches each survivor with probability 1/2.
+        reach = live[:, None] & receivers & jnp.where(crashing[:, None], reached, True)
+        got = reach if retransmit else reach & ~dropped
+        # Counted if it reached at least one other live node; a live, non-crashing
+        # sender's message always counts (under permanent drops too).
+        counted = live & (~crashing | jnp.any(got, axis=1))
+        effective = jnp.where(dropped & retransmit, max_delay, k)
+        arrival = jnp.where(
+            got, round_ + 1 + effective,
+            jnp.where(counted[:, None] & receivers, LOST, 0),
+        ).astype(jnp.int32)
+        # Own messages are applied at once: never pending.
+        total = jax.tree.map(
+            lambda u: jnp.sum(jnp.where(_expand(counted, u.ndim), u, 0), axis=0), msg.update)
+        params = jax.tree.map(
+            lambda x, t: (x - (t / n_alive.astype(t.dtype)).astype(x.dtype)).astype(x.dtype),
+            shared.params, total)
+        slot = round_ % size
+        messages = jax.tree.map(
+            lambda buf, u: buf.at[slot].set(jnp.where(_expand(live, u.ndim), u, 0).astype(
+                buf.dtype)), shared.messages, msg.update)
+        new_arrival = shared.arrival.at[slot].set(arrival)
+        slot_alive = shared.slot_alive.at[slot].set(n_alive.astype(shared.slot_alive.dtype))
+        stats = consistency.observe(shared.stats, msg.grad_norm, eta,
+                                    msg.update_norm if rule.compressed else None)
+        m = _common.gradient_bound(rule, stats)
+        if rule.beta is None:
+            sq = extra
+        else:
+            mean_residual = jax.tree.map(
+                lambda e: jnp.sum(jnp.where(_expand(live, e.ndim), e, 0), axis=0)
+                / n_alive.astype(e.dtype), msg.residual_old)
+            sq = jax.vmap(lambda g: consistency.tree_sq_norm(jax.tree.map(
+                lambda gi, e: gi + e.astype(gi.dtype), g, mean_residual)))(extra)
+        if permanent:
+            bound_b = jnp.asarray(jnp.inf, dtype)
+        else:
+            bound_b = bounds._message_terms(
+                max_delay, num_workers, m, stats.mu_hat if rule.compressed else None,
+                rule.delta(shared.params) if rule.beta is not None else None,
+                rule.beta if rule.beta is not None else 0.0, num_crashes,
+                consistency.window_max(schedule, round_, max_delay), stats.eta_max,
+            )
+        metrics = consistency.metrics(sq.astype(dtype), eta, bound_b, 1.0, live=live)
+        metrics.update(_common.common_metrics(
+            rule, stats, eta, msg, shared.params, params, rule.bits(shared.params), 1))
+        metrics["comm/bits"] = metrics["comm/bits"] * n_alive.astype(dtype)
+        delivered_now = (new_arrival == round_ + 1) & survivors[None, None, :]
+        metrics["comm/messages_delivered"] = jnp.sum(delivered_now).astype(dtype)
+        sent_to = live[:, None] & receivers
+        metrics["comm/messages_dropped"] = jnp.sum(dropped & sent_to).astype(dtype)
+        metrics["faults/alive"] = n_alive.astype(dtype)
+        n_got = jnp.maximum(jnp.sum(got), 1)
+        metrics["delay/mean"] = (jnp.sum(jnp.where(got, effective, 0)) / n_got).astype(dtype)
+        new_shared = MessagePassingShared(
+            round_ + 1, shared.key, params, messages, new_arrival, slot_alive,
+            shared.crash_round, stats)
+        return new_shared, metrics
+
+    views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)
+    kind = "none" if permanent else rule.bound_kind()
+    info = core.AlgorithmInfo("message_passing_sgd", num_workers, kind)
+    return core.Algorithm(init_fn, views_fn, update_fn, local_fn, combine_fn, view_fn, info)

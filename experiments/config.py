@@ -1,0 +1,451 @@
+"""The launcher's flags as data, their validation, and the algorithm registry.
+
+`FLAG_SPECS` declares every flag of `python -m experiments.train` once: its type,
+default, meaning and range. `experiments.train` turns the table into absl flags;
+`validate` checks a mapping of flag values against it (plus every cross-flag
+constraint) and builds the algorithm, without compiling anything, so that a bad
+command line fails before any work with one line of the form
+
+    --<flag>: got <value>; expected <range>
+
+(or, for a data file, a line that starts with its path). The library factories
+raise `ValueError`s of the same form (`max_delay: got 3; expected ...`); `validate`
+builds the algorithm inside the check and renames their argument to the flag.
+
+Adding an algorithm is one entry in `ALGORITHMS`: a builder from the flag values
+and the shared parts (schedule, compressor, error feedback, clipping), and the
+set of algorithm-specific flags it reads.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import optax
+
+import elastic_jax as ej
+
+MAX_INT = 10**9  # the upper end of the open-ended integer ranges
+
+
+class UsageError(ValueError):
+    """A bad command line: the message is one line naming the flag (or a data path)."""
+
+
+class FlagSpec(NamedTuple):
+    """One flag: its absl type, default, meaning and range.
+
+    Attributes:
+      name: the flag name, without `--`.
+      kind: `"int"`, `"float"`, `"bool"`, `"enum"` or `"string"`.
+      default: the default value.
+      help: what the flag means.
+      choices: the allowed values of an enum flag.
+      lo, hi: the range of a number (None: unbounded).
+      lo_open: whether `lo` itself is excluded.
+      hi_open: whether `hi` itself is excluded.
+      semantic: whether the flag changes the run's trajectory or its deterministic
+        record; a resumed run must agree with the saved config on every semantic flag.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    semantic: bool = True
+
+    @property
+    def expected(self) -> str:
+        """The range, as it appears in `--helpfull` and in error messages."""
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "enum":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "string":
+            return "a string"
+        left, right = ("(" if self.lo_open else "["), (")" if self.hi_open else "]")
+        lo = "-inf" if self.lo is None else _fmt(self.lo)
+        hi = "inf" if self.hi is None else _fmt(self.hi)
+        what = "an integer" if self.kind == "int" else "a finite number"
+        return f"{what} in {left}{lo}, {hi}{right}"
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+# ------------------------------------------------------------------- algorithms
+
+
+class Parts(NamedTuple):
+    """What every algorithm factory shares, built from the flags."""
+
+    learning_rate: Any  # a number, or an optax schedule of the round
+    compressor: Any  # an ej compressor, or None
+    error_feedback: Any  # False, True (beta = 1) or a float beta
+    clip_norm: float | None
+
+
+# Flags that only some algorithms read; the others ignore them, except that those
+# with an "off" value must be off (a compressor given to local SGD is an error).
+ALGORITHM_FLAGS = (
+    "max_delay", "delay", "reads", "compressor", "k_fraction", "qsgd_levels",
+    "error_feedback", "ef_beta", "clip_norm", "drop_prob", "retransmit", "crashes",
+    "crash_horizon", "max_outstanding", "mode", "period",
+)
+OFF_VALUES = {
+    "compressor": "none", "error_feedback": False, "clip_norm": 0.0,
+    "drop_prob": 0.0, "crashes": 0, "crash_horizon": 0,
+}
+_UPDATE_RULE = frozenset({"compressor", "k_fraction", "qsgd_levels", "error_feedback",
+                          "ef_beta", "clip_norm"})
+
+
+class AlgorithmEntry(NamedTuple):
+    """A registry entry: `build(flags, parts) -> ej.Algorithm` and the flags it reads."""
+
+    build: Callable[[Mapping[str, Any], Parts], ej.Algorithm]
+    uses: frozenset
+
+
+def _sync(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
+    return ej.sync_sgd(
+        parts.learning_rate, f["num_workers"], compressor=parts.compressor,
+        error_feedback=parts.error_feedback, clip_norm=parts.clip_norm,
+    )
+
+
+def _async(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
+    return ej.async_sgd(
+        parts.learning_rate, f["num_workers"], f["max_delay"], delay=f["delay"],
+        reads=f["reads"], compressor=parts.compressor,
+        error_feedback=parts.error_feedback, clip_norm=parts.clip_norm,
+    )
+
+
+def _message_passing(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
+    return ej.message_passing_sgd(
+        parts.learning_rate, f["num_workers"], max_delay=f["max_delay"], delay=f["delay"],
+        drop_prob=f["drop_prob"], retransmit=f["retransmit"],
+        crashes=f["crashes"] or None, crash_horizon=f["crash_horizon"] or None,
+        compressor=parts.compressor, error_feedback=parts.error_feedback,
+        clip_norm=parts.clip_norm,
+    )
+
+
+def _elastic_scheduling(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
+    return ej.elastic_scheduling(
+        parts.learning_rate, f["num_workers"], f["max_outstanding"], delay=f["delay"],
+        mode=f["mode"],
+    )
+
+
+def _local_sgd(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
+    return ej.local_sgd(parts.learning_rate, f["num_workers"], f["period"])
+
+
+# name -> entry; the families that have not landed in the library yet are
+# registered as soon as `elastic_jax` exports their factory.
+ALGORITHMS: dict[str, AlgorithmEntry] = {
+    "sync": AlgorithmEntry(_sync, _UPDATE_RULE),
+    "async": AlgorithmEntry(_async, _UPDATE_RULE | {"max_delay", "delay", "reads"}),
+}
+if hasattr(ej, "message_passing_sgd"):
+    ALGORITHMS["message_passing"] = AlgorithmEntry(
+        _message_passing,
+        _UPDATE_RULE | {"max_delay", "delay", "drop_prob", "retransmit", "crashes",
+                        "crash_horizon"},
+    )
+if hasattr(ej, "elastic_scheduling"):
+    ALGORITHMS["elastic_scheduling"] = AlgorithmEntry(
+        _elastic_scheduling, frozenset({"max_outstanding", "delay", "mode"})
+    )
+if hasattr(ej, "local_sgd"):
+    ALGORITHMS["local_sgd"] = AlgorithmEntry(_local_sgd, frozenset({"period"}))
+
+COMPRESSORS = ("none", "identity", "top_k", "random_k", "scaled_random_k", "qsgd",
+               "scaled_sign")
+SCHEDULES = ("constant", "cosine", "linear", "exponential")
+IMAGE_DATASETS = ("digits", "mnist", "cifar10")
+CONVEX_DATASETS = ("least_squares", "logistic")
+
+
+# ------------------------------------------------------------------------ flags
+
+
+def _int(name, default, help_, lo, hi=MAX_INT, **kw) -> FlagSpec:
+    return FlagSpec(name, "int", default, help_, lo=lo, hi=hi, **kw)
+
+
+def _float(name, default, help_, lo, hi=None, **kw) -> FlagSpec:
+    return FlagSpec(name, "float", default, help_, lo=lo, hi=hi, **kw)
+
+
+def _enum(name, default, help_, choices, **kw) -> FlagSpec:
+    return FlagSpec(name, "enum", default, help_, choices=tuple(choices), **kw)
+
+
+FLAG_SPECS: tuple[FlagSpec, ...] = (
+    # The algorithm.
+    _enum("algorithm", "async", "The distributed SGD variant (registry "
+          "experiments.config.ALGORITHMS; message_passing, elastic_scheduling and "
+          "local_sgd appear once elastic_jax exports them).", tuple(ALGORITHMS)),
+    _int("num_workers", 8, "P, the number of simulated workers.", 1, 4096),
+    _int("max_delay", 8, "Largest staleness in updates (async: >= num_workers - 1) or "
+         "message delay in rounds (message_passing).", 0, 100_000),
+    _enum("delay", "uniform", "Delay law of stale reads / late messages (geometric: "
+          "p = 0.5). async, message_passing, elastic_scheduling.",
+          ("fixed", "uniform", "geometric")),
+    _enum("reads", "inconsistent", "async: one lag per update (consistent) or per "
+          "coordinate (inconsistent).", ("consistent", "inconsistent")),
+    _enum("compressor", "top_k", "Compressor applied to each worker's update "
+          "(scaled_random_k: unbiased random-k; none: uncompressed). sync, async, "
+          "message_passing.", COMPRESSORS),
+    _float("k_fraction", 0.01, "Fraction of entries top_k / random_k keep "
+           "(k = max(1, floor(fraction d))).", 0.0, 1.0, lo_open=True),
+    _int("qsgd_levels", 4, "Quantisation levels of qsgd.", 1, 65_535),
+    FlagSpec("error_feedback", "bool", True, "EF14 residual memory around the compressor "
+             "(around the identity when --compressor=none). Needs a contractive "
+             "compressor (not qsgd, scaled_random_k)."),
+    _float("ef_beta", 1.0, "Error-feedback damping beta (1: EF14).", 0.0, 1.0),
+    _float("clip_norm", 0.0, "Clip each worker's gradient to this norm; 0: no clipping.",
+           0.0),
+    _float("drop_prob", 0.0, "message_passing: probability that a message is dropped.",
+           0.0, 1.0, hi_open=True),
+    FlagSpec("retransmit", "bool", True, "message_passing: resend dropped messages."),
+    _int("crashes", 0, "message_passing: number of workers that crash (needs "
+         "--crash_horizon).", 0, 4096),
+    _int("crash_horizon", 0, "message_passing: crash rounds are drawn in "
+         "[0, crash_horizon); 0: no crashes.", 0),
+    _int("max_outstanding", 8, "elastic_scheduling: most updates in flight.", 1, 100_000),
+    _enum("mode", "norm", "elastic_scheduling: what the scheduler bounds.",
+          ("norm", "variance")),
+    _int("period", 4, "local_sgd: rounds between model averages.", 1, 100_000),
+    # The optimiser.
+    _float("learning_rate", 0.05, "Base learning rate eta.", 0.0, lo_open=True),
+    _enum("schedule", "constant", "Learning-rate schedule over --schedule_rounds "
+          "(cosine, linear: from eta to eta * final_lr_fraction, then flat; exponential: "
+          "eta * final_lr_fraction^(round / schedule_rounds), floored at the final value).",
+          SCHEDULES),
+    _int("schedule_rounds", 0, "Horizon of a decaying schedule; 0: --rounds (then a resume "
+         "may not change --rounds).", 0),
+    _float("final_lr_fraction", 0.1, "Final learning rate of a decaying schedule, as a "
+           "fraction of --learning_rate.", 0.0, 1.0),
+    _int("batch_size", 32, "Samples per worker per round.", 1, 65_536),
+    _int("rounds", 500, "Total rounds of the run (a resume continues to this round).", 1,
+         semantic=False),
+    # The problem.
+    _enum("model", "cnn", "Flax model (cnn: the 25,290-parameter SmallCNN on 8x8 digits). "
+          "Ignored by the convex datasets, which train a linear model.",
+          ("mlp", "cnn", "resnet20")),
+    _enum("dataset", "digits", "digits is bundled; mnist and cifar10 read --data_dir; "
+          "least_squares and logistic are synthetic convex problems.",
+          IMAGE_DATASETS + CONVEX_DATASETS),
+    FlagSpec("data_dir", "string", "", "Directory of the mnist (IDX) or cifar10 (binary) "
+             "files.", semantic=False),
+    _int("convex_samples", 4096, "Samples of a convex dataset.", 1, 10_000_000),
+    _int("convex_dim", 64, "Dimension of a convex dataset.", 1, 100_000),
+    _enum("partition", "iid", "How the training set is split among workers (dirichlet: "
+          "non-IID over labels).", ("iid", "dirichlet")),
+    _float("dirichlet_alpha", 0.5, "Concentration of the Dirichlet split (small: few "
+           "classes per worker).", 0.0, lo_open=True),
+    _int("seed", 0, "Seed of the first run of the batch; it also draws the partition and "
+         "the convex problem.", 0, 2**31 - 1),
+    _int("num_seeds", 1, "Seeds seed, seed+1, ... run as one vmapped batch; metrics are "
+         "means over seeds, with <name>/std the standard deviation.", 1, 1024),
+    # The record.
+    FlagSpec("workdir", "string", "", "Directory of the run: config.json, metrics.jsonl, "
+             "timing.jsonl, checkpoint.npz, *.png (required).", semantic=False),
+    _int("log_every", 10, "Write a metrics line (and fetch metrics from the device) every "
+         "this many rounds, and at the last round.", 1),
+    _int("eval_every", 50, "Evaluate the model on the test set every this many rounds; 0: "
+         "only at the last round.", 0),
+    _int("checkpoint_every", 100, "Save a checkpoint every this many rounds; 0: only at "
+         "the last round.", 0, semantic=False),
+    FlagSpec("resume", "bool", False, "Continue the run in --workdir from its last "
+             "checkpoint (from round 0 if it has none).", semantic=False),
+)
+SPECS: dict[str, FlagSpec] = {s.name: s for s in FLAG_SPECS}
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in FLAG_SPECS}
+
+
+class Config(NamedTuple):
+    """A validated configuration.
+
+    Attributes:
+      flags: every flag's value (defaults filled in), as plain Python values.
+      algorithm: the `ej.Algorithm` the flags describe.
+      parts: the schedule, compressor, error feedback and clipping it was built from.
+    """
+
+    flags: dict[str, Any]
+    algorithm: ej.Algorithm
+    parts: Parts
+
+    @property
+    def convex(self) -> bool:
+        return self.flags["dataset"] in CONVEX_DATASETS
+
+
+# ------------------------------------------------------------------- validation
+
+
+def usage(name: str, value, expected: str) -> UsageError:
+    """`UsageError("--<name>: got <value>; expected <expected>")`."""
+    return UsageError(f"--{name}: got {value!r}; expected {expected}")
+
+
+def _check_value(spec: FlagSpec, value) -> Any:
+    """Checks one flag's type and range; returns the value as a plain Python value."""
+    bad = usage(spec.name, value, spec.expected)
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if spec.kind in ("enum", "string"):
+        if not isinstance(value, str) or (spec.kind == "enum" and value not in spec.choices):
+            raise bad
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise bad
+    if spec.kind == "int":
+        if not isinstance(value, numbers.Integral):
+            raise bad
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad
+    if spec.lo is not None and (value < spec.lo or (spec.lo_open and value == spec.lo)):
+        raise bad
+    if spec.hi is not None and (value > spec.hi or (spec.hi_open and value == spec.hi)):
+        raise bad
+    return value
+
+
+# Library argument names -> the flag that sets them.
+_ARGUMENT_FLAGS = {
+    "fraction": "k_fraction", "k": "k_fraction", "levels": "qsgd_levels",
+    "beta": "ef_beta", "error_feedback": "ef_beta", "decay_steps": "schedule_rounds",
+    "transition_steps": "schedule_rounds",
+}
+
+
+def from_library_error(error: Exception) -> UsageError:
+    """Renames a library `ValueError("<argument>: got ...")` to the flag that set it."""
+    message = " ".join(str(error).split())
+    match = re.match(r"^(\w+): ", message)
+    if match:
+        argument = match.group(1)
+        flag = _ARGUMENT_FLAGS.get(argument, argument)
+        if flag in SPECS:
+            return UsageError(f"--{flag}: {message[match.end():]}")
+    return UsageError(message)
+
+
+def make_schedule(f: Mapping[str, Any]) -> Callable:
+    """The learning rate: a number, or an optax schedule of the round (see `--schedule`)."""
+    eta, kind = f["learning_rate"], f["schedule"]
+    if kind == "constant":
+        return eta  # a number, so that the factory checks it too
+    horizon = f["schedule_rounds"] or f["rounds"]
+    final = eta * f["final_lr_fraction"]
+    if kind == "cosine":
+        return optax.cosine_decay_schedule(eta, horizon, alpha=f["final_lr_fraction"])
+    if kind == "linear":
+        return optax.linear_schedule(eta, final, horizon)
+    return optax.exponential_decay(eta, horizon, f["final_lr_fraction"], end_value=final)
+
+
+def make_compressor(f: Mapping[str, Any]):
+    """The compressor `--compressor` names, or None."""
+    name = f["compressor"]
+    if name == "none":
+        return None
+    if name == "identity":
+        return ej.identity()
+    if name == "top_k":
+        return ej.top_k(fraction=f["k_fraction"])
+    if name in ("random_k", "scaled_random_k"):
+        return ej.random_k(fraction=f["k_fraction"], scaled=name == "scaled_random_k")
+    if name == "qsgd":
+        return ej.qsgd(f["qsgd_levels"])
+    return ej.scaled_sign()
+
+
+def _check_combinations(f: Mapping[str, Any]) -> None:
+    entry = ALGORITHMS[f["algorithm"]]
+    for name, off in OFF_VALUES.items():
+        if name not in entry.uses and f[name] != off:
+            raise usage(name, f[name], f"{off!r}: --algorithm={f['algorithm']} does not "
+                        f"use --{name}")
+    if f["crashes"] > 0 and f["crash_horizon"] == 0:
+        raise usage("crash_horizon", 0, f"an integer in [1, {MAX_INT}] with --crashes="
+                    f"{f['crashes']} (crash rounds are drawn in [0, crash_horizon))")
+    if f["dataset"] in ("mnist", "cifar10") and not f["data_dir"]:
+        raise usage("data_dir", f["data_dir"], f"the directory holding the {f['dataset']} "
+                    "files (only digits is bundled)")
+    if f["schedule"] == "exponential" and f["final_lr_fraction"] == 0.0:
+        raise usage("final_lr_fraction", 0.0, "a finite number in (0, 1] with "
+                    "--schedule=exponential")
+    if f["dataset"] == "least_squares" and f["partition"] == "dirichlet":
+        raise usage("partition", "dirichlet", "'iid' with --dataset=least_squares (its "
+                    "targets are not class labels)")
+    if f["num_workers"] > f["convex_samples"] and f["dataset"] in CONVEX_DATASETS:
+        raise usage("num_workers", f["num_workers"], f"at most --convex_samples="
+                    f"{f['convex_samples']} (every worker needs a sample)")
+    if not f["workdir"]:
+        raise usage("workdir", f["workdir"], "the directory of the run (a path)")
+
+
+def validate(values: Mapping[str, Any]) -> Config:
+    """Checks flag values and builds the algorithm; compiles nothing.
+
+    Args:
+      values: flag name -> value; missing flags take their defaults.
+
+    Returns:
+      The `Config`.
+
+    Raises:
+      UsageError: one line naming the flag, for an unknown flag, a value of the
+        wrong type or out of range, an inconsistent combination, or any
+        `ValueError` the library factories raise for these arguments.
+    """
+    unknown = sorted(set(values) - set(SPECS))
+    if unknown:
+        raise usage(unknown[0], values[unknown[0]], "a flag of experiments.train "
+                    "(see --helpfull)")
+    f = {name: _check_value(SPECS[name], values.get(name, spec.default))
+         for name, spec in SPECS.items()}
+    _check_combinations(f)
+    try:
+        compressor = make_compressor(f)
+        error_feedback = (True if f["ef_beta"] == 1.0 else f["ef_beta"]) \
+            if f["error_feedback"] else False
+        parts = Parts(make_schedule(f), compressor, error_feedback, f["clip_norm"] or None)
+        algorithm = ALGORITHMS[f["algorithm"]].build(f, parts)
+    except ValueError as e:
+        raise from_library_error(e) from None
+    return Config(f, algorithm, parts)
+
+
+def semantic_differences(saved: Mapping[str, Any], f: Mapping[str, Any]) -> list[str]:
+    """The semantic flags on which a saved config and the current flags disagree.
+
+    `--rounds` is not semantic unless a decaying schedule spans `--rounds`
+    (`--schedule_rounds=0`): then the schedule, hence the trajectory, depends on it.
+    """
+    names = [s.name for s in FLAG_SPECS if s.semantic]
+    if f["schedule"] != "constant" and f["schedule_rounds"] == 0:
+        names.append("rounds")
+    return [n for n in names if n not in saved or saved[n] != f[n]]

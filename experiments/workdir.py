@@ -1,0 +1,231 @@
+"""A run's directory: config, metrics, timing and checkpoints, written safely.
+
+Layout of a workdir:
+
+    config.json      every flag of the run (rewritten on resume: only --rounds and the
+                     other non-semantic flags may change)
+    metrics.jsonl    one strict-JSON line per logged round; deterministic given the
+                     config (non-finite values are written as null)
+    timing.jsonl     wall-clock facts (rounds/s, elapsed time), kept apart from the
+                     deterministic record so that runs can be compared exactly
+    checkpoint.npz   the latest state: its leaves as `leaf_<i>` arrays (typed PRNG
+                     keys as their raw key data) and a JSON `meta` entry
+    *.png            plots, redrawn at the end of every run
+
+Every whole-file write goes to a temporary file in the same directory, is flushed
+and fsynced, then `os.replace`d over the target, so a crash leaves either the
+old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.config import UsageError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+TIMING = "timing.jsonl"
+CHECKPOINT = "checkpoint.npz"
+RUN_FILES = (CONFIG, METRICS, TIMING, CHECKPOINT)
+
+
+# ------------------------------------------------------------------------ files
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # Not every file system lets a directory be fsynced.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w"):
+    """Opens a temporary file next to `path`; on success, fsyncs and renames it to `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _plain(value):
+    """A JSON-ready value: numbers as Python numbers, non-finite floats as None."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def dumps(record: Mapping[str, Any]) -> str:
+    """Strict JSON on one line (non-finite values become `null`)."""
+    return json.dumps(_plain(record), allow_nan=False, separators=(", ", ": "))
+
+
+def write_json(path: str, record: Mapping[str, Any]) -> None:
+    """Writes `record` as indented strict JSON, atomically."""
+    with atomic_open(path) as f:
+        f.write(json.dumps(_plain(record), allow_nan=False, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """Reads a JSON object; a missing or corrupt file is a one-line `UsageError`."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read the saved config ({_one_line(e)})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return record
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a torn last line (a crash mid-write) is skipped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i >= len(lines) - 2:  # The last line (possibly before a final newline).
+                continue
+            raise UsageError(f"{path}: line {i + 1} is not JSON") from None
+    return records
+
+
+def rewrite_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> None:
+    """Replaces a JSONL file with `records`, atomically."""
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(dumps(record) + "\n")
+
+
+class JsonlWriter:
+    """Appends one strict-JSON line per record, flushed at once."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "a")  # noqa: SIM115 (closed in `close`)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(dumps(record) + "\n")
+        self._file.flush()
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _is_key(leaf) -> bool:
+    return jnp.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key)
+
+
+def save_checkpoint(path: str, state, round_: int) -> None:
+    """Saves `state`'s leaves and its round to `path` (`.npz`), atomically.
+
+    Typed PRNG keys are stored as `jax.random.key_data`; `restore_checkpoint` wraps
+    them back with the key implementation of the template.
+    """
+    leaves, treedef = jax.tree.flatten(state)
+    leaves = jax.device_get([jax.random.key_data(x) if _is_key(x) else x for x in leaves])
+    meta = {
+        "round": int(round_),
+        "num_leaves": len(leaves),
+        "keys": [i for i, x in enumerate(jax.tree.leaves(state)) if _is_key(x)],
+        "treedef": str(treedef),
+    }
+    arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def checkpoint_round(path: str) -> int | None:
+    """The round of the checkpoint at `path`, or None when there is none."""
+    if not os.path.exists(path):
+        return None
+    return _read_checkpoint(path)[0]["round"]
+
+
+def _read_checkpoint(path: str):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            leaves = [np.asarray(data[f"leaf_{i:04d}"]) for i in range(meta["num_leaves"])]
+            int(meta["round"])
+    except Exception as e:  # noqa: BLE001 (any failure to read means a corrupt file)
+        raise UsageError(f"{path}: cannot read the checkpoint ({_one_line(e)})") from None
+    return meta, leaves
+
+
+def restore_checkpoint(path: str, template):
+    """Loads a checkpoint into the structure of `template` (a state of the same config).
+
+    Returns:
+      `(state, round)`.
+
+    Raises:
+      UsageError: the file is unreadable, or its structure, shapes or dtypes differ
+        from the template's.
+    """
+    meta, leaves = _read_checkpoint(path)
+    t_leaves, treedef = jax.tree.flatten(template)
+    if meta["treedef"] != str(treedef) or len(leaves) != len(t_leaves):
+        raise UsageError(f"{path}: the checkpoint's state structure differs from this "
+                         "config's (written by another version?)")
+    out = []
+    for i, (x, t) in enumerate(zip(leaves, t_leaves, strict=True)):
+        if _is_key(t):
+            want = jax.random.key_data(t)
+            if x.shape != want.shape or x.dtype != want.dtype:
+                raise UsageError(f"{path}: key leaf {i} has shape {x.shape}; expected "
+                                 f"{want.shape}")
+            out.append(jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(t)))
+            continue
+        if x.shape != t.shape or x.dtype != t.dtype:
+            raise UsageError(f"{path}: leaf {i} is {x.dtype}{list(x.shape)}; expected "
+                             f"{t.dtype}{list(t.shape)}")
+        out.append(jnp.asarray(x))
+    return jax.tree.unflatten(treedef, out), int(meta["round"])
