@@ -336,7 +336,8 @@ def _check_value(spec: FlagSpec, value) -> Any:
 _ARGUMENT_FLAGS = {
     "fraction": "k_fraction", "k": "k_fraction", "levels": "qsgd_levels",
     "beta": "ef_beta", "error_feedback": "ef_beta", "decay_steps": "schedule_rounds",
-    "transition_steps": "schedule_rounds",
+    "transition_steps": "schedule_rounds", "alpha": "dirichlet_alpha", "kind": "partition",
+    "num_samples": "convex_samples", "dim": "convex_dim",
 }
 
 

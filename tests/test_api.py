@@ -4,7 +4,8 @@ import elastic_jax as ej
 
 PUBLIC = {
     "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "State",
-    "async_sgd", "bounds", "elastic_scheduling", "local_sgd", "message_passing_sgd", "checks", "compression_info", "delays", "derive_key",
+    "async_sgd", "bounds", "elastic_scheduling", "local_sgd",
+    "message_passing_sgd", "checks", "compression_info", "delays", "derive_key",
     "error_feedback", "identity", "make_step", "model", "params", "qsgd", "random_k", "run",
     "scaled_sign", "sync_sgd", "top_k",
 }
@@ -14,6 +15,8 @@ def test_public_surface():
     assert set(ej.__all__) == PUBLIC
     for name in PUBLIC:
         assert getattr(ej, name) is not None
+    # The function, not the module of the same name.
+    assert isinstance(ej.error_feedback(ej.top_k(k=1)), ej.Compressor)
     exported = {n for n in dir(ej) if not n.startswith("_")}
     # Submodules imported by the package are visible too; nothing else is.
     assert exported - PUBLIC <= {"algorithms", "compressors", "consistency", "core",
