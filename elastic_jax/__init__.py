@@ -6,7 +6,7 @@ Every distributed SGD variant is an `Algorithm` of pure functions; the caller
 evaluates gradients at the algorithm's `views` and hands them to `update`.
 """
 
-from elastic_jax import bounds, checks, delays
+from elastic_jax import analysis, bounds, checks, delays, parallel
 from elastic_jax.algorithms.asynchronous import async_sgd
 from elastic_jax.algorithms.elastic_scheduling import elastic_scheduling
 from elastic_jax.algorithms.local import local_sgd
@@ -44,6 +44,7 @@ __all__ = [
     "CompressionInfo",
     "Compressor",
     "State",
+    "analysis",
     "async_sgd",
     "bounds",
     "checks",
@@ -57,6 +58,7 @@ __all__ = [
     "make_step",
     "message_passing_sgd",
     "model",
+    "parallel",
     "params",
     "qsgd",
     "random_k",

@@ -36,16 +36,74 @@ def init(dtype) -> ConsistencyState:
     return ConsistencyState(zero, zero, zero)
 
 
+# Sums over the worker axis of at most this many entries are written as a left
+# fold of elementwise adds: their value cannot depend on how XLA lays out or
+# vectorises a reduction, which differs between programs for different meshes.
+FOLD_WORKERS = 64
+
+
+def worker_sum(x, axis: int = 0):
+    """`sum(x, axis)` as `((x_0 + x_1) + x_2) + ...` for small axes (bitwise stable)."""
+    x = jnp.asarray(x)
+    size = x.shape[axis]
+    if size == 0 or size > FOLD_WORKERS:
+        return jnp.sum(x, axis=axis)
+    parts = [jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(size)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def divide(x, count):
+    """`x / count` for an array `x` and a scalar `count`, as `x * (1 / count)`.
+
+    The reciprocal is one scalar division; the elementwise product is exact
+    IEEE arithmetic on every backend (an elementwise division by a scalar may
+    be vectorised with an approximate reciprocal, differently per program).
+    """
+    x = jnp.asarray(x)
+    return x * (jnp.ones((), x.dtype) / jnp.asarray(count).astype(x.dtype))
+
+
+def worker_mean(x, axis: int = 0):
+    """`mean(x, axis)` as a bitwise-stable fold times the reciprocal of the count."""
+    x = jnp.asarray(x)
+    return divide(worker_sum(x, axis), x.shape[axis])
+
+
 def tree_sq_norm(tree) -> jax.Array:
     """Squared Euclidean norm of a whole pytree (accumulated in at least float32)."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros(())
-    return sum(jnp.sum(jnp.square(_wide(x))) for x in leaves)
+    # Each leaf is flattened first: a 1-D reduction has one layout, so its order
+    # does not depend on the layout XLA picks for an intermediate.
+    return sum(jnp.sum(jnp.square(jnp.ravel(_wide(x)))) for x in leaves)
+
+
+@jax.custom_jvp
+def sqrt(x):
+    """`jnp.sqrt`, with derivative 0 (not inf) at 0.
+
+    The value is `jnp.sqrt(x)` itself. Norms of residuals, gaps and distances
+    are exactly 0 in many runs (no error feedback, `staleness = 0`, no delay);
+    reverse mode multiplies their (zero) cotangent by `1 / (2 sqrt(0)) = inf`,
+    which would turn every hypergradient into NaN (`ej.analysis`).
+    """
+    return jnp.sqrt(x)
+
+
+@sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = jnp.sqrt(x)
+    positive = x > 0
+    return y, jnp.where(positive, t * (0.5 / jnp.where(positive, y, 1)), jnp.zeros_like(t))
 
 
 def tree_norm(tree) -> jax.Array:
-    return jnp.sqrt(tree_sq_norm(tree))
+    return sqrt(tree_sq_norm(tree))
 
 
 def _wide(x):
@@ -103,8 +161,8 @@ def metrics(sq_dists, eta, bound_b, etabar, live=None) -> dict[str, jax.Array]:
         live = jnp.ones(sq_dists.shape, bool)
     sq_dists = jnp.where(live, sq_dists, 0)
     count = jnp.maximum(jnp.sum(live), 1).astype(dtype)
-    b_hat = per_eta(jnp.sqrt(jnp.max(sq_dists)), eta)
-    b_rms = per_eta(jnp.sqrt(jnp.sum(sq_dists) / count), eta)
+    b_hat = per_eta(sqrt(jnp.max(sq_dists)), eta)
+    b_rms = per_eta(jnp.sqrt(worker_sum(sq_dists) / count), eta)
     bound_b = jnp.asarray(bound_b, dtype)
     scaled = bound_b * per_eta(jnp.asarray(etabar, dtype), eta)
     # 0 * inf would be nan: a round with eta = 0 reports bound = 0.

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elastic_jax import consistency
+
 Params = Any  # a pytree of arrays
 Grads = Any  # a pytree like `Params`, with a leading worker axis [P, ...]
 PRNGKey = jax.Array
@@ -123,11 +125,82 @@ def as_key(key) -> PRNGKey:
     raise ValueError(f"key: got an array of dtype {key.dtype}; expected a jax.random.key")
 
 
+# How a device evaluates its block of workers (views, gradients, `local`):
+#   "map":    one `lax.map` loop body, compiled once, whatever the block size: a
+#             worker's arithmetic is then identical on one device and on a mesh
+#             of any size (bitwise placement independence; the default);
+#   "unroll": a Python loop inside jit (fast on XLA:CPU for small blocks; XLA
+#             may fuse the copies differently for different block sizes);
+#   "vmap":   batched over the block (scales to hundreds of workers).
+# The last two agree with "map" to rounding, not bitwise.
+WORKER_LOOPS = ("map", "unroll", "vmap")
+
+
+def map_workers(fn, indices, *trees, shared=None, loop: str = "map", vary=None):
+    """`fn(index, *slices, shared)` over a block of workers, stacked on a leading axis.
+
+    `vary` (on a mesh) marks values as varying over the worker axis.
+    """
+    if loop == "map":
+        return _loop_workers(fn, indices, trees, shared, vary or (lambda tree: tree))
+    if loop == "vmap":
+        return jax.vmap(lambda i, *xs: fn(i, *xs, shared))(indices, *trees)
+    outs = []
+    for j in range(indices.shape[0]):
+        slices = [jax.tree.map(lambda x, j=j: x[j], t) for t in trees]
+        outs.append(fn(indices[j], *slices, shared))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def _loop_workers(fn, indices, trees, shared, vary):
+    """`fn` over the block in one `lax.scan` body of at least two iterations.
+
+    XLA inlines a loop of one iteration (one worker per device), which compiles
+    the worker's arithmetic differently; padding to two iterations, the second
+    skipped by a `lax.cond`, keeps one loop body for every block size.
+    """
+    block = indices.shape[0]
+
+    def one(j):
+        args = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False),
+                            (indices, trees))
+        return vary(fn(args[0], *args[1], shared))
+
+    shapes = jax.eval_shape(one, 0)
+
+    def skip(j):
+        del j
+        return vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    def body(carry, j):
+        return carry, jax.lax.cond(j < block, one, skip, j)
+
+    _, outs = jax.lax.scan(body, None, jnp.arange(max(block, 2)))
+    return jax.tree.map(lambda x: x[:block], outs)
+
+
+def local_half(local, shared, workers, grads, indices, loop: str = "map", vary=None):
+    """`local` over a block of workers with global indices `indices`.
+
+    Returns the new worker states and the messages, behind an optimisation
+    barrier: XLA may not fuse a worker's computation into `combine`.
+    """
+
+    def one(index, worker, grad, shared):
+        key = derive_key(shared.key, TAG_LOCAL, shared.round, index)
+        return local(index, worker, grad, key, shared)
+
+    workers, messages = map_workers(one, indices, workers, grads, shared=shared, loop=loop,
+                                    vary=vary)
+    return jax.lax.optimization_barrier((workers, messages))
+
+
 def compose_update(local, combine, view, num_workers: int):
     """Builds `update` and `views` from the halves, on one device.
 
-    `update` maps `local` over the worker axis with `vmap` and hands the stacked
-    messages, in global worker order, to `combine`.
+    `update` maps `local` over the worker axis and hands the stacked messages,
+    in global worker order, to `combine` (what `ej.parallel` does per device
+    and after an `all_gather` on a mesh).
     """
 
     def views_fn(state: State):
@@ -135,13 +208,9 @@ def compose_update(local, combine, view, num_workers: int):
         return jax.vmap(view, in_axes=(0, 0, None))(idx, state.workers, state.shared)
 
     def update_fn(state: State, grads: Grads):
-        shared = state.shared
         idx = jnp.arange(num_workers)
-        keys = worker_keys(shared.key, TAG_LOCAL, shared.round, num_workers)
-        workers, messages = jax.vmap(local, in_axes=(0, 0, 0, 0, None))(
-            idx, state.workers, grads, keys, shared
-        )
-        shared, metrics = combine(shared, messages)
+        workers, messages = local_half(local, state.shared, state.workers, grads, idx)
+        shared, metrics = combine(state.shared, messages)
         return State(shared, workers), metrics
 
     return views_fn, update_fn
@@ -162,20 +231,65 @@ def current_round(state: State) -> int:
     return int(jax.device_get(state.shared.round))
 
 
-def _value_and_grads(loss_fn, has_aux):
+def _value_and_grads(loss_fn, has_aux, loop="map"):
+    """`grads_fn(indices, views, batch, vary) -> (losses, aux, grads)` over a block."""
     vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
-    def one(view, batch):
+    def one(index, view, batch, shared):
+        del index, shared
         if has_aux:
             (loss, aux), grad = vg(view, batch)
         else:
             (loss, grad), aux = vg(view, batch), None
         return loss, aux, grad
 
-    return jax.vmap(one)
+    def grads_fn(indices, views, batch, vary=None):
+        return map_workers(one, indices, views, batch, loop=loop, vary=vary)
+
+    return grads_fn
 
 
-def make_step(alg: Algorithm, loss_fn: Callable, *, has_aux: bool = False, checks: bool = False):
+def round_body(alg: Algorithm, grads_fn, shared, workers, batch, first_index, gather,
+               vary=lambda tree: tree, loop: str = "map"):
+    """One round for a block of workers (all `P` on one device, or a device's share).
+
+    Evaluates each worker's gradient at its view, runs `local`, gathers the
+    messages in global worker order (`gather` is the identity on one device and
+    an `all_gather` on a mesh) and runs `combine` on them.
+
+    On a mesh, `vary` marks the views as varying across devices before they are
+    differentiated: a view computed from replicated state alone (synchronous
+    SGD) would otherwise have its gradient summed over devices.
+
+    Returns:
+      `(shared, workers, metrics)`.
+    """
+    block = jax.tree.leaves(batch)[0].shape[0]
+    indices = first_index + jnp.arange(block)
+    views = vary(map_workers(alg.view, indices, workers, shared=shared, loop=loop, vary=vary))
+    losses, aux, grads = grads_fn(indices, views, batch, vary)
+    workers, messages = local_half(alg.local, shared, workers, grads, indices, loop=loop,
+                                   vary=vary)
+    messages, losses, aux = gather((messages, losses, aux))
+    shared, metrics = alg.combine(shared, messages)
+    metrics = dict(metrics)
+    metrics["loss"] = consistency.worker_mean(losses)
+    if isinstance(aux, Mapping):
+        for name, value in aux.items():
+            if jnp.ndim(value) == 1:
+                metrics[f"aux/{name}"] = consistency.worker_mean(value)
+    return shared, workers, metrics
+
+
+def make_step(
+    alg: Algorithm,
+    loss_fn: Callable,
+    *,
+    has_aux: bool = False,
+    checks: bool = False,
+    mesh=None,
+    worker_loop: str = "map",
+):
     """The round of `alg` for `loss_fn`, as a jittable `(state, batch) -> (state, metrics)`.
 
     `batch` has a leading worker axis `[P, ...]`: worker `p` evaluates
@@ -191,25 +305,32 @@ def make_step(alg: Algorithm, loss_fn: Callable, *, has_aux: bool = False, check
         deterministic elastic consistency bound holds (THEORY.md section 2,
         with its rounding allowance) and that the state and metrics are finite,
         failing with the round number.
+      mesh: None (one device) or a `jax.sharding.Mesh` with a `"workers"` axis
+        whose size divides `P`: each device then runs `local` for its block of
+        workers under `jax.shard_map` and every device runs the same `combine`
+        on the gathered messages. The result is bitwise the same either way.
+      worker_loop: how each device evaluates its block of workers: `"map"`
+        (one loop body; bitwise independent of placement, the default),
+        `"unroll"` or `"vmap"` (see `WORKER_LOOPS`).
 
     Returns:
       `step(state, batch) -> (state, metrics)`.
     """
     from elastic_jax import checks as checks_lib
+    from elastic_jax import parallel
 
-    grads_fn = _value_and_grads(loss_fn, has_aux)
+    if worker_loop not in WORKER_LOOPS:
+        raise ValueError(f"worker_loop: got {worker_loop!r}; expected one of {WORKER_LOOPS}")
+    grads_fn = _value_and_grads(loss_fn, has_aux, worker_loop)
+    # One device runs the same program as a mesh: a one-device mesh (DESIGN.md,
+    # "Workers and devices": a plain jit let XLA fuse differently, changing last bits).
+    body = parallel.sharded_round(alg, grads_fn, parallel.make_mesh(1) if mesh is None else mesh,
+                                  worker_loop)
 
     def step(state: State, batch):
-        views = alg.views(state)
-        losses, aux, grads = grads_fn(views, batch)
-        new_state, metrics = alg.update(state, grads)
+        shared, workers, metrics = body(state.shared, state.workers, batch)
+        new_state = State(shared, workers)
         checks_lib.assert_state_stable(state, new_state)
-        metrics = dict(metrics)
-        metrics["loss"] = jnp.mean(losses)
-        if isinstance(aux, Mapping):
-            for name, value in aux.items():
-                if jnp.ndim(value) == 1:
-                    metrics[f"aux/{name}"] = jnp.mean(value)
         if checks:
             checks_lib.check_round(alg, state, new_state, metrics)
         return new_state, metrics
@@ -229,28 +350,35 @@ def _validate_rounds(alg: Algorithm, state: State, rounds: int) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_step(alg, loss_fn, has_aux, checks, batch_fn):
-    step = make_step(alg, loss_fn, has_aux=has_aux, checks=checks)
-    if batch_fn is None:
-        return jax.jit(step, donate_argnums=0)
-
-    def sampled_step(state):
-        shared = state.shared
-        keys = worker_keys(shared.key, TAG_DATA, shared.round, alg.num_workers)
-        return step(state, batch_fn(shared.round, keys))
-
-    return jax.jit(sampled_step, donate_argnums=0)
+def _compiled_step(alg, loss_fn, has_aux, checks, mesh, worker_loop):
+    step = make_step(alg, loss_fn, has_aux=has_aux, checks=checks, mesh=mesh,
+                     worker_loop=worker_loop)
+    return jax.jit(step, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds):
-    step = make_step(alg, loss_fn, has_aux=has_aux, checks=checks)
+def _compiled_batch(batch_fn, num_workers):
+    """`batch_fn` as a program of its own: the round then reads its batch as an
+    input with the default layout (a batch produced inside the round's program
+    may be laid out differently for different meshes, changing the order of the
+    loss's reductions)."""
+
+    def sample(round_, key):
+        return batch_fn(round_, worker_keys(key, TAG_DATA, round_, num_workers))
+
+    return jax.jit(sample)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker_loop):
+    step = make_step(alg, loss_fn, has_aux=has_aux, checks=checks, mesh=mesh,
+                     worker_loop=worker_loop)
 
     def body(state, batch):
         if batch_fn is not None:
             shared = state.shared
             keys = worker_keys(shared.key, TAG_DATA, shared.round, alg.num_workers)
-            batch = batch_fn(shared.round, keys)
+            batch = jax.lax.optimization_barrier(batch_fn(shared.round, keys))
         return step(state, batch)
 
     def loop(state, batches):
@@ -270,6 +398,8 @@ def run(
     has_aux: bool = False,
     checks: bool = False,
     loop: str = "python",
+    mesh=None,
+    worker_loop: str = "map",
 ):
     """Runs `rounds` rounds of `alg` and returns the final state and the stacked metrics.
 
@@ -282,6 +412,9 @@ def run(
     default: on XLA:CPU a `lax.scan` over rounds of a small CNN measured several
     times slower, see DESIGN.md) or one `lax.scan` (`loop="scan"`). Either way
     the round is compiled once per configuration and cached across calls.
+    With `mesh` (a `jax.sharding.Mesh` with a `"workers"` axis) the workers are
+    split across its devices (`ej.parallel`), with bitwise the same result;
+    `worker_loop` is `make_step`'s.
 
     Returns:
       `(state, metrics)` with every metric stacked to shape `[R]`.
@@ -304,21 +437,27 @@ def run(
     rounds = int(rounds)
     if loop not in ("python", "scan"):
         raise ValueError(f"loop: got {loop!r}; expected 'python' or 'scan'")
+    if mesh is not None:
+        from elastic_jax import parallel
+
+        parallel.check_mesh(mesh, alg.num_workers)
     _validate_rounds(alg, state, rounds)
     # The compiled round donates its input; never donate the caller's buffers.
     state = jax.tree.map(jnp.copy, state)
     if rounds == 0:
         return state, {}
     if loop == "scan":
-        fn = _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds)
+        fn = _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker_loop)
         xs = None if batches is None else jax.tree.map(lambda x: x[:rounds], batches)
         return fn(state, xs)
-    fn = _compiled_step(alg, loss_fn, has_aux, checks, batch_fn)
+    fn = _compiled_step(alg, loss_fn, has_aux, checks, mesh, worker_loop)
+    sample = None if batch_fn is None else _compiled_batch(batch_fn, alg.num_workers)
     history = []
     for r in range(rounds):
         if batch_fn is None:
-            state, metrics = fn(state, jax.tree.map(lambda x, r=r: x[r], batches))
+            batch = jax.tree.map(lambda x, r=r: x[r], batches)
         else:
-            state, metrics = fn(state)
+            batch = sample(state.shared.round, state.shared.key)
+        state, metrics = fn(state, batch)
         history.append(metrics)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from elastic_jax import compressors as compressors_lib
 from elastic_jax import consistency, validation
 from elastic_jax.error_feedback import ef_step
+from elastic_jax.error_feedback import error_feedback as wrap_error_feedback
 
 
 class WorkerUpdate(NamedTuple):
@@ -77,8 +78,51 @@ def make_rule(compressor, error_feedback, clip_norm) -> Rule:
     if beta is not None:
         if compressor is None:
             compressor = compressors_lib.identity()
-        error_feedback(compressor, beta=1.0)  # refuses a non-contractive compressor
+        wrap_error_feedback(compressor, beta=1.0)  # refuses a non-contractive compressor
     return Rule(compressor, beta, clip_norm)
+
+
+def check_staleness(staleness):
+    """`staleness` in [0, 1] when concrete (`ValueError` naming it otherwise); a tracer passes."""
+    return validation.check_real("staleness", staleness, lo=0.0, hi=1.0)
+
+
+def is_literal_one(value) -> bool:
+    """Whether `value` is a concrete Python or NumPy number equal to 1 (not a JAX array).
+
+    Factories take their old code path, literally, for such a `staleness`, so the
+    default stays bitwise what it was; any other value (a JAX array, a tracer)
+    takes the blended path, which `jax.grad` differentiates.
+    """
+    if isinstance(value, jax.Array | bool):
+        return False
+    return validation.concrete_number(value) == 1
+
+
+def scale_gap(staleness, gap):
+    """`staleness * gap`, leaf by leaf in each leaf's dtype (`gap` itself when literally 1).
+
+    Where the freshest view is the auxiliary model `x` itself (message passing,
+    elastic scheduling), the blended view `(1 - s) x + s (x + gap)` is
+    `x + s gap`, and its distance to `x` is exactly `s` times the delayed one.
+    """
+    if is_literal_one(staleness):
+        return gap
+    return jax.tree.map(lambda g: jnp.asarray(staleness).astype(g.dtype) * g, gap)
+
+
+def blend(staleness, freshest, delayed):
+    """`(1 - s) * freshest + s * delayed`, leaf by leaf in the leaves' dtype.
+
+    Exact at both ends: `s = 0` gives `freshest` and `s = 1` gives `delayed`
+    (a product with 0 or 1 is exact, and adding a zero changes nothing).
+    """
+
+    def one(f, d):
+        s = jnp.asarray(staleness).astype(f.dtype)
+        return ((1 - s) * f + s * d.astype(f.dtype)).astype(f.dtype)
+
+    return jax.tree.map(one, freshest, delayed)
 
 
 def residual_dtype(dtype):

@@ -13,6 +13,14 @@ update 0 reads `X_0`), and applies `X_{t+1} = X_t - u_t`. With error feedback
 each worker keeps its residual `e^p` and the auxiliary model is the virtual
 iterate `x = X - sum_p e^p`, which follows SGD with the uncompressed gradients.
 
+A continuous `staleness` `s` in [0, 1] interpolates each read between the
+freshest one the round model allows (lag exactly `i`, i.e. `X_{rP}`, the
+iterate at the start of the round) and the delayed one:
+`v_t = (1 - s) X_{rP} + s X_{t - l}` (per coordinate for inconsistent reads).
+`s = 1` (the default) is the delayed read, `s = 0` the recorded schedule
+`lags[r, i] = i`; in between it is a differentiable stand-in for the discrete
+lag (`ej.analysis`).
+
 References:
   G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
   "Elastic Consistency", arXiv:2001.05918.
@@ -49,7 +57,7 @@ class AsyncShared(NamedTuple):
         current = self.actual(workers)
         if workers.residual is None:
             return current
-        total = jax.tree.map(lambda e: jnp.sum(e, axis=0), workers.residual)
+        total = jax.tree.map(consistency.worker_sum, workers.residual)
         return _common.apply(current, total)
 
 
@@ -63,6 +71,7 @@ def async_sgd(
     compressor=None,
     error_feedback=False,
     clip_norm=None,
+    staleness=1.0,
 ) -> core.Algorithm:
     """Asynchronous shared-memory SGD with lags of at most `max_delay` updates.
 
@@ -74,6 +83,14 @@ def async_sgd(
     Elastic consistency (`ej.bounds.async_sgd`): `B = max_delay M`, or
     `max_delay mu` compressed without error feedback, or
     `M (max_delay (1 + rho) + P rho)` with error feedback.
+
+    With `staleness = s < 1` the view is `(1 - s) X_{rP} + s X_{t - l_t}`;
+    `consistency/b_hat` measures the auxiliary model against this blended view
+    (the one the gradient is taken at, `alg.views`). The bound stays valid:
+    `x_t - v_t = (1 - s)(x_t - X_{rP}) + s (x_t - X_{t - l_t})`, and both
+    reads are allowed ones (lags `i` and `l_t`, each at most `max_delay`), so
+    the norm is at most the larger of two distances the bound already covers.
+    `delay/mean` reports the blended lag `(1 - s) i + s l_t`.
 
     Args:
       learning_rate: a non-negative float or an optax schedule of the round.
@@ -87,6 +104,9 @@ def async_sgd(
       compressor: a bare compressor applied to each update, or None.
       error_feedback: False, True (`beta = 1`) or a float `beta` in [0, 1].
       clip_norm: clip each gradient to this global norm (> 0).
+      staleness: `s` in [0, 1], a float or a traced value: how far each read
+        goes from the freshest allowed one (`s = 0`) to the delayed one
+        (`s = 1`, the default; the Python float 1.0 runs the unblended code).
 
     Returns:
       An `ej.Algorithm`.
@@ -111,6 +131,8 @@ def async_sgd(
                         "per update, not per coordinate")
     delays.check_trace(law, num_workers, max_delay, min_lags=jnp.arange(num_workers)[None])
     rule = _common.make_rule(compressor, error_feedback, clip_norm)
+    _common.check_staleness(staleness)
+    blended = not _common.is_literal_one(staleness)
     size = max_delay + 1
     rounds_back = math.ceil(max_delay / num_workers)
 
@@ -130,7 +152,17 @@ def async_sgd(
         return core.State(shared, WorkerState(_common.init_residual(rule, params, num_workers)))
 
     def read(index, shared):
-        """Worker `index`'s view and its mean effective lag."""
+        """Worker `index`'s view and its mean effective lag (blended when `s != 1`)."""
+        view, lag = read_delayed(index, shared)
+        if not blended:
+            return view, lag
+        # The freshest allowed read has lag exactly `index`: X_{t - index} = X_{rP}.
+        view = _common.blend(staleness, shared.actual(None), view)
+        s = jnp.asarray(staleness).astype(lag.dtype)
+        return view, (1 - s) * jnp.asarray(index).astype(lag.dtype) + s * lag
+
+    def read_delayed(index, shared):
+        """Worker `index`'s delayed view and its mean effective lag."""
         t = shared.updates + index
         key = core.derive_key(shared.key, core.TAG_DELAY, shared.round, index)
         if reads == "consistent":
@@ -166,7 +198,7 @@ def async_sgd(
         views, lags = jax.vmap(read, in_axes=(0, None))(jnp.arange(num_workers), shared)
         current = shared.actual(None)
         ef = rule.beta is not None
-        residual = jax.tree.map(lambda e: jnp.sum(e, axis=0), msg.residual_old) if ef else None
+        residual = jax.tree.map(consistency.worker_sum, msg.residual_old) if ef else None
 
         def apply_one(carry, inputs):
             x, s = carry

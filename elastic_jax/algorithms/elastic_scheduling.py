@@ -13,6 +13,12 @@ auxiliary model is `x_{r+1} = x_r - eta_r gbar_r`; a node's view is
                      (it applies its own gradient in place of each missing
                      average and corrects when the average arrives).
 
+A continuous `staleness` `s` in [0, 1] interpolates each view between the
+freshest one (nothing outstanding: `x`) and the scheduled one:
+`v^q = (1 - s) x + s (x + gap^q) = x + s gap^q`, so `||x - v^q||` is exactly
+`s` times the scheduled gap and the bounds hold unchanged. Only the point
+where gradients are taken changes (`ej.model`, `delay/mean` do not).
+
 References:
   G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
   "Elastic Consistency", arXiv:2001.05918.
@@ -48,7 +54,7 @@ class ElasticShared(NamedTuple):
         def one(avg, x, mine=None):
             term = avg if mine is None else avg - mine
             mask = jnp.reshape(outstanding, outstanding.shape + (1,) * (term.ndim - 1))
-            return jnp.sum(jnp.where(mask, term, 0), axis=0).astype(x.dtype)
+            return consistency.worker_sum(jnp.where(mask, term, 0)).astype(x.dtype)
 
         if own is None:
             return jax.tree.map(one, self.averages, self.params)
@@ -60,7 +66,7 @@ class ElasticShared(NamedTuple):
         idx = jnp.arange(num)
         gaps = (jax.vmap(self.gap)(idx, workers.own) if workers.own is not None
                 else jax.vmap(lambda q: self.gap(q, None))(idx))
-        return jax.tree.map(lambda x, g: x + jnp.mean(g, axis=0), self.params, gaps)
+        return jax.tree.map(lambda x, g: x + consistency.worker_mean(g), self.params, gaps)
 
     def auxiliary(self, workers: WorkerState):
         return self.params
@@ -74,12 +80,14 @@ def elastic_scheduling(
     delay="uniform",
     mode: str = "norm",
     clip_norm=None,
+    staleness=1.0,
 ) -> core.Algorithm:
     """Elastic scheduling with at most `max_outstanding` averages in flight per node.
 
     Update rule (round `r`): `x_{r+1} = x_r - eta_r gbar_r`, views as in the
     module docstring. Elastic consistency (`ej.bounds.elastic_scheduling`):
-    `B = tau M` (norm mode), `2 tau M (1 - 1/P)` (variance mode).
+    `B = tau M` (norm mode), `2 tau M (1 - 1/P)` (variance mode). With
+    `staleness = s`, views and `consistency/b_hat` use `x + s gap^q`.
 
     Args:
       learning_rate: a non-negative float or an optax schedule of the round.
@@ -88,6 +96,9 @@ def elastic_scheduling(
       delay: the law of the rounds until a node receives an average, in `[0, tau]`.
       mode: `"norm"` or `"variance"`.
       clip_norm: clip each gradient to this global norm (> 0).
+      staleness: `s` in [0, 1], a float or a traced value: how far each view
+        goes from `x` (`s = 0`) to the scheduled view (`s = 1`, the default;
+        the Python float 1.0 runs the unblended code).
 
     Returns:
       An `ej.Algorithm`.
@@ -104,6 +115,7 @@ def elastic_scheduling(
         validation.fail("delay", validation.Text("a recorded trace"),
                         "'fixed', 'uniform', 'geometric' or a DelayLaw")
     rule = _common.make_rule(None, False, clip_norm)
+    _common.check_staleness(staleness)
     size = tau + 1
     variance = mode == "variance"
 
@@ -124,12 +136,12 @@ def elastic_scheduling(
         return core.State(shared, WorkerState(own))
 
     def view_fn(index, worker, shared):
-        gap = shared.gap(index, worker.own)
+        gap = _common.scale_gap(staleness, shared.gap(index, worker.own))
         return jax.tree.map(lambda x, g: x + g, shared.params, gap)
 
     def local_fn(index, worker, grad, key, shared):
         eta = schedule(shared.round)
-        sq = consistency.tree_sq_norm(shared.gap(index, worker.own))
+        sq = consistency.tree_sq_norm(_common.scale_gap(staleness, shared.gap(index, worker.own)))
         msg = _common.worker_update(rule, eta, grad, None, key)
         own = worker.own
         if own is not None:
@@ -141,7 +153,7 @@ def elastic_scheduling(
         msg, sq = inputs
         eta = schedule(shared.round)
         round_ = shared.round
-        mean_update = jax.tree.map(lambda u: jnp.mean(u, axis=0), msg.update)
+        mean_update = jax.tree.map(consistency.worker_mean, msg.update)
         params = _common.apply(shared.params, mean_update)
         slot = round_ % size
         averages = jax.tree.map(lambda a, u: a.at[slot].set(u), shared.averages, mean_update)

@@ -87,7 +87,7 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, clip_norm=None) -
     def combine_fn(shared, inputs):
         msg, sq = inputs
         eta = schedule(shared.round)
-        mean_update = jax.tree.map(lambda u: jnp.mean(u, axis=0), msg.update)
+        mean_update = jax.tree.map(consistency.worker_mean, msg.update)
         params = _common.apply(shared.params, mean_update)
         stats = consistency.observe(shared.stats, msg.grad_norm, eta)
         dtype = stats.m_hat.dtype

@@ -19,6 +19,12 @@ counted messages of the last `max_delay + 1` rounds `q` has not applied yet and
 `x - v^q = -(L^q + pending^q)` is measured without cancellation, and with no
 delay and no faults every view is `x` itself (the run is `sync_sgd`'s).
 
+A continuous `staleness` `s` in [0, 1] interpolates each view between the
+freshest one (every message delivered: `x` itself, gap 0) and the delayed
+one: `v^q = (1 - s) x + s (x + L^q + pending^q) = x + s (L^q + pending^q)`.
+Only the point where gradients are taken changes: which messages the network
+delivers, `ej.model` and the `comm/`, `delay/` and `faults/` metrics do not.
+
 State memory: the messages of the last `max_delay + 1` rounds (`O(max_delay P d)`),
 their arrival table (`O(max_delay P^2)` integers), `L` (`O(P d)`, only when a
 message can be lost) and residuals (`O(P d)`, error feedback).
@@ -69,9 +75,9 @@ class MessagePassingShared(NamedTuple):
 
         def one(buffer, x):
             kept = jnp.where(_expand(pending, buffer.ndim), buffer, 0)
-            per_slot = jnp.sum(kept, axis=1) / _expand(self.slot_alive, buffer.ndim - 1).astype(
-                buffer.dtype)
-            return jnp.sum(per_slot, axis=0).astype(x.dtype)
+            weights = jnp.ones((), buffer.dtype) / self.slot_alive.astype(buffer.dtype)
+            per_slot = consistency.worker_sum(kept, axis=1) * _expand(weights, buffer.ndim - 1)
+            return consistency.worker_sum(per_slot).astype(x.dtype)
 
         gap = jax.tree.map(one, self.messages, self.params)
         if workers_lost is not None:
@@ -87,8 +93,8 @@ class MessagePassingShared(NamedTuple):
         live = self.live()
         count = jnp.sum(live)
         mean_gap = jax.tree.map(
-            lambda g: jnp.sum(jnp.where(_expand(live, g.ndim), g, 0), axis=0) / count.astype(
-                g.dtype), gaps)
+            lambda g: consistency.divide(
+                consistency.worker_sum(jnp.where(_expand(live, g.ndim), g, 0)), count), gaps)
         return jax.tree.map(lambda x, g: x + g, self.params, mean_gap)
 
     def auxiliary(self, workers: WorkerState):
@@ -97,8 +103,9 @@ class MessagePassingShared(NamedTuple):
         live = self.live()
         count = jnp.maximum(jnp.sum(live), 1)
         mean = jax.tree.map(
-            lambda e: jnp.sum(jnp.where(_expand(live, e.ndim), e, 0), axis=0) / count.astype(
-                e.dtype), workers.residual)
+            lambda e: consistency.divide(
+                consistency.worker_sum(jnp.where(_expand(live, e.ndim), e, 0)), count),
+            workers.residual)
         return _common.apply(self.params, mean)
 
 
@@ -151,6 +158,7 @@ def message_passing_sgd(
     compressor=None,
     error_feedback=False,
     clip_norm=None,
+    staleness=1.0,
 ) -> core.Algorithm:
     """Message-passing SGD with bounded delays, drops and crash faults.
 
@@ -162,6 +170,12 @@ def message_passing_sgd(
     Elastic consistency (`ej.bounds.message_passing_sgd`):
     `B = max_delay (1 - 1/P) M_msg [+ rho M] + f M_msg / (P - f + 1)`; none
     (`inf`) under permanent drops.
+
+    With `staleness = s < 1` the views are `x + s (L^q + pending^q)` and
+    `consistency/b_hat` measures the auxiliary model against them (the views
+    `alg.views` returns): without error feedback `||x - v^q||` is exactly `s`
+    times the delayed gap, with it `||s gap^q + mean_p e^p||` is at most
+    `s ||gap^q|| + ||mean_p e^p||`, so the bound stays valid.
 
     Args:
       learning_rate: a non-negative float or an optax schedule of the round.
@@ -178,6 +192,9 @@ def message_passing_sgd(
       error_feedback: False, True (`beta = 1`) or a float `beta` in [0, 1]
         (each node keeps its own residual).
       clip_norm: clip each gradient to this global norm (> 0).
+      staleness: `s` in [0, 1], a float or a traced value: how far each view
+        goes from `x` (`s = 0`, every message delivered) to the delayed view
+        (`s = 1`, the default; the Python float 1.0 runs the unblended code).
 
     Returns:
       An `ej.Algorithm`.
@@ -198,6 +215,7 @@ def message_passing_sgd(
         validation.fail("retransmit", retransmit, "a bool")
     num_crashes, explicit_rounds = _crash_table(crashes, crash_horizon, num_workers)
     rule = _common.make_rule(compressor, error_feedback, clip_norm)
+    _common.check_staleness(staleness)
     drop_value = validation.concrete_number(drop_prob)
     may_drop = drop_value is None or drop_value > 0.0
     permanent = may_drop and not retransmit
@@ -240,14 +258,14 @@ def message_passing_sgd(
         return core.State(shared, WorkerState(lost, residual))
 
     def view_fn(index, worker, shared):
-        gap = shared.gap(index, worker.lost)
+        gap = _common.scale_gap(staleness, shared.gap(index, worker.lost))
         return jax.tree.map(lambda x, g: (x + g.astype(x.dtype)).astype(x.dtype),
                             shared.params, gap)
 
     def local_fn(index, worker, grad, key, shared):
         eta = schedule(shared.round)
         alive = shared.crash_round[index] >= shared.round
-        gap = shared.gap(index, worker.lost)
+        gap = _common.scale_gap(staleness, shared.gap(index, worker.lost))
         msg = _common.worker_update(rule, eta, grad, worker.residual, key)
         residual = None
         if rule.beta is not None:
@@ -263,7 +281,7 @@ def message_passing_sgd(
 
             def absorb(acc, buffer):
                 kept = jnp.where(_expand(leaving, buffer.ndim - 1), buffer[slot], 0)
-                return acc + (jnp.sum(kept, axis=0) / n_slot.astype(buffer.dtype)).astype(
+                return acc + consistency.divide(consistency.worker_sum(kept), n_slot).astype(
                     acc.dtype)
 
             lost = jax.tree.map(absorb, lost, shared.messages)
@@ -325,9 +343,9 @@ def message_passing_sgd(
         ).astype(jnp.int32)
         # Own messages are applied at once: never pending.
         total = jax.tree.map(
-            lambda u: jnp.sum(jnp.where(_expand(counted, u.ndim), u, 0), axis=0), msg.update)
+            lambda u: consistency.worker_sum(jnp.where(_expand(counted, u.ndim), u, 0)), msg.update)
         params = jax.tree.map(
-            lambda x, t: (x - (t / n_alive.astype(t.dtype)).astype(x.dtype)).astype(x.dtype),
+            lambda x, t: (x - consistency.divide(t, n_alive).astype(x.dtype)).astype(x.dtype),
             shared.params, total)
         slot = round_ % size
         messages = jax.tree.map(
@@ -342,10 +360,11 @@ def message_passing_sgd(
             sq = extra
         else:
             mean_residual = jax.tree.map(
-                lambda e: jnp.sum(jnp.where(_expand(live, e.ndim), e, 0), axis=0)
-                / n_alive.astype(e.dtype), msg.residual_old)
-            sq = jax.vmap(lambda g: consistency.tree_sq_norm(jax.tree.map(
-                lambda gi, e: gi + e.astype(gi.dtype), g, mean_residual)))(extra)
+                lambda e: consistency.divide(
+                    consistency.worker_sum(jnp.where(_expand(live, e.ndim), e, 0)), n_alive),
+                msg.residual_old)
+            sq = jax.lax.map(lambda g: consistency.tree_sq_norm(jax.tree.map(
+                lambda gi, e: gi + e.astype(gi.dtype), g, mean_residual)), extra)
         if permanent:
             bound_b = jnp.asarray(jnp.inf, dtype)
         else:

@@ -40,7 +40,7 @@ class SyncShared(NamedTuple):
     def auxiliary(self, workers: WorkerState):
         if workers.residual is None:
             return self.params
-        mean = jax.tree.map(lambda e: jnp.mean(e, axis=0), workers.residual)
+        mean = jax.tree.map(consistency.worker_mean, workers.residual)
         return _common.apply(self.params, mean)
 
 
@@ -105,7 +105,7 @@ def sync_sgd(
 
     def combine_fn(shared, msg):
         eta = schedule(shared.round)
-        mean_update = jax.tree.map(lambda u: jnp.mean(u, axis=0), msg.update)
+        mean_update = jax.tree.map(consistency.worker_mean, msg.update)
         params = _common.apply(shared.params, mean_update)
         stats = consistency.observe(
             shared.stats, msg.grad_norm, eta, msg.update_norm if rule.compressed else None
@@ -116,7 +116,7 @@ def sync_sgd(
             sq_dists = jnp.zeros((1,), dtype)
             bound_b, etabar = jnp.zeros((), dtype), eta
         else:
-            mean_residual = jax.tree.map(lambda e: jnp.mean(e, axis=0), msg.residual_old)
+            mean_residual = jax.tree.map(consistency.worker_mean, msg.residual_old)
             sq_dists = consistency.tree_sq_norm(mean_residual).astype(dtype)[None]
             bound_b = bounds.sync_sgd(
                 m=_common.gradient_bound(rule, stats),

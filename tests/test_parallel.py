@@ -1,0 +1,167 @@
+"""Workers across devices: bitwise placement independence, multi-process runs, bad meshes."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import elastic_jax as ej
+from tests import helpers as h
+
+ROUNDS = 20
+
+CONFIGS = {
+    "sync_top_k_ef": lambda p: ej.sync_sgd(0.1, p, compressor=ej.top_k(fraction=0.2),
+                                           error_feedback=True),
+    "async_consistent": lambda p: ej.async_sgd(0.1, p, p + 1),
+    "async_inconsistent_top_k_ef": lambda p: ej.async_sgd(
+        0.1, p, p + 1, reads="inconsistent", compressor=ej.top_k(fraction=0.2),
+        error_feedback=True),
+    "message_passing_delays_crashes_top_k_ef": lambda p: ej.message_passing_sgd(
+        0.1, p, max_delay=2, crashes=2, crash_horizon=10, drop_prob=0.2,
+        compressor=ej.top_k(fraction=0.2), error_feedback=True),
+    "elastic_scheduling": lambda p: ej.elastic_scheduling(0.1, p, 2, mode="variance"),
+    "local_sgd": lambda p: ej.local_sgd(0.1, p, 3),
+}
+
+
+def run(alg, mesh):
+    p = h.params0()
+    return ej.run(alg, h.noisy_quadratic, alg.init(p, 0), batch_fn=_BATCH_FN, rounds=ROUNDS,
+                  mesh=mesh)
+
+
+_BATCH_FN = h.noise_batch_fn(h.params0())
+
+
+def assert_bitwise(a, b):
+    (sa, ma), (sb, mb) = a, b
+    for x, y in zip(jax.tree.leaves(ej.params(sa)), jax.tree.leaves(ej.params(sb)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert set(ma) == set(mb)
+    for k in ma:
+        np.testing.assert_array_equal(np.asarray(ma[k]), np.asarray(mb[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_one_two_four_eight_devices_are_bitwise_identical(name):
+    alg = CONFIGS[name](8)
+    reference = run(alg, None)
+    for n in (1, 2, 4, 8):
+        assert_bitwise(reference, run(alg, ej.parallel.make_mesh(n)))
+
+
+def test_sixteen_workers_on_eight_devices():
+    alg = CONFIGS["async_inconsistent_top_k_ef"](16)
+    assert_bitwise(run(alg, None), run(alg, ej.parallel.make_mesh(8)))
+
+
+def test_bad_meshes_are_refused():
+    alg = ej.sync_sgd(0.1, 6)
+    p = h.params0()
+    with pytest.raises(ValueError, match=r"num_workers: got 6; expected a multiple of .* 4"):
+        ej.run(alg, h.noisy_quadratic, alg.init(p, 0), batch_fn=_BATCH_FN, rounds=1,
+               mesh=ej.parallel.make_mesh(4))
+    other = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    with pytest.raises(ValueError, match="mesh: got axes \\('data',\\); expected a mesh with"):
+        ej.make_step(alg, h.noisy_quadratic, mesh=other)
+    with pytest.raises(ValueError, match="num_devices: got 9"):
+        ej.parallel.make_mesh(9)
+
+
+def test_no_host_round_trips_without_checks():
+    alg = CONFIGS["message_passing_delays_crashes_top_k_ef"](4)
+    p = h.params0()
+    state = alg.init(p, 0)
+    batch = _BATCH_FN(0, jax.random.split(jax.random.key(0), 4))
+    plain = jax.jit(ej.make_step(alg, h.noisy_quadratic)).lower(state, batch).as_text()
+    checked = jax.jit(ej.make_step(alg, h.noisy_quadratic, checks=True)).lower(
+        state, batch).as_text()
+    assert "callback" not in plain.lower()
+    assert "callback" in checked.lower()
+
+
+WORKER = textwrap.dedent('''
+    import sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    import numpy as np
+    import elastic_jax as ej
+    from jax.experimental import multihost_utils
+    from tests import helpers as h
+    from tests.test_parallel import CONFIGS, ROUNDS_MULTIPROCESS, multiprocess_batches
+    alg = CONFIGS["async_inconsistent_top_k_ef"](4)
+    mesh = ej.parallel.make_mesh()
+    assert mesh.shape["workers"] == 4 and jax.process_count() == 2
+    step = jax.jit(ej.make_step(alg, h.noisy_quadratic, mesh=mesh))
+    state = ej.parallel.shard_state(alg.init(h.params0(), 0), mesh)
+    batches = multiprocess_batches()
+    for r in range(ROUNDS_MULTIPROCESS):
+        # Each process feeds only its own workers' batches (2 of the 4).
+        mine = jax.tree.map(lambda x: x[r, 2 * process_id: 2 * process_id + 2], batches)
+        state, metrics = step(state, ej.parallel.shard_batches(mine, mesh))
+    params = multihost_utils.process_allgather(ej.params(state), tiled=True)
+    b_hat = multihost_utils.process_allgather(metrics["consistency/b_hat"], tiled=True)
+    if process_id == 0:
+        leaves = jax.tree.leaves(params)
+        np.savez(out, b_hat=np.asarray(b_hat), **{f"p{i}": np.asarray(x)
+                                                   for i, x in enumerate(leaves)})
+''')
+
+ROUNDS_MULTIPROCESS = 10
+
+
+def multiprocess_batches():
+    keys = jax.random.split(jax.random.key(7), ROUNDS_MULTIPROCESS * 4).reshape(
+        ROUNDS_MULTIPROCESS, 4)
+    return jax.vmap(lambda k: _BATCH_FN(0, k))(keys)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_reproduce_the_single_process_run(tmp_path):
+    alg = CONFIGS["async_inconsistent_top_k_ef"](4)
+    mesh = ej.parallel.make_mesh(4)
+    step = jax.jit(ej.make_step(alg, h.noisy_quadratic, mesh=mesh))
+    state = alg.init(h.params0(), 0)
+    batches = multiprocess_batches()
+    for r in range(ROUNDS_MULTIPROCESS):
+        state, metrics = step(state, ej.parallel.shard_batches(
+            jax.tree.map(lambda x, r=r: x[r], batches), mesh))
+    expected = jax.tree.leaves(ej.params(state))
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "result.npz"
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=110)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, text in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, text[-3000:]
+    result = np.load(out)
+    for i, x in enumerate(expected):
+        np.testing.assert_array_equal(result[f"p{i}"], np.asarray(x))
+    np.testing.assert_array_equal(result["b_hat"], np.asarray(metrics["consistency/b_hat"]))
