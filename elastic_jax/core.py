@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -166,16 +167,23 @@ def _loop_workers(fn, indices, trees, shared, vary):
                             (indices, trees))
         return vary(fn(args[0], *args[1], shared))
 
-    shapes = jax.eval_shape(one, 0)
+    # Trace the worker's function once (a loss traced twice would recompile
+    # nothing, but it is a second trace): its jaxpr serves the real branch.
+    closed, shapes = jax.make_jaxpr(one, return_shape=True)(jnp.int32(0))
+    treedef = jax.tree.structure(shapes)
+    run_one = jax_core.jaxpr_as_fun(closed)
+
+    def real(j):
+        return jax.tree.unflatten(treedef, run_one(j))
 
     def skip(j):
         del j
         return vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
     def body(carry, j):
-        return carry, jax.lax.cond(j < block, one, skip, j)
+        return carry, jax.lax.cond(j < block, real, skip, j)
 
-    _, outs = jax.lax.scan(body, None, jnp.arange(max(block, 2)))
+    _, outs = jax.lax.scan(body, None, jnp.arange(max(block, 2), dtype=jnp.int32))
     return jax.tree.map(lambda x: x[:block], outs)
 
 
@@ -435,15 +443,18 @@ def run(
     elif rounds is None or isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
         raise ValueError(f"rounds: got {rounds}; expected an integer >= 0 with batch_fn")
     rounds = int(rounds)
+    from elastic_jax import parallel
+
     if loop not in ("python", "scan"):
         raise ValueError(f"loop: got {loop!r}; expected 'python' or 'scan'")
     if mesh is not None:
-        from elastic_jax import parallel
-
         parallel.check_mesh(mesh, alg.num_workers)
     _validate_rounds(alg, state, rounds)
-    # The compiled round donates its input; never donate the caller's buffers.
-    state = jax.tree.map(jnp.copy, state)
+    # Place the state as the round returns it (so the second round does not
+    # retrace for a new input sharding); this copies, and the compiled round
+    # donates its input, never the caller's buffers.
+    state = parallel.shard_state(jax.tree.map(jnp.copy, state),
+                                 parallel.make_mesh(1) if mesh is None else mesh)
     if rounds == 0:
         return state, {}
     if loop == "scan":

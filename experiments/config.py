@@ -1,4 +1,4 @@
-"""The launcher's flags as data, their validation, and the algorithm registry.
+"""The launcher's flags as data, and their validation.
 
 `FLAG_SPECS` declares every flag of `python -m experiments.train` once: its type,
 default, meaning and range. `experiments.train` turns the table into absl flags;
@@ -12,9 +12,7 @@ command line fails before any work with one line of the form
 raise `ValueError`s of the same form (`max_delay: got 3; expected ...`); `validate`
 builds the algorithm inside the check and renames their argument to the flag.
 
-Adding an algorithm is one entry in `ALGORITHMS`: a builder from the flag values
-and the shared parts (schedule, compressor, error feedback, clipping), and the
-set of algorithm-specific flags it reads.
+Adding an algorithm is one entry in `experiments.registry.ALGORITHMS`.
 """
 
 from __future__ import annotations
@@ -22,12 +20,19 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import optax
-
 import elastic_jax as ej
+from experiments.registry import (
+    ALGORITHMS,
+    COMPRESSORS,
+    OFF_VALUES,
+    SCHEDULES,
+    Parts,
+    make_compressor,
+    make_schedule,
+)
 
 MAX_INT = 10**9  # the upper end of the open-ended integer ranges
 
@@ -72,7 +77,8 @@ class FlagSpec(NamedTuple):
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind == "string":
             return "a string"
-        left, right = ("(" if self.lo_open else "["), (")" if self.hi_open else "]")
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
         lo = "-inf" if self.lo is None else _fmt(self.lo)
         hi = "inf" if self.hi is None else _fmt(self.hi)
         what = "an integer" if self.kind == "int" else "a finite number"
@@ -83,98 +89,6 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
-# ------------------------------------------------------------------- algorithms
-
-
-class Parts(NamedTuple):
-    """What every algorithm factory shares, built from the flags."""
-
-    learning_rate: Any  # a number, or an optax schedule of the round
-    compressor: Any  # an ej compressor, or None
-    error_feedback: Any  # False, True (beta = 1) or a float beta
-    clip_norm: float | None
-
-
-# Flags that only some algorithms read; the others ignore them, except that those
-# with an "off" value must be off (a compressor given to local SGD is an error).
-ALGORITHM_FLAGS = (
-    "max_delay", "delay", "reads", "compressor", "k_fraction", "qsgd_levels",
-    "error_feedback", "ef_beta", "clip_norm", "drop_prob", "retransmit", "crashes",
-    "crash_horizon", "max_outstanding", "mode", "period",
-)
-OFF_VALUES = {
-    "compressor": "none", "error_feedback": False, "clip_norm": 0.0,
-    "drop_prob": 0.0, "crashes": 0, "crash_horizon": 0,
-}
-_UPDATE_RULE = frozenset({"compressor", "k_fraction", "qsgd_levels", "error_feedback",
-                          "ef_beta", "clip_norm"})
-
-
-class AlgorithmEntry(NamedTuple):
-    """A registry entry: `build(flags, parts) -> ej.Algorithm` and the flags it reads."""
-
-    build: Callable[[Mapping[str, Any], Parts], ej.Algorithm]
-    uses: frozenset
-
-
-def _sync(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
-    return ej.sync_sgd(
-        parts.learning_rate, f["num_workers"], compressor=parts.compressor,
-        error_feedback=parts.error_feedback, clip_norm=parts.clip_norm,
-    )
-
-
-def _async(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
-    return ej.async_sgd(
-        parts.learning_rate, f["num_workers"], f["max_delay"], delay=f["delay"],
-        reads=f["reads"], compressor=parts.compressor,
-        error_feedback=parts.error_feedback, clip_norm=parts.clip_norm,
-    )
-
-
-def _message_passing(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
-    return ej.message_passing_sgd(
-        parts.learning_rate, f["num_workers"], max_delay=f["max_delay"], delay=f["delay"],
-        drop_prob=f["drop_prob"], retransmit=f["retransmit"],
-        crashes=f["crashes"] or None, crash_horizon=f["crash_horizon"] or None,
-        compressor=parts.compressor, error_feedback=parts.error_feedback,
-        clip_norm=parts.clip_norm,
-    )
-
-
-def _elastic_scheduling(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
-    return ej.elastic_scheduling(
-        parts.learning_rate, f["num_workers"], f["max_outstanding"], delay=f["delay"],
-        mode=f["mode"],
-    )
-
-
-def _local_sgd(f: Mapping[str, Any], parts: Parts) -> ej.Algorithm:
-    return ej.local_sgd(parts.learning_rate, f["num_workers"], f["period"])
-
-
-# name -> entry; the families that have not landed in the library yet are
-# registered as soon as `elastic_jax` exports their factory.
-ALGORITHMS: dict[str, AlgorithmEntry] = {
-    "sync": AlgorithmEntry(_sync, _UPDATE_RULE),
-    "async": AlgorithmEntry(_async, _UPDATE_RULE | {"max_delay", "delay", "reads"}),
-}
-if hasattr(ej, "message_passing_sgd"):
-    ALGORITHMS["message_passing"] = AlgorithmEntry(
-        _message_passing,
-        _UPDATE_RULE | {"max_delay", "delay", "drop_prob", "retransmit", "crashes",
-                        "crash_horizon"},
-    )
-if hasattr(ej, "elastic_scheduling"):
-    ALGORITHMS["elastic_scheduling"] = AlgorithmEntry(
-        _elastic_scheduling, frozenset({"max_outstanding", "delay", "mode"})
-    )
-if hasattr(ej, "local_sgd"):
-    ALGORITHMS["local_sgd"] = AlgorithmEntry(_local_sgd, frozenset({"period"}))
-
-COMPRESSORS = ("none", "identity", "top_k", "random_k", "scaled_random_k", "qsgd",
-               "scaled_sign")
-SCHEDULES = ("constant", "cosine", "linear", "exponential")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
 CONVEX_DATASETS = ("least_squares", "logistic")
 
@@ -196,9 +110,9 @@ def _enum(name, default, help_, choices, **kw) -> FlagSpec:
 
 FLAG_SPECS: tuple[FlagSpec, ...] = (
     # The algorithm.
-    _enum("algorithm", "async", "The distributed SGD variant (registry "
-          "experiments.config.ALGORITHMS; message_passing, elastic_scheduling and "
-          "local_sgd appear once elastic_jax exports them).", tuple(ALGORITHMS)),
+    _enum("algorithm", "async", "The distributed SGD variant (experiments.config."
+          "ALGORITHMS; message_passing, elastic_scheduling and local_sgd are registered "
+          "when elastic_jax exports them).", tuple(ALGORITHMS)),
     _int("num_workers", 8, "P, the number of simulated workers.", 1, 4096),
     _int("max_delay", 8, "Largest staleness in updates (async: >= num_workers - 1) or "
          "message delay in rounds (message_passing).", 0, 100_000),
@@ -224,8 +138,8 @@ FLAG_SPECS: tuple[FlagSpec, ...] = (
     FlagSpec("retransmit", "bool", True, "message_passing: resend dropped messages."),
     _int("crashes", 0, "message_passing: number of workers that crash (needs "
          "--crash_horizon).", 0, 4096),
-    _int("crash_horizon", 0, "message_passing: crash rounds are drawn in "
-         "[0, crash_horizon); 0: no crashes.", 0),
+    _int("crash_horizon", 0, "message_passing: crash rounds are drawn uniformly in "
+         "[1, crash_horizon); 0: no crashes.", 0),
     _int("max_outstanding", 8, "elastic_scheduling: most updates in flight.", 1, 100_000),
     _enum("mode", "norm", "elastic_scheduling: what the scheduler bounds.",
           ("norm", "variance")),
@@ -273,6 +187,16 @@ FLAG_SPECS: tuple[FlagSpec, ...] = (
          "the last round.", 0, semantic=False),
     FlagSpec("resume", "bool", False, "Continue the run in --workdir from its last "
              "checkpoint (from round 0 if it has none).", semantic=False),
+    # Placement: the result is bitwise the same however the workers are placed.
+    _int("num_devices", 0, "Devices the workers are split over (a 'workers' mesh over "
+         "every process's devices); 0: one device. Must divide --num_workers.", 0, 65_536,
+         semantic=False),
+    FlagSpec("coordinator", "string", "", "host:port of process 0 for jax.distributed "
+             "(multi-host runs); empty: a single process.", semantic=False),
+    _int("num_processes", 1, "Processes of a multi-host run (jax.distributed).", 1, 65_536,
+         semantic=False),
+    _int("process_id", 0, "This process's index in [0, --num_processes).", 0, 65_535,
+         semantic=False),
 )
 SPECS: dict[str, FlagSpec] = {s.name: s for s in FLAG_SPECS}
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in FLAG_SPECS}
@@ -353,36 +277,6 @@ def from_library_error(error: Exception) -> UsageError:
     return UsageError(message)
 
 
-def make_schedule(f: Mapping[str, Any]) -> Callable:
-    """The learning rate: a number, or an optax schedule of the round (see `--schedule`)."""
-    eta, kind = f["learning_rate"], f["schedule"]
-    if kind == "constant":
-        return eta  # a number, so that the factory checks it too
-    horizon = f["schedule_rounds"] or f["rounds"]
-    final = eta * f["final_lr_fraction"]
-    if kind == "cosine":
-        return optax.cosine_decay_schedule(eta, horizon, alpha=f["final_lr_fraction"])
-    if kind == "linear":
-        return optax.linear_schedule(eta, final, horizon)
-    return optax.exponential_decay(eta, horizon, f["final_lr_fraction"], end_value=final)
-
-
-def make_compressor(f: Mapping[str, Any]):
-    """The compressor `--compressor` names, or None."""
-    name = f["compressor"]
-    if name == "none":
-        return None
-    if name == "identity":
-        return ej.identity()
-    if name == "top_k":
-        return ej.top_k(fraction=f["k_fraction"])
-    if name in ("random_k", "scaled_random_k"):
-        return ej.random_k(fraction=f["k_fraction"], scaled=name == "scaled_random_k")
-    if name == "qsgd":
-        return ej.qsgd(f["qsgd_levels"])
-    return ej.scaled_sign()
-
-
 def _check_combinations(f: Mapping[str, Any]) -> None:
     entry = ALGORITHMS[f["algorithm"]]
     for name, off in OFF_VALUES.items():
@@ -390,8 +284,8 @@ def _check_combinations(f: Mapping[str, Any]) -> None:
             raise usage(name, f[name], f"{off!r}: --algorithm={f['algorithm']} does not "
                         f"use --{name}")
     if f["crashes"] > 0 and f["crash_horizon"] == 0:
-        raise usage("crash_horizon", 0, f"an integer in [1, {MAX_INT}] with --crashes="
-                    f"{f['crashes']} (crash rounds are drawn in [0, crash_horizon))")
+        raise usage("crash_horizon", 0, f"an integer in [2, {MAX_INT}] with --crashes="
+                    f"{f['crashes']} (crash rounds are drawn in [1, crash_horizon))")
     if f["dataset"] in ("mnist", "cifar10") and not f["data_dir"]:
         raise usage("data_dir", f["data_dir"], f"the directory holding the {f['dataset']} "
                     "files (only digits is bundled)")
@@ -406,6 +300,20 @@ def _check_combinations(f: Mapping[str, Any]) -> None:
                     f"{f['convex_samples']} (every worker needs a sample)")
     if not f["workdir"]:
         raise usage("workdir", f["workdir"], "the directory of the run (a path)")
+    if f["num_processes"] > 1 and not f["coordinator"]:
+        raise usage("coordinator", f["coordinator"], "host:port of process 0 with "
+                    f"--num_processes={f['num_processes']}")
+    if f["coordinator"] and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", f["coordinator"]):
+        raise usage("coordinator", f["coordinator"], "host:port")
+    if f["process_id"] >= f["num_processes"]:
+        raise usage("process_id", f["process_id"], f"an integer in [0, "
+                    f"{f['num_processes'] - 1}] (--num_processes={f['num_processes']})")
+    if f["num_devices"] and f["num_workers"] % f["num_devices"]:
+        raise usage("num_devices", f["num_devices"], f"a divisor of --num_workers="
+                    f"{f['num_workers']} (each device runs num_workers / num_devices workers)")
+    if f["num_devices"] and f["num_seeds"] > 1:
+        raise usage("num_devices", f["num_devices"], "0 with --num_seeds > 1 (seeds are "
+                    "vmapped on one device)")
 
 
 def validate(values: Mapping[str, Any]) -> Config:
@@ -440,6 +348,11 @@ def validate(values: Mapping[str, Any]) -> Config:
     return Config(f, algorithm, parts)
 
 
+def rounds_matter(f: Mapping[str, Any]) -> bool:
+    """Whether `--rounds` changes the trajectory: a decaying schedule spans it."""
+    return f["schedule"] != "constant" and f["schedule_rounds"] == 0
+
+
 def semantic_differences(saved: Mapping[str, Any], f: Mapping[str, Any]) -> list[str]:
     """The semantic flags on which a saved config and the current flags disagree.
 
@@ -447,6 +360,6 @@ def semantic_differences(saved: Mapping[str, Any], f: Mapping[str, Any]) -> list
     (`--schedule_rounds=0`): then the schedule, hence the trajectory, depends on it.
     """
     names = [s.name for s in FLAG_SPECS if s.semantic]
-    if f["schedule"] != "constant" and f["schedule_rounds"] == 0:
+    if rounds_matter(f):
         names.append("rounds")
     return [n for n in names if n not in saved or saved[n] != f[n]]

@@ -5,7 +5,12 @@ r"""Trains a model with a distributed SGD variant and records elastic consistenc
 runs the defaults: asynchronous SGD with inconsistent reads (P = 8 workers,
 staleness uniform up to 8 updates), Top-1% compression with error feedback, the
 SmallCNN on the bundled 8x8 digits, 500 rounds. `--helpfull` lists every flag
-with its meaning and range (`experiments/config.py` declares them).
+with its meaning and range.
+
+This file is the absl shell and the training loop; the rest lives in
+`config.py` (the flags as data, `validate`), `registry.py` (flags -> algorithm),
+`problem.py` (data, model, initial state, the compiled round), `workdir.py`
+(files, checkpoints, resume) and `plots.py`.
 
 Everything is checked before anything compiles or is written: a bad flag, an
 inconsistent combination, a missing or corrupt data file, or a workdir that
@@ -22,7 +27,9 @@ the whole training set), `timing.jsonl`, `checkpoint.npz` and PNG plots.
 Semantics worth knowing:
 
 - Round `r` in the record is the state after `r` rounds. Lines are written at
-  multiples of `--log_every` and `--eval_every` and at the last round.
+  multiples of `--log_every` and `--eval_every` and at the last round; metrics
+  are fetched from the device only for those rounds, so the loop never blocks
+  in between.
 - Data lives on the device; worker `p` samples its round-`r` batch from its shard
   with `ej.derive_key(base, TAG_DATA, r, p)`, `base` the state's key, exactly as
   `ej.run(..., batch_fn=...)` does, so the trajectory depends on nothing but the
@@ -42,13 +49,14 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+import logging as std_logging
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,22 +65,19 @@ from absl import app, flags, logging
 
 import elastic_jax as ej
 from experiments import config as config_lib
-from experiments import data as data_lib
-from experiments import models as models_lib
 from experiments import plots as plots_lib
+from experiments import problem as problem_lib
 from experiments import workdir as workdir_lib
 from experiments.config import Config, UsageError
 
 FLAGS = flags.FLAGS
 
-# The purpose tag of per-worker batch sampling: elastic_jax.core.TAG_DATA, which
-# the public API does not export; `ej.run(batch_fn=...)` derives the same keys.
-DATA_TAG = 3
-
 
 def _define_flags() -> None:
     for spec in config_lib.FLAG_SPECS:
-        help_text = f"{spec.help} Range: {spec.expected}."
+        help_text = spec.help  # absl lists an enum's choices itself.
+        if spec.kind in ("int", "float"):
+            help_text += f" Range: {spec.expected}."
         if spec.kind == "int":
             flags.DEFINE_integer(spec.name, spec.default, help_text)
         elif spec.kind == "float":
@@ -86,176 +91,6 @@ def _define_flags() -> None:
 
 
 _define_flags()
-
-
-# --------------------------------------------------------------------- problem
-
-
-class Problem(NamedTuple):
-    """What the loop needs from the data and the model."""
-
-    loss_fn: Callable  # (params, batch) -> loss, or (loss, aux) with has_aux
-    has_aux: bool
-    batch_fn: Callable  # (round, worker_keys [P]) -> batch [P, b, ...]
-    init_params: Callable  # key -> params
-    evaluate: Callable  # params -> {name: float}
-    title: str
-
-
-def _data_error(error: Exception) -> UsageError:
-    if isinstance(error, data_lib.DataError):  # Its message starts with the path.
-        return UsageError(" ".join(str(error).split()))
-    return config_lib.from_library_error(error)
-
-
-def load_problem(f: Mapping[str, Any]) -> Problem:
-    """Loads the dataset, partitions it and builds the model; compiles nothing.
-
-    Raises:
-      UsageError: a missing or corrupt data file (the line starts with its path),
-        or a partition the data cannot give (e.g. more workers than samples).
-    """
-    num_workers, seed = f["num_workers"], f["seed"]
-    try:
-        if f["dataset"] in config_lib.CONVEX_DATASETS:
-            make = (data_lib.least_squares if f["dataset"] == "least_squares"
-                    else data_lib.logistic_regression)
-            problem = make(f["convex_samples"], f["convex_dim"], seed=seed)
-            x, y = problem.a.astype(np.float32), problem.b.astype(np.float32)
-            labels = (problem.b > 0).astype(np.int32)
-        else:
-            dataset = data_lib.load_dataset(f["dataset"], f["data_dir"] or None)
-            x, y, labels = dataset.x_train, dataset.y_train, dataset.y_train
-        shards = data_lib.partition(labels, num_workers, kind=f["partition"],
-                                    alpha=f["dirichlet_alpha"], seed=seed)
-        batch_fn = data_lib.make_batch_fn(x, y, *shards, batch_size=f["batch_size"])
-    except ValueError as e:
-        raise _data_error(e) from None
-    title = f"{f['algorithm']} P={num_workers} on {f['dataset']}"
-
-    if f["dataset"] in config_lib.CONVEX_DATASETS:
-        dim, f_star = f["convex_dim"], problem.f_star
-        full_loss = jax.jit(problem.full_loss)
-
-        def evaluate_convex(params) -> dict[str, float]:
-            value = float(full_loss(params))
-            return {"full/loss": value, "full/suboptimality": value - f_star}
-
-        def init_linear(key):
-            del key  # The linear model starts at zero.
-            return {"w": jnp.zeros((dim,), jnp.float32)}
-
-        return Problem(problem.loss_fn, False, batch_fn, init_linear, evaluate_convex, title)
-
-    module, init_params = models_lib.make_model(f["model"], dataset.num_classes,
-                                                dataset.x_train.shape[1:])
-
-    def evaluate_images(params) -> dict[str, float]:
-        loss, accuracy = models_lib.evaluate(module, params, dataset.x_test, dataset.y_test)
-        return {"test/loss": loss, "test/accuracy": accuracy}
-
-    return Problem(models_lib.classification_loss(module), True, batch_fn, init_params,
-                   evaluate_images, f"{title}, {f['model']}")
-
-
-def make_init(cfg: Config, problem: Problem) -> Callable[[], Any]:
-    """`() -> state`: the initial state, stacked over seeds when `--num_seeds > 1`."""
-    alg, f = cfg.algorithm, cfg.flags
-
-    def one(seed: int):
-        base = jax.random.key(seed)
-        params = problem.init_params(jax.random.fold_in(base, 0))
-        return alg.init(params, jax.random.fold_in(base, 1))
-
-    def init():
-        if f["num_seeds"] == 1:
-            return one(f["seed"])
-        states = [one(f["seed"] + s) for s in range(f["num_seeds"])]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-    return init
-
-
-def make_round(cfg: Config, problem: Problem) -> Callable:
-    """`state -> (state, metrics)`: one round with its batches sampled on the device.
-
-    The same computation as `ej.run(alg, loss_fn, state, batch_fn=..., rounds=1)`;
-    `vmap`ped over the leading seed axis when `--num_seeds > 1`.
-    """
-    alg = cfg.algorithm
-    step = ej.make_step(alg, problem.loss_fn, has_aux=problem.has_aux)
-    workers = jnp.arange(alg.num_workers)
-
-    def sampled_round(state):
-        shared = state.shared
-        keys = jax.vmap(lambda p: ej.derive_key(shared.key, DATA_TAG, shared.round, p))(workers)
-        return step(state, problem.batch_fn(shared.round, keys))
-
-    return jax.vmap(sampled_round) if cfg.flags["num_seeds"] > 1 else sampled_round
-
-
-# --------------------------------------------------------------------- workdir
-
-
-class Start(NamedTuple):
-    """Where a run starts: its state (None: fresh) and round, and the records kept."""
-
-    state: Any
-    round: int
-    records: list  # metrics records to keep (resume), else []
-
-
-def on_grid(round_: int, f: Mapping[str, Any]) -> bool:
-    """Whether an uninterrupted run logs `round_` before its last round."""
-    return round_ % f["log_every"] == 0 or (f["eval_every"] > 0 and round_ % f["eval_every"] == 0)
-
-
-def check_workdir(cfg: Config, abstract_state) -> Start:
-    """Checks the workdir against the flags and loads what a resume needs; writes nothing.
-
-    Raises:
-      UsageError: the workdir is a file, holds a run without `--resume`, or
-        (with `--resume`) holds a different config, a corrupt checkpoint, or a
-        checkpoint past `--rounds`.
-    """
-    f = cfg.flags
-    wd = f["workdir"]
-    if os.path.exists(wd) and not os.path.isdir(wd):
-        raise config_lib.usage("workdir", wd, "a directory (this is a file)")
-    existing = [n for n in workdir_lib.RUN_FILES if os.path.exists(os.path.join(wd, n))]
-    if not f["resume"]:
-        if existing:
-            raise config_lib.usage("workdir", wd, f"a directory without a run (it holds "
-                                   f"{existing[0]}); pass --resume to continue it")
-        return Start(None, 0, [])
-    config_path = os.path.join(wd, workdir_lib.CONFIG)
-    if not os.path.exists(config_path):
-        if existing:
-            raise UsageError(f"{os.path.join(wd, existing[0])}: a run without "
-                             f"{workdir_lib.CONFIG}; expected a workdir written by "
-                             "experiments.train")
-        logging.info("--resume: %s holds no run yet; starting from round 0", wd)
-        return Start(None, 0, [])
-    saved = workdir_lib.read_json(config_path)
-    diffs = config_lib.semantic_differences(saved, f)
-    if diffs:
-        name = diffs[0]
-        raise config_lib.usage(name, f[name], f"{saved.get(name, 'nothing')!r}, the value "
-                               f"saved in {config_path} (a resumed run keeps its config)")
-    checkpoint = os.path.join(wd, workdir_lib.CHECKPOINT)
-    if not os.path.exists(checkpoint):
-        logging.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
-        return Start(None, 0, [])
-    state, round_ = workdir_lib.restore_checkpoint(checkpoint, abstract_state)
-    if round_ > f["rounds"]:
-        raise config_lib.usage("rounds", f["rounds"], f"an integer >= {round_}, the round "
-                               f"of {checkpoint}")
-    records = workdir_lib.read_jsonl(os.path.join(wd, workdir_lib.METRICS))
-    keep = [r for r in records
-            if r.get("round", math.inf) <= round_
-            and (on_grid(r["round"], f) or r["round"] == f["rounds"])]
-    logging.info("--resume: continuing %s from round %d", wd, round_)
-    return Start(state, round_, keep)
 
 
 # ------------------------------------------------------------------------ loop
@@ -296,13 +131,12 @@ def train(cfg: Config) -> dict[str, Any]:
     """
     f = cfg.flags
     num_seeds, rounds = f["num_seeds"], f["rounds"]
-    problem = load_problem(f)
-    init = make_init(cfg, problem)
+    problem, init, compiled = problem_lib.session(cfg)
     try:
         abstract = jax.eval_shape(init)  # Traces init (checks k <= d ...); compiles nothing.
     except ValueError as e:
         raise config_lib.from_library_error(e) from None
-    start = check_workdir(cfg, abstract)
+    start = workdir_lib.check_workdir(cfg, abstract)
 
     # ---- Past this point the flags are valid: write.
     wd = f["workdir"]
@@ -318,7 +152,10 @@ def train(cfg: Config) -> dict[str, Any]:
 
     state = init() if start.state is None else start.state
     state = jax.tree.map(jnp.copy, state)  # Own buffers: the round donates its input.
-    model_fn = jax.jit(jax.vmap(ej.model) if num_seeds > 1 else ej.model)
+    mesh = _mesh(f)
+    if num_seeds == 1:
+        state = ej.parallel.shard_state(state, mesh or ej.parallel.make_mesh(1))
+    model_fn = _MODEL_OF_SEEDS if num_seeds > 1 else _MODEL
     n_params = sum(x.size for x in jax.tree.leaves(
         jax.eval_shape(problem.init_params, jax.random.key(0))))
     logging.info("%s (%d parameters); %d rounds from round %d; workdir %s", problem.title,
@@ -326,14 +163,18 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         if start.round < rounds:
             tc = time.perf_counter()
-            compiled = jax.jit(make_round(cfg, problem), donate_argnums=0).lower(state).compile()
+            if not compiled:
+                sample, step = problem_lib.make_round(cfg, problem, mesh)
+                sample = jax.jit(sample).lower(state).compile()
+                step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
+                compiled.append(lambda s, sample=sample, step=step: step(s, sample(s)))
             compile_s = time.perf_counter() - tc
             timing.write({"event": "compiled", "round": start.round, "elapsed_s": compile_s})
             logging.info("compiled the round in %.1f s", compile_s)
         last_r, last_t = start.round, time.perf_counter()
         for r in range(start.round + 1, rounds + 1):
-            state, metrics = compiled(state)
-            if r == rounds or on_grid(r, f):
+            state, metrics = compiled[0](state)
+            if r == rounds or workdir_lib.on_grid(r, f):
                 record = {"round": r, **summarize(jax.device_get(metrics), num_seeds)}
                 if r == rounds or (f["eval_every"] > 0 and r % f["eval_every"] == 0):
                     record.update(_evaluate(problem, model_fn(state), num_seeds))
@@ -356,6 +197,16 @@ def train(cfg: Config) -> dict[str, Any]:
     return records[-1] if records else {}
 
 
+def _mesh(f: Mapping[str, Any]):
+    """The `workers` mesh of `--num_devices` (over every process's devices), or None."""
+    if not f["num_devices"]:
+        return None
+    if f["num_devices"] > jax.device_count():
+        raise UsageError(f"--num_devices: got {f['num_devices']}; expected at most the "
+                         f"{jax.device_count()} devices of this run")
+    return ej.parallel.make_mesh(f["num_devices"])
+
+
 def _log_progress(record: Mapping[str, Any], rounds: int, rate: float) -> None:
     evals = "".join(f" | {k} {v:.4f}" for k, v in record.items()
                     if k.startswith(("test/", "full/")) and not k.endswith("/std")
@@ -372,7 +223,11 @@ def _checkpoint(wd: str, state, round_: int, metrics_file) -> None:
     workdir_lib.save_checkpoint(os.path.join(wd, workdir_lib.CHECKPOINT), state, round_)
 
 
-def _evaluate(problem: Problem, params, num_seeds: int) -> dict[str, float]:
+_MODEL = jax.jit(ej.model)
+_MODEL_OF_SEEDS = jax.jit(jax.vmap(ej.model))
+
+
+def _evaluate(problem: problem_lib.Problem, params, num_seeds: int) -> dict[str, float]:
     if num_seeds == 1:
         return problem.evaluate(params)
     per_seed = [problem.evaluate(jax.tree.map(lambda x, s=s: x[s], params))
@@ -425,8 +280,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    # JAX reports at INFO level which backends it could not find; keep stderr for
+    # what matters (a usage error is its only line).
+    std_logging.getLogger("jax").setLevel(std_logging.WARNING)
     try:
-        train(config_lib.validate(flag_values()))
+        cfg = config_lib.validate(flag_values())
+        if cfg.flags["num_processes"] > 1:
+            jax.distributed.initialize(cfg.flags["coordinator"], cfg.flags["num_processes"],
+                                       cfg.flags["process_id"])
+        train(cfg)
     except UsageError as e:
         _exit_usage(str(e))
 

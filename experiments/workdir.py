@@ -14,7 +14,13 @@ Layout of a workdir:
 
 Every whole-file write goes to a temporary file in the same directory, is flushed
 and fsynced, then `os.replace`d over the target, so a crash leaves either the
-old file or the new one.
+old file or the new one. A checkpoint is written only after the metrics lines up
+to its round are fsynced.
+
+`check_workdir` decides, before anything is written, where a run starts: a fresh
+workdir starts at round 0; one that holds a run is refused unless `--resume`,
+which checks the saved config, restores the checkpoint, and keeps the metrics
+lines an uninterrupted run would have written up to the checkpoint's round.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from experiments.config import UsageError
+from experiments import config as config_lib
+from experiments.config import Config, UsageError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -57,7 +65,10 @@ def atomic_open(path: str, mode: str = "w"):
     """Opens a temporary file next to `path`; on success, fsyncs and renames it to `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what `open` would have given.
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -159,17 +170,24 @@ class JsonlWriter:
 
 
 def _is_key(leaf) -> bool:
-    return jnp.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key)
+    return jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
 def save_checkpoint(path: str, state, round_: int) -> None:
     """Saves `state`'s leaves and its round to `path` (`.npz`), atomically.
 
     Typed PRNG keys are stored as `jax.random.key_data`; `restore_checkpoint` wraps
-    them back with the key implementation of the template.
+    them back with the default key implementation (the one `jax.random.key` uses).
     """
     leaves, treedef = jax.tree.flatten(state)
-    leaves = jax.device_get([jax.random.key_data(x) if _is_key(x) else x for x in leaves])
+    leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    if jax.process_count() > 1:
+        # Every process gathers the whole state (a collective); each writes its copy.
+        from jax.experimental import multihost_utils
+
+        leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                  for x in leaves]
+    leaves = jax.device_get(leaves)
     meta = {
         "round": int(round_),
         "num_leaves": len(leaves),
@@ -201,7 +219,8 @@ def _read_checkpoint(path: str):
 
 
 def restore_checkpoint(path: str, template):
-    """Loads a checkpoint into the structure of `template` (a state of the same config).
+    """Loads a checkpoint into the structure of `template` (a state of the same config,
+    or its `jax.eval_shape`).
 
     Returns:
       `(state, round)`.
@@ -218,14 +237,81 @@ def restore_checkpoint(path: str, template):
     out = []
     for i, (x, t) in enumerate(zip(leaves, t_leaves, strict=True)):
         if _is_key(t):
-            want = jax.random.key_data(t)
+            want = jax.eval_shape(jax.random.key_data, t)  # `t` may be abstract.
             if x.shape != want.shape or x.dtype != want.dtype:
                 raise UsageError(f"{path}: key leaf {i} has shape {x.shape}; expected "
                                  f"{want.shape}")
-            out.append(jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(t)))
+            out.append(jax.random.wrap_key_data(jnp.asarray(x)))  # the default implementation
             continue
         if x.shape != t.shape or x.dtype != t.dtype:
             raise UsageError(f"{path}: leaf {i} is {x.dtype}{list(x.shape)}; expected "
                              f"{t.dtype}{list(t.shape)}")
         out.append(jnp.asarray(x))
     return jax.tree.unflatten(treedef, out), int(meta["round"])
+
+
+# ----------------------------------------------------------------------- resume
+
+
+class Start(NamedTuple):
+    """Where a run starts: its state (None: fresh) and round, and the records kept."""
+
+    state: Any
+    round: int
+    records: list  # metrics records to keep (resume), else []
+
+
+def on_grid(round_: int, f: Mapping[str, Any]) -> bool:
+    """Whether an uninterrupted run logs `round_` before its last round."""
+    return round_ % f["log_every"] == 0 or (f["eval_every"] > 0 and round_ % f["eval_every"] == 0)
+
+
+def check_workdir(cfg: Config, abstract_state) -> Start:
+    """Checks the workdir against the flags and loads what a resume needs; writes nothing.
+
+    Raises:
+      UsageError: the workdir is a file, holds a run without `--resume`, or
+        (with `--resume`) holds a different config, a corrupt checkpoint, or a
+        checkpoint past `--rounds`.
+    """
+    f = cfg.flags
+    wd = f["workdir"]
+    if os.path.exists(wd) and not os.path.isdir(wd):
+        raise config_lib.usage("workdir", wd, "a directory (this is a file)")
+    existing = [n for n in RUN_FILES if os.path.exists(os.path.join(wd, n))]
+    if not f["resume"]:
+        if existing:
+            raise config_lib.usage("workdir", wd, f"a directory without a run (it holds "
+                                   f"{existing[0]}); pass --resume to continue it")
+        return Start(None, 0, [])
+    config_path = os.path.join(wd, CONFIG)
+    if not os.path.exists(config_path):
+        if existing:
+            raise UsageError(f"{os.path.join(wd, existing[0])}: a run without "
+                             f"{CONFIG}; expected a workdir written by "
+                             "experiments.train")
+        logging.info("--resume: %s holds no run yet; starting from round 0", wd)
+        return Start(None, 0, [])
+    saved = read_json(config_path)
+    diffs = config_lib.semantic_differences(saved, f)
+    if diffs:
+        name = diffs[0]
+        if name not in saved:
+            raise UsageError(f"{config_path}: records no --{name}; expected a config "
+                             "written by this version of experiments.train")
+        raise config_lib.usage(name, f[name], f"{saved[name]!r}, the value saved in "
+                               f"{config_path} (a resumed run keeps its config)")
+    checkpoint = os.path.join(wd, CHECKPOINT)
+    if not os.path.exists(checkpoint):
+        logging.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
+        return Start(None, 0, [])
+    state, round_ = restore_checkpoint(checkpoint, abstract_state)
+    if round_ > f["rounds"]:
+        raise config_lib.usage("rounds", f["rounds"], f"an integer >= {round_}, the round "
+                               f"of {checkpoint}")
+    records = read_jsonl(os.path.join(wd, METRICS))
+    keep = [r for r in records
+            if r.get("round", math.inf) <= round_
+            and (on_grid(r["round"], f) or r["round"] == f["rounds"])]
+    logging.info("--resume: continuing %s from round %d", wd, round_)
+    return Start(state, round_, keep)

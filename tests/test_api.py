@@ -4,10 +4,10 @@ import elastic_jax as ej
 
 PUBLIC = {
     "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "State",
-    "async_sgd", "bounds", "elastic_scheduling", "local_sgd",
+    "analysis", "async_sgd", "bounds", "elastic_scheduling", "local_sgd",
     "message_passing_sgd", "checks", "compression_info", "delays", "derive_key",
-    "error_feedback", "identity", "make_step", "model", "params", "qsgd", "random_k", "run",
-    "scaled_sign", "sync_sgd", "top_k",
+    "error_feedback", "identity", "make_step", "model", "parallel", "params", "qsgd",
+    "random_k", "run", "scaled_sign", "sync_sgd", "top_k",
 }
 
 

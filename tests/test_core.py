@@ -132,7 +132,7 @@ def test_checks_pass_on_a_correct_run_and_fail_with_the_round():
         return new_shared, metrics
 
     views, update = core.compose_update(alg.local, broken_combine, alg.view, 2)
-    broken = alg._replace(update=update, views=views)
+    broken = alg._replace(update=update, views=views, combine=broken_combine)
     step = jax.jit(ej.make_step(broken, h.noisy_quadratic, checks=True))
     batch = h.noise_batch_fn(p)(0, jax.random.split(jax.random.key(0), 2))
     with pytest.raises(Exception, match="round 5: consistency/b_hat"):

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of elastic_jax (ratios measured in one process; see README.md)."""

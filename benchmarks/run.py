@@ -1,0 +1,317 @@
+"""The benchmark suite: every algorithm on the MLP and the small CNN, in one process.
+
+    python -m benchmarks.run [--quick] [--out benchmarks/results] [--models mlp,cnn]
+                             [--variants sync,async_topk_ef,...] [--no-torch]
+
+For each model and variant (P = 8, batch 32 per worker, max_delay 8, Top-1%), all
+measured interleaved in one process (see `benchmarks.timing`):
+
+- `ej.run` rounds/s after compilation, for each of core.py's `worker_loop`s
+  (`"map"`, the default, `"unroll"`, `"vmap"`), and its compile time (the first
+  call minus a steady round);
+- the floor: the same `P` gradient evaluations at the same views and nothing
+  else, jitted, as `vmap` and as an unrolled loop; the floor is the faster;
+- plain `optax.sgd` on the mean gradient (one gradient of the mean loss over
+  all `P b` examples, the batch sampled inside the jitted step);
+- the eager PyTorch simulation of `benchmarks.torch_sim` (skipped, with the
+  reason, where torch is absent);
+- ratios: round / floor, elastic_jax / optax, elastic_jax / PyTorch (rounds/s),
+  the share of Top-k in the round (the `P` compressions timed alone), and the
+  bytes of the state pytree.
+
+Writes `results.md` and `results.json` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import elastic_jax as ej
+from benchmarks import problems, proposal, timing, torch_sim
+
+TARGET_PLAIN = 1.15  # round / floor without compression
+TARGET_TOPK = 1.3  # round / floor with Top-1%
+TARGET_TORCH = 1.5  # small-CNN async Top-1% error feedback: rounds/s over PyTorch's
+
+
+def worker_loops_supported() -> tuple[str, ...]:
+    """The `worker_loop`s this version of `ej.run` accepts (`("default",)` if none)."""
+    param = inspect.signature(ej.run).parameters.get("worker_loop")
+    if param is None:
+        return ("default",)
+    loops = tuple(getattr(ej.core, "WORKER_LOOPS", ("map", "unroll", "vmap")))
+    return (param.default,) + tuple(loop for loop in loops if loop != param.default)
+
+
+def _ej_run(alg, problem, state, rounds, worker_loop):
+    kwargs = {} if worker_loop == "default" else {"worker_loop": worker_loop}
+    return lambda: ej.run(alg, problem.loss_fn, state, batch_fn=problem.batch_fn, rounds=rounds,
+                          has_aux=True, **kwargs)
+
+
+def _optax_runner(problem, rounds):
+    """Plain `optax.sgd` on the gradient of the mean loss over the `P b` sampled examples."""
+    tx = optax.sgd(problems.LEARNING_RATE)
+    num_workers = problem.num_workers
+
+    def step(carry):
+        params, opt_state, round_ = carry
+        keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(
+            jax.random.key(0), round_), p))(jnp.arange(num_workers))
+        batch = problem.batch_fn(round_, keys)
+        flat = jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), batch)
+        (loss, _), grads = jax.value_and_grad(problem.loss_fn, has_aux=True)(params, flat)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, round_ + 1), loss
+
+    jitted = jax.jit(step, donate_argnums=0)
+
+    def run():
+        carry = jax.tree.map(jnp.copy, (problem.params, tx.init(problem.params),
+                                        jnp.zeros((), jnp.int32)))
+        losses = []
+        for _ in range(rounds):
+            carry, loss = jitted(carry)
+            losses.append(loss)
+        return carry, losses
+
+    return run
+
+
+class _Floor:
+    """The `P` gradients alone, jitted once per model (shapes do not depend on the variant)."""
+
+    def __init__(self, problem):
+        self.vmap = jax.jit(proposal.value_and_grads(problem.loss_fn, problem.num_workers,
+                                                     "vmap"))
+        self.unrolled = jax.jit(proposal.value_and_grads(problem.loss_fn, problem.num_workers,
+                                                         "unrolled"))
+
+    def fns(self, views, batch, rounds):
+        def loop(fn):
+            return lambda: [fn(views, batch) for _ in range(rounds)][-1]
+
+        return {"floor: vmap": loop(self.vmap), "floor: unrolled": loop(self.unrolled)}
+
+
+def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_delay, fraction,
+                  worker_loops, torch_ok, seed=0):
+    """Measures one (model, variant); returns a JSON-able dict."""
+    num_workers = problem.num_workers
+    alg = variant.make(num_workers, max_delay, fraction)
+    state = alg.init(problem.params, jax.random.key(seed))
+    _, views, batch = problems.sample_views_and_batch(alg, problem, rounds=0, seed=seed)
+    grads = floor.vmap(views, batch)[2]
+
+    fns, first_call = {}, {}
+    for loop in worker_loops:
+        name = f"ej.run[{loop}]"
+        start = time.perf_counter()
+        timing.block(_ej_run(alg, problem, state, 1, loop)())
+        first_call[name] = time.perf_counter() - start
+        fns[name] = _ej_run(alg, problem, state, rounds, loop)
+    fns.update(floor.fns(views, batch, rounds))
+    fns["optax.sgd"] = optax_run
+    if variant.compressed:
+        compress = ej.top_k(fraction=fraction).spec.compress
+        topk = jax.jit(jax.vmap(lambda g: compress(g, None)))
+        fns["top-k alone"] = lambda: [topk(grads) for _ in range(rounds)][-1]
+    sim = None
+    if torch_ok and problem.data is not None:
+        sim = torch_sim.Simulation(problem.name, variant.name, problem.data,
+                                   num_workers=num_workers, max_delay=max_delay,
+                                   fraction=fraction, batch_size=problem.batch_size, seed=seed)
+        fns["pytorch eager"] = lambda: sim.run(rounds)
+    samples = timing.measure(fns, repeats=repeats)
+
+    per_round = {k: timing.median(v) / rounds for k, v in samples.items()}
+    floors = (samples["floor: vmap"], samples["floor: unrolled"])
+    ej_names = [f"ej.run[{loop}]" for loop in worker_loops]
+    best = min(ej_names, key=lambda k: per_round[k])
+    default = ej_names[0]
+    result = {
+        "model": problem.name, "variant": variant.name, "description": variant.description,
+        "compressed": variant.compressed, "d": problem.d,
+        "per_round_s": per_round,
+        "rounds_per_s": {k: 1.0 / v for k, v in per_round.items()},
+        "compile_s": {k: max(first_call[k] - per_round[k], 0.0) for k in ej_names},
+        "floor_s": min(per_round["floor: vmap"], per_round["floor: unrolled"]),
+        "round_over_floor": {k: timing.paired_min_ratio(samples[k], *floors) for k in ej_names},
+        "round_over_floor_vmap": {k: timing.paired_ratio(samples[k], samples["floor: vmap"])
+                                  for k in ej_names},
+        "default_loop": default,
+        "best_loop": best,
+        "ej_over_optax": timing.paired_ratio(samples[best], samples["optax.sgd"]),
+        "state_bytes": timing.tree_bytes(state),
+        "param_bytes": timing.tree_bytes(problem.params),
+    }
+    if variant.compressed:
+        result["topk_share_of_round"] = timing.paired_ratio(samples["top-k alone"],
+                                                            samples[best])
+    if sim is not None:
+        result["speedup_over_pytorch"] = timing.paired_ratio(samples["pytorch eager"],
+                                                             samples[best])
+        result["speedup_over_pytorch_default_loop"] = timing.paired_ratio(
+            samples["pytorch eager"], samples[default])
+    return result
+
+
+def _targets(results):
+    """Which of the issue's targets the measured numbers meet."""
+    out = []
+    for r in results:
+        limit = TARGET_TOPK if r["compressed"] else TARGET_PLAIN
+        for which in ("default_loop", "best_loop"):
+            loop = r[which]
+            ratio = r["round_over_floor"][loop]
+            out.append({
+                "target": f"round <= {limit}x floor", "model": r["model"],
+                "variant": r["variant"], "loop": loop, "value": ratio, "met": ratio <= limit,
+            })
+    for r in results:
+        if r["model"] == "cnn" and r["variant"] == "async_topk_ef" and (
+                "speedup_over_pytorch" in r):
+            for key, loop in (("speedup_over_pytorch_default_loop", r["default_loop"]),
+                              ("speedup_over_pytorch", r["best_loop"])):
+                out.append({
+                    "target": f">= {TARGET_TORCH}x PyTorch rounds/s", "model": "cnn",
+                    "variant": "async_topk_ef", "loop": loop, "value": r[key],
+                    "met": r[key] >= TARGET_TORCH,
+                })
+    return out
+
+
+def _fmt_rate(seconds):
+    return f"{1.0 / seconds:,.1f}"
+
+
+def markdown(report) -> str:
+    cfg = report["config"]
+    out = [
+        "# elastic_jax benchmark",
+        "",
+        f"P = {cfg['workers']}, batch {cfg['batch']} per worker, max_delay {cfg['max_delay']}, "
+        f"Top-{100 * cfg['fraction']:g}%; {cfg['rounds']} rounds x {cfg['repeats']} interleaved "
+        f"repeats, medians. Backend {report['machine']['backend']}, "
+        f"{report['machine']['cpu_count']} CPUs; PyTorch: {report['torch']}.",
+        "",
+        "Ratios are medians of per-repeat ratios (interleaved), so they differ slightly from "
+        "ratios of the median times. `floor` = the P gradients alone (faster of vmap and "
+        "unrolled). `default` is `ej.run`'s default worker loop; `best` the fastest loop.",
+        "",
+    ]
+    for model in cfg["models"]:
+        rows = [r for r in report["results"] if r["model"] == model]
+        if not rows:
+            continue
+        out += [f"## {model} (d = {rows[0]['d']:,})", ""]
+        loops = [k for k in rows[0]["per_round_s"] if k.startswith("ej.run")]
+        header = (["variant"] + [f"{k} rounds/s" for k in loops]
+                  + ["floor rounds/s", "round/floor (default)", "round/floor (best)",
+                     "best / optax.sgd time", "optax rounds/s", "PyTorch rounds/s",
+                     "speedup vs PyTorch (best)", "Top-k share"])
+        body = []
+        for r in rows:
+            pr = r["per_round_s"]
+            body.append(
+                [r["variant"]] + [_fmt_rate(pr[k]) for k in loops]
+                + [_fmt_rate(r["floor_s"]),
+                   f"{r['round_over_floor'][r['default_loop']]:.2f}",
+                   f"{r['round_over_floor'][r['best_loop']]:.2f} "
+                   f"({r['best_loop'][7:-1]})",
+                   f"{r['ej_over_optax']:.2f}", _fmt_rate(pr["optax.sgd"]),
+                   _fmt_rate(pr["pytorch eager"]) if "pytorch eager" in pr else "n/a",
+                   f"{r['speedup_over_pytorch']:.2f}x" if "speedup_over_pytorch" in r
+                   else "n/a",
+                   f"{100 * r['topk_share_of_round']:.0f}%" if "topk_share_of_round" in r
+                   else "-"])
+        out += [timing.markdown_table(header, body), ""]
+        header = ["variant", "state bytes", "state / params"] + [f"compile {k}" for k in loops]
+        body = [[r["variant"], timing.fmt_bytes(r["state_bytes"]),
+                 f"{r['state_bytes'] / r['param_bytes']:.1f}x"]
+                + [f"{r['compile_s'][k]:.1f} s" for k in loops] for r in rows]
+        out += [timing.markdown_table(header, body), ""]
+    out += ["## Targets", ""]
+    body = [[t["target"], t["model"], t["variant"], t["loop"], f"{t['value']:.2f}",
+             "met" if t["met"] else "NOT met"] for t in report["targets"]]
+    out += [timing.markdown_table(["target", "model", "variant", "loop", "value", ""], body), ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds and repeats")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--variants", default=",".join(problems.VARIANTS))
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-delay", type=int, default=8)
+    parser.add_argument("--fraction", type=float, default=problems.FRACTION)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per timed sample")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--worker-loops", default=None,
+                        help="comma-separated ej.run worker_loops (default: all supported)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="PyTorch intra-op threads (1: on this 2-core machine 2 threads "
+                        "contend with XLA's pool and ran 5-50x slower, erratically)")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    variants = args.variants.split(",")
+    for name in variants:
+        if name not in problems.VARIANTS:
+            parser.error(f"--variants: got {name!r}; expected names from {list(problems.VARIANTS)}")
+    loops = worker_loops_supported()
+    if args.worker_loops:
+        loops = tuple(args.worker_loops.split(","))
+    repeats = args.repeats or (3 if args.quick else 7)
+    torch_ok, torch_why = torch_sim.available()
+    if args.no_torch:
+        torch_ok, torch_why = False, "skipped (--no-torch)"
+    elif torch_ok:
+        torch_sim.torch.set_num_threads(args.torch_threads)
+        torch_why = torch_sim.available()[1]
+    results = []
+    for model in models:
+        problem = problems.make_problem(model, args.workers, args.batch)
+        rounds = args.rounds or (3 if args.quick else (20 if model == "mlp" else 5))
+        floor = _Floor(problem)
+        optax_run = _optax_runner(problem, rounds)
+        for name in variants:
+            print(f"[run] {model} {name}", file=sys.stderr, flush=True)
+            results.append(bench_variant(
+                problem, problems.VARIANTS[name], floor, optax_run, rounds=rounds,
+                repeats=repeats, max_delay=args.max_delay, fraction=args.fraction,
+                worker_loops=loops, torch_ok=torch_ok))
+    report = {
+        "machine": timing.machine(),
+        "torch": torch_why,
+        "config": {"models": models, "variants": variants, "workers": args.workers,
+                   "batch": args.batch, "max_delay": args.max_delay, "fraction": args.fraction,
+                   "rounds": args.rounds or ("3" if args.quick else "20 (mlp), 5 (cnn)"),
+                   "repeats": repeats, "worker_loops": list(loops), "quick": args.quick},
+        "results": results,
+    }
+    report["targets"] = _targets(results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

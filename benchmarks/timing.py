@@ -1,0 +1,148 @@
+"""Interleaved timing, paired ratios and memory accounting for the benchmarks.
+
+The benchmark machine is shared (2 cores, other jobs running), so absolute
+seconds drift by 2x within a minute. Every comparison is therefore measured
+*interleaved*: the candidates run one after another inside each repetition (in
+alternating order), and a ratio is the median over repetitions of the per-
+repetition ratio, which cancels the slow drift that a median of each column
+alone would not. Every callable given to `measure` does a fixed amount of work
+and returns what must be waited for (a pytree of `jax.Array`s, or None for
+synchronous work such as eager PyTorch on the CPU).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def block(out: Any) -> Any:
+    """Waits for every array in `out` (a no-op for host values)."""
+    return jax.block_until_ready(out)
+
+
+def measure(
+    fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Times each callable `repeats` times, interleaved; returns seconds per call.
+
+    Args:
+      fns: name -> callable doing a fixed amount of work.
+      repeats: repetitions (each runs every callable once).
+      warmup: untimed calls of each callable first (compilation, caches).
+
+    Returns:
+      name -> list of `repeats` wall-clock seconds, in repetition order.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            block(fn())
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        gc.collect()
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            start = time.perf_counter()
+            block(fns[name]())
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over repetitions of `num[r] / den[r]` (interleaved samples)."""
+    return median([a / b for a, b in zip(num, den, strict=True)])
+
+
+def paired_min_ratio(num: list[float], *dens: list[float]) -> float:
+    """Median over repetitions of `num[r] / min_j dens[j][r]`."""
+    return median([a / min(d[r] for d in dens) for r, a in enumerate(num)])
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array in a pytree (works on `jax.ShapeDtypeStruct`s, so
+    the state of a configuration too large to build can be sized from
+    `jax.eval_shape(alg.init, ...)`). A typed PRNG key counts its key data."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    return int(total)
+
+
+def compiled_temp_bytes(fn, *args) -> int | None:
+    """XLA's temporary (scratch) allocation of the compiled `jax.jit(fn)(*args)`.
+
+    `args` may be `jax.ShapeDtypeStruct`s: nothing runs. None where the backend
+    gives no memory analysis.
+    """
+    try:
+        analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001  (backends without the analysis)
+        return None
+    if analysis is None:
+        return None
+    return int(analysis.temp_size_in_bytes)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def fmt_time(seconds: float) -> str:
+    """`1.23 ms`, `45.6 us`, `2.10 s`."""
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table (cells already formatted as strings)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The benchmark machinery on tiny configurations (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import elastic_jax as ej
+from benchmarks import problems, proposal, timing, topk, torch_sim
+from benchmarks import run as bench_run
+
+
+def test_run_quick_writes_tables_and_json(tmp_path):
+    code = bench_run.main([
+        "--quick", "--models", "mlp", "--variants", "sync,sync_topk", "--rounds", "2",
+        "--repeats", "2", "--worker-loops", "vmap", "--out", str(tmp_path),
+    ])
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["sync", "sync_topk"]
+    for r in report["results"]:
+        assert r["model"] == "mlp" and r["d"] == 9610
+        assert set(r["per_round_s"]) >= {"ej.run[vmap]", "floor: vmap", "floor: unrolled",
+                                         "optax.sgd"}
+        assert all(v > 0 for v in r["per_round_s"].values())
+        assert r["round_over_floor"]["ej.run[vmap]"] > 0
+        assert r["state_bytes"] >= r["param_bytes"] > 0
+        assert ("speedup_over_pytorch" in r) == torch_sim.available()[0]
+    assert "topk_share_of_round" in report["results"][1]
+    assert {t["variant"] for t in report["targets"]} == {"sync", "sync_topk"}
+    text = (tmp_path / "results.md").read_text()
+    assert "| variant |" in text and "## Targets" in text
+
+
+def test_ej_run_compiles_once_per_configuration():
+    problem = problems.make_problem("linear", 2, batch_size=4, d=16)
+    loss_fn = chex.assert_max_traces(problem.loss_fn, n=1)
+    batch_fn = chex.assert_max_traces(problem.batch_fn, n=1)
+    alg = ej.sync_sgd(0.1, 2, compressor=ej.top_k(k=3), error_feedback=True)
+    state = alg.init(problem.params, jax.random.key(0))
+    state, metrics = ej.run(alg, loss_fn, state, batch_fn=batch_fn, rounds=3, has_aux=True)
+    state, metrics = ej.run(alg, loss_fn, state, batch_fn=batch_fn, rounds=2, has_aux=True)
+    fresh = alg.init(problem.params, jax.random.key(1))
+    ej.run(alg, loss_fn, fresh, batch_fn=batch_fn, rounds=1, has_aux=True)
+    assert metrics["loss"].shape == (2,)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_threshold_mask_is_the_top_k_mask(ties):
+    x = jax.random.normal(jax.random.key(3), (1000,))
+    scores = jnp.abs(jnp.round(x * 2) / 2 if ties else x)
+    for k in (1, 10, 137, 1000):
+        _, idx = lax.top_k(scores, k)
+        want = jnp.zeros(scores.shape, bool).at[idx].set(True)
+        got = jax.jit(topk.threshold_mask, static_argnums=1)(scores, k)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_gradient_structures_agree():
+    problem = problems.make_problem("linear", 4, batch_size=3, d=32)
+    keys = jax.random.split(jax.random.key(0), 4)
+    batch = problem.batch_fn(0, keys)
+    views = {"w": jax.random.normal(jax.random.key(1), (4, 32))}
+    want = proposal.value_and_grads(problem.loss_fn, 4, "vmap")(views, batch)[2]
+    for structure in ("unrolled", "map", "hybrid:2"):
+        got = jax.jit(proposal.value_and_grads(problem.loss_fn, 4, structure))(views, batch)[2]
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_tree_bytes_counts_keys_and_shapes():
+    tree = {"k": jax.random.key(0), "a": jnp.zeros((3, 4)),
+            "s": jax.ShapeDtypeStruct((5,), jnp.float16)}
+    assert timing.tree_bytes(tree) == 8 + 48 + 10
+
+
+def test_torch_simulation_runs_every_variant():
+    if not torch_sim.available()[0]:
+        pytest.skip(torch_sim.available()[1])
+    problem = problems.make_problem("mlp", 4)
+    for variant in torch_sim.SUPPORTED:
+        sim = torch_sim.Simulation("mlp", variant, problem.data, num_workers=4, max_delay=4,
+                                   batch_size=8)
+        losses = sim.run(2)
+        assert losses.shape == (2,) and np.all(np.isfinite(losses)), variant
