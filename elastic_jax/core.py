@@ -463,6 +463,7 @@ def run(
         return fn(state, xs)
     fn = _compiled_step(alg, loss_fn, has_aux, checks, mesh, worker_loop)
     sample = None if batch_fn is None else _compiled_batch(batch_fn, alg.num_workers)
+    serialize = mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
     history = []
     for r in range(rounds):
         if batch_fn is None:
@@ -470,5 +471,10 @@ def run(
         else:
             batch = sample(state.shared.round, state.shared.key)
         state, metrics = fn(state, batch)
+        if serialize:
+            # XLA:CPU runs the devices' collectives on a shared thread pool; with
+            # the next round dispatched while this one still waits in an
+            # all-gather, the rounds were seen to deadlock on a loaded machine.
+            jax.block_until_ready(state)
         history.append(metrics)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)

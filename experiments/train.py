@@ -174,6 +174,8 @@ def train(cfg: Config) -> dict[str, Any]:
         last_r, last_t = start.round, time.perf_counter()
         for r in range(start.round + 1, rounds + 1):
             state, metrics = compiled[0](state)
+            if mesh is not None and mesh.size > 1:
+                jax.block_until_ready(state)  # As ej.run does: no overlapping collectives.
             if r == rounds or workdir_lib.on_grid(r, f):
                 record = {"round": r, **summarize(jax.device_get(metrics), num_seeds)}
                 if r == rounds or (f["eval_every"] > 0 and r % f["eval_every"] == 0):
