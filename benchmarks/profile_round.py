@@ -34,6 +34,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import elastic_jax as ej
 from benchmarks import problems, proposal, timing
@@ -226,6 +227,37 @@ def _trace(model, variant_name, num_workers, max_delay, rounds, loop):
     }
 
 
+def lag_draws(num_workers=8, d=25_290, max_delay=8, calls=20, repeats=7):
+    """Per-coordinate lags `[P, d]` in `[p, max_delay]`: `randint` (asynchronous.py)
+    against random bits mapped by a multiply-shift (recommendation 3 of README.md)."""
+    keys = jax.random.split(jax.random.key(0), num_workers)
+    lo = jnp.arange(num_workers)
+
+    def with_bits(dtype, shift):
+        def one(key, low):
+            bits = jax.random.bits(key, (d,), dtype).astype(jnp.int32)
+            return low + ((bits * (max_delay + 1 - low)) >> shift)
+
+        return jax.jit(jax.vmap(one))
+
+    fns = {
+        "jax.random.randint": jax.jit(jax.vmap(
+            lambda key, low: jax.random.randint(key, (d,), low, max_delay + 1))),
+        "bits uint16, multiply-shift": with_bits(jnp.uint16, 16),
+        "bits uint8, multiply-shift": with_bits(jnp.uint8, 8),
+    }
+    for fn in fns.values():  # every lag lands in [p, max_delay]
+        lags = np.asarray(fn(keys, lo))
+        assert (lags >= np.asarray(lo)[:, None]).all() and (lags <= max_delay).all()
+    samples = timing.measure(
+        {k: (lambda f=f: [f(keys, lo) for _ in range(calls)][-1]) for k, f in fns.items()},
+        repeats=repeats)
+    base = samples["jax.random.randint"]
+    return [{"method": k, "per_call_s": timing.median(v) / calls,
+             "vs_randint": timing.paired_ratio(v, base), "shape": [num_workers, d]}
+            for k, v in samples.items()]
+
+
 def _markdown(parts, traces) -> str:
     out = ["# Where a round's time goes", ""]
     for res in parts:
@@ -261,8 +293,26 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--worker-loops", default=None,
                         help="ej.run worker_loops to time and trace (default: all supported)")
+    parser.add_argument("--quick", action="store_true",
+                        help="MLP sync only, 2 rounds x 3 repeats")
+    parser.add_argument("--lags-only", action="store_true",
+                        help="only the lag-draw micro-benchmark (writes lags.md)")
     args = parser.parse_args(argv)
     from benchmarks.run import worker_loops_supported
+
+    if args.quick:
+        args.models, args.variants, args.rounds, args.repeats = "mlp", "sync", 2, 3
+    if args.lags_only:
+        os.makedirs(args.out, exist_ok=True)
+        rows = lag_draws()
+        text = "# Per-coordinate lag draws, P = 8, d = 25,290\n\n" + timing.markdown_table(
+            ["method", "time per call", "/ randint"],
+            [[r["method"], timing.fmt_time(r["per_call_s"]), f"{r['vs_randint']:.2f}"]
+             for r in rows]) + "\n"
+        with open(os.path.join(args.out, "lags.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return 0
 
     loops = tuple(args.worker_loops.split(",")) if args.worker_loops else (
         worker_loops_supported())
