@@ -254,8 +254,6 @@ def test_validation_names_the_flag(overrides, flag):
     _one_line_usage(excinfo, flag)
 
 
-@pytest.mark.skipif("message_passing" not in registry.ALGORITHMS,
-                    reason="not in elastic_jax yet")
 def test_crash_count_needs_a_horizon():
     with pytest.raises(config.UsageError) as excinfo:
         config.validate({"workdir": "w", "algorithm": "message_passing", "crashes": 2})
