@@ -127,25 +127,81 @@ def as_key(key) -> PRNGKey:
 
 
 # How a device evaluates its block of workers (views, gradients, `local`):
-#   "map":    one `lax.map` loop body, compiled once, whatever the block size: a
+#   "auto":   the fastest measured for the loss and backend (`resolve_worker_loop`;
+#             benchmarks/README.md); the default;
+#   "map":    one `lax.scan` loop body, compiled once, whatever the block size: a
 #             worker's arithmetic is then identical on one device and on a mesh
-#             of any size (bitwise placement independence; the default);
+#             of any size (bitwise placement independence);
 #   "unroll": a Python loop inside jit (fast on XLA:CPU for small blocks; XLA
 #             may fuse the copies differently for different block sizes);
 #   "vmap":   batched over the block (scales to hundreds of workers).
-# The last two agree with "map" to rounding, not bitwise.
-WORKER_LOOPS = ("map", "unroll", "vmap")
+# They agree with one another to rounding, not bitwise.
+WORKER_LOOPS = ("auto", "map", "unroll", "vmap")
+
+# XLA:CPU lowers a convolution to a fast library call only outside loop bodies
+# and without a batch of per-worker weights (vmap makes it a grouped
+# convolution): measured on the small CNN, P = 8, one round's gradients took
+# 269 ms in a `lax.scan`, 24 ms vmapped and 10.6 ms unrolled (benchmarks/README.md).
+_CONV_PRIMITIVES = frozenset({"conv_general_dilated"})
+# Above this block size an unrolled loop compiles too slowly (~0.4 s a worker);
+# the workers are then unrolled in vmapped groups of `_GROUP`.
+_MAX_UNROLL = 32
+_GROUP = 8
+
+
+def _primitives(jaxpr) -> set[str]:
+    """The names of every primitive in `jaxpr` and its sub-jaxprs."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    names |= _primitives(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    names |= _primitives(sub)
+    return names
+
+
+def resolve_worker_loop(loop: str, jaxpr, block: int, platform: str) -> str:
+    """The gradient loop `"auto"` stands for; any other `loop` is returned as is.
+
+    Args:
+      loop: one of `WORKER_LOOPS`.
+      jaxpr: a (closed) jaxpr of one worker's value-and-gradient.
+      block: the number of workers a device evaluates.
+      platform: the devices' platform (`"cpu"`, `"gpu"`, `"tpu"`).
+
+    Returns:
+      `"unroll"` for a convolutional loss on CPU and a block of at most 32,
+      `"groups"` (unrolled vmapped groups of 8) for larger blocks there, else
+      `"vmap"`.
+    """
+    if loop != "auto":
+        return loop
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    if platform == "cpu" and _primitives(jaxpr) & _CONV_PRIMITIVES:
+        return "unroll" if block <= _MAX_UNROLL else "groups"
+    return "vmap"
 
 
 def map_workers(fn, indices, *trees, shared=None, loop: str = "map", vary=None):
     """`fn(index, *slices, shared)` over a block of workers, stacked on a leading axis.
 
-    `vary` (on a mesh) marks values as varying over the worker axis.
+    `loop` is one of `WORKER_LOOPS` (`"auto"` means `"vmap"` here: views and
+    `local` have no convolution) or `"groups"`. `vary` (on a mesh) marks values
+    as varying over the worker axis.
     """
     if loop == "map":
         return _loop_workers(fn, indices, trees, shared, vary or (lambda tree: tree))
-    if loop == "vmap":
+    if loop in ("vmap", "auto"):
         return jax.vmap(lambda i, *xs: fn(i, *xs, shared))(indices, *trees)
+    if loop == "groups":
+        outs = []
+        for lo in range(0, indices.shape[0], _GROUP):
+            part = jax.tree.map(lambda x, lo=lo: x[lo:lo + _GROUP], (indices, trees))
+            outs.append(jax.vmap(lambda i, *xs: fn(i, *xs, shared))(part[0], *part[1]))
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
     outs = []
     for j in range(indices.shape[0]):
         slices = [jax.tree.map(lambda x, j=j: x[j], t) for t in trees]
@@ -239,8 +295,12 @@ def current_round(state: State) -> int:
     return int(jax.device_get(state.shared.round))
 
 
-def _value_and_grads(loss_fn, has_aux, loop="map"):
-    """`grads_fn(indices, views, batch, vary) -> (losses, aux, grads)` over a block."""
+def _value_and_grads(loss_fn, has_aux, loop="map", platform="cpu"):
+    """`grads_fn(indices, views, batch, vary) -> (losses, aux, grads)` over a block.
+
+    `loop="auto"` is resolved at trace time from one worker's jaxpr, the block
+    size and `platform` (`resolve_worker_loop`).
+    """
     vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
     def one(index, view, batch, shared):
@@ -252,7 +312,24 @@ def _value_and_grads(loss_fn, has_aux, loop="map"):
         return loss, aux, grad
 
     def grads_fn(indices, views, batch, vary=None):
-        return map_workers(one, indices, views, batch, loop=loop, vary=vary)
+        if loop != "auto":
+            return map_workers(one, indices, views, batch, loop=loop, vary=vary)
+        # Trace the loss once: its jaxpr decides the loop and is what the loop runs.
+        first = jax.tree.map(lambda x: x[0], (views, batch))
+        closed, shapes = jax.make_jaxpr(vg, return_shape=True)(*first)
+        treedef, run = jax.tree.structure(shapes), jax_core.jaxpr_as_fun(closed)
+        chosen = resolve_worker_loop(loop, closed, indices.shape[0], platform)
+
+        def traced(index, view, batch, shared):
+            del index, shared
+            out = jax.tree.unflatten(treedef, run(*jax.tree.leaves((view, batch))))
+            if has_aux:
+                (loss, aux), grad = out
+            else:
+                (loss, grad), aux = out, None
+            return loss, aux, grad
+
+        return map_workers(traced, indices, views, batch, loop=chosen, vary=vary)
 
     return grads_fn
 
@@ -296,7 +373,7 @@ def make_step(
     has_aux: bool = False,
     checks: bool = False,
     mesh=None,
-    worker_loop: str = "map",
+    worker_loop: str = "auto",
 ):
     """The round of `alg` for `loss_fn`, as a jittable `(state, batch) -> (state, metrics)`.
 
@@ -316,10 +393,16 @@ def make_step(
       mesh: None (one device) or a `jax.sharding.Mesh` with a `"workers"` axis
         whose size divides `P`: each device then runs `local` for its block of
         workers under `jax.shard_map` and every device runs the same `combine`
-        on the gathered messages. The result is bitwise the same either way.
-      worker_loop: how each device evaluates its block of workers: `"map"`
-        (one loop body; bitwise independent of placement, the default),
-        `"unroll"` or `"vmap"` (see `WORKER_LOOPS`).
+        on the gathered messages. With `worker_loop="map"` the result is
+        bitwise the same either way.
+      worker_loop: how each device evaluates its block of workers (see
+        `WORKER_LOOPS`): `"auto"` (the default) picks the fastest measured for
+        the loss and backend (`resolve_worker_loop`: on CPU an unrolled loop
+        for convolutional losses, else `vmap`); `"map"` compiles one loop body
+        for every block size, so the result is bitwise the same on one device
+        and on any mesh (the other loops agree to rounding; on XLA:CPU it
+        costs ~20x for convolutions, which lose their fast lowering inside a
+        loop); `"unroll"`; `"vmap"`.
 
     Returns:
       `step(state, batch) -> (state, metrics)`.
@@ -329,11 +412,12 @@ def make_step(
 
     if worker_loop not in WORKER_LOOPS:
         raise ValueError(f"worker_loop: got {worker_loop!r}; expected one of {WORKER_LOOPS}")
-    grads_fn = _value_and_grads(loss_fn, has_aux, worker_loop)
     # One device runs the same program as a mesh: a one-device mesh (DESIGN.md,
     # "Workers and devices": a plain jit let XLA fuse differently, changing last bits).
-    body = parallel.sharded_round(alg, grads_fn, parallel.make_mesh(1) if mesh is None else mesh,
-                                  worker_loop)
+    mesh = parallel.make_mesh(1) if mesh is None else mesh
+    grads_fn = _value_and_grads(loss_fn, has_aux, worker_loop,
+                                platform=mesh.devices.flat[0].platform)
+    body = parallel.sharded_round(alg, grads_fn, mesh, worker_loop)
 
     def step(state: State, batch):
         shared, workers, metrics = body(state.shared, state.workers, batch)
@@ -407,7 +491,7 @@ def run(
     checks: bool = False,
     loop: str = "python",
     mesh=None,
-    worker_loop: str = "map",
+    worker_loop: str = "auto",
 ):
     """Runs `rounds` rounds of `alg` and returns the final state and the stacked metrics.
 
@@ -421,8 +505,8 @@ def run(
     times slower, see DESIGN.md) or one `lax.scan` (`loop="scan"`). Either way
     the round is compiled once per configuration and cached across calls.
     With `mesh` (a `jax.sharding.Mesh` with a `"workers"` axis) the workers are
-    split across its devices (`ej.parallel`), with bitwise the same result;
-    `worker_loop` is `make_step`'s.
+    split across its devices (`ej.parallel`); `worker_loop` is `make_step`'s
+    (with `"map"` the result is bitwise the same on one device and on any mesh).
 
     Returns:
       `(state, metrics)` with every metric stacked to shape `[R]`.

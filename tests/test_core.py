@@ -141,3 +141,65 @@ def test_checks_pass_on_a_correct_run_and_fail_with_the_round():
     good = jax.jit(ej.make_step(alg, h.noisy_quadratic, checks=True))
     with pytest.raises(Exception, match="round 5: the state is not finite"):
         jax.block_until_ready(good(state, nan_batch))
+
+
+def _conv_loss(params, batch):
+    """A one-filter-bank convolution: a loss whose jaxpr has `conv_general_dilated`."""
+    out = jax.lax.conv_general_dilated(batch, params["w"], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.mean(jnp.square(out - 1.0))
+
+
+def _conv_batch_fn(round_, keys):
+    del round_
+    return jax.vmap(lambda k: jax.random.normal(k, (2, 5, 5, 1)))(keys)
+
+
+def _dense_jaxpr():
+    vg = jax.value_and_grad(h.noisy_quadratic)
+    return jax.make_jaxpr(vg)(h.params0(), h.params0())
+
+
+def _conv_jaxpr():
+    p = {"w": jnp.ones((3, 3, 1, 2))}
+    return jax.make_jaxpr(jax.value_and_grad(_conv_loss))(p, jnp.ones((2, 5, 5, 1)))
+
+
+def test_auto_worker_loop_resolves_by_loss_backend_and_block():
+    conv, dense = _conv_jaxpr(), _dense_jaxpr()
+    assert core.resolve_worker_loop("auto", conv, 8, "cpu") == "unroll"
+    assert core.resolve_worker_loop("auto", conv, 32, "cpu") == "unroll"
+    assert core.resolve_worker_loop("auto", conv, 33, "cpu") == "groups"
+    assert core.resolve_worker_loop("auto", conv, 8, "gpu") == "vmap"
+    assert core.resolve_worker_loop("auto", dense, 8, "cpu") == "vmap"
+    for loop in ("map", "unroll", "vmap"):
+        assert core.resolve_worker_loop(loop, conv, 8, "cpu") == loop
+    # A convolution nested in a sub-jaxpr (here inside a `jax.checkpoint`) is found.
+    nested = jax.make_jaxpr(jax.value_and_grad(jax.checkpoint(_conv_loss)))(
+        {"w": jnp.ones((3, 3, 1, 2))}, jnp.ones((2, 5, 5, 1)))
+    assert core.resolve_worker_loop("auto", nested, 8, "cpu") == "unroll"
+
+
+@pytest.mark.parametrize("num_workers", [4, 40])
+def test_worker_loops_agree_to_rounding(num_workers):
+    """map, unroll, vmap and auto (unroll at P=4, vmapped groups at P=40) on a conv loss."""
+    alg = ej.async_sgd(0.1, num_workers, num_workers, reads="inconsistent",
+                       compressor=ej.top_k(fraction=0.3), error_feedback=True)
+    state = alg.init({"w": 0.1 * jnp.ones((3, 3, 1, 2))}, 0)
+    loops = ("map", "auto") if num_workers > 32 else ("map", "unroll", "vmap", "auto")
+    finals = {}
+    for loop in loops:
+        s, m = ej.run(alg, _conv_loss, state, batch_fn=_conv_batch_fn, rounds=3,
+                      worker_loop=loop)
+        finals[loop] = (h.flat(ej.params(s)), np.asarray(m["loss"]))
+    ref_params, ref_loss = finals["map"]
+    assert np.abs(ref_params - h.flat(ej.params(state))).max() > 1e-3  # It moved.
+    for loop, (params, loss) in finals.items():
+        np.testing.assert_allclose(params, ref_params, rtol=1e-5, atol=1e-6, err_msg=loop)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=loop)
+
+
+def test_bad_worker_loop_is_refused():
+    alg = ej.sync_sgd(0.1, 2)
+    with pytest.raises(ValueError, match=r"worker_loop: got 'scan'; expected one of"):
+        ej.make_step(alg, h.noisy_quadratic, worker_loop="scan")

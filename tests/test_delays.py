@@ -68,3 +68,13 @@ def test_trace_validation_in_async():
         ej.async_sgd(0.1, 3, 3, delay=good, reads="inconsistent")
     lags = ej.delays.trace(good).sample(None, jnp.asarray(1), 2, 0, 3, ())
     assert int(lags) == 2
+
+
+def test_uniform_spans_beyond_sixteen_bits_fall_back_to_randint():
+    law = ej.delays.uniform()
+    key = jax.random.key(3)
+    wide = np.asarray(law.sample(key, 0, 0, 5, 200_000, (4000,)))
+    assert wide.min() >= 5 and wide.max() <= 200_000
+    assert wide.max() > 65_541  # values beyond a 16-bit span are reached
+    narrow = np.asarray(law.sample(key, 0, 0, jnp.int32(3), 65_538, (4000,)))
+    assert narrow.min() >= 3 and narrow.max() <= 65_538 and narrow.max() > 60_000

@@ -33,7 +33,7 @@ CONFIGS = {
 def run(alg, mesh):
     p = h.params0()
     return ej.run(alg, h.noisy_quadratic, alg.init(p, 0), batch_fn=_BATCH_FN, rounds=ROUNDS,
-                  mesh=mesh)
+                  mesh=mesh, worker_loop="map")
 
 
 _BATCH_FN = h.noise_batch_fn(h.params0())
@@ -136,7 +136,7 @@ WORKER = textwrap.dedent('''
     alg = CONFIGS["async_inconsistent_top_k_ef"](4)
     mesh = ej.parallel.make_mesh()
     assert mesh.shape["workers"] == 4 and jax.process_count() == 2
-    step = jax.jit(ej.make_step(alg, h.noisy_quadratic, mesh=mesh))
+    step = jax.jit(ej.make_step(alg, h.noisy_quadratic, mesh=mesh, worker_loop="map"))
     state = ej.parallel.shard_state(alg.init(h.params0(), 0), mesh)
     batches = multiprocess_batches()
     for r in range(ROUNDS_MULTIPROCESS):
@@ -169,7 +169,7 @@ def _free_port():
 def test_two_processes_reproduce_the_single_process_run(tmp_path):
     alg = CONFIGS["async_inconsistent_top_k_ef"](4)
     mesh = ej.parallel.make_mesh(4)
-    step = jax.jit(ej.make_step(alg, h.noisy_quadratic, mesh=mesh))
+    step = jax.jit(ej.make_step(alg, h.noisy_quadratic, mesh=mesh, worker_loop="map"))
     state = alg.init(h.params0(), 0)
     batches = multiprocess_batches()
     for r in range(ROUNDS_MULTIPROCESS):

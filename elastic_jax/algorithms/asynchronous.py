@@ -48,6 +48,11 @@ class AsyncShared(NamedTuple):
     updates: jax.Array  # [] int32: updates applied, t = round * P
     history: Any  # pytree [max_delay + 1, ...]: X_s stored at s mod (max_delay + 1)
     stats: consistency.ConsistencyState
+    # Inconsistent reads only (else None): this round's views [P, ...] and each
+    # view's mean lag [P], drawn once, at the end of the previous round (or by
+    # `init`), and read by both the gradients and `combine`'s distances.
+    views: Any = None
+    view_lags: jax.Array | None = None
 
     def actual(self, workers: WorkerState):
         size = jax.tree.leaves(self.history)[0].shape[0]
@@ -149,7 +154,20 @@ def async_sgd(
             history=history,
             stats=consistency.init(dtype),
         )
-        return core.State(shared, WorkerState(_common.init_residual(rule, params, num_workers)))
+        return core.State(shared._replace(**draw_views(shared)),
+                          WorkerState(_common.init_residual(rule, params, num_workers)))
+
+    def draw_views(shared):
+        """`{views, view_lags}` of the round `shared` is at, for inconsistent reads.
+
+        A per-coordinate read costs a `P x d` random draw; it is made once per
+        round and kept in the state (O(P d)) instead of once for the gradients
+        and again for the distances.
+        """
+        if reads == "consistent":
+            return {}
+        views, lags = jax.vmap(read, in_axes=(0, None))(jnp.arange(num_workers), shared)
+        return {"views": views, "view_lags": lags}
 
     def read(index, shared):
         """Worker `index`'s view and its mean effective lag (blended when `s != 1`)."""
@@ -185,6 +203,8 @@ def async_sgd(
 
     def view_fn(index, worker, shared):
         del worker
+        if reads == "inconsistent":
+            return jax.tree.map(lambda v: v[index], shared.views)
         return read(index, shared)[0]
 
     def local_fn(index, worker, grad, key, shared):
@@ -195,7 +215,10 @@ def async_sgd(
 
     def combine_fn(shared, msg):
         eta = schedule(shared.round)
-        views, lags = jax.vmap(read, in_axes=(0, None))(jnp.arange(num_workers), shared)
+        if reads == "inconsistent":
+            views, lags = shared.views, shared.view_lags
+        else:
+            views, lags = jax.vmap(read, in_axes=(0, None))(jnp.arange(num_workers), shared)
         current = shared.actual(None)
         ef = rule.beta is not None
         residual = jax.tree.map(consistency.worker_sum, msg.residual_old) if ef else None
@@ -243,7 +266,7 @@ def async_sgd(
         new_shared = AsyncShared(
             shared.round + 1, shared.key, shared.updates + num_workers, history, stats
         )
-        return new_shared, metrics
+        return new_shared._replace(**draw_views(new_shared)), metrics
 
     views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)
     info = core.AlgorithmInfo("async_sgd", num_workers, rule.bound_kind(), law.num_rounds)

@@ -26,8 +26,9 @@ Only the point where gradients are taken changes: which messages the network
 delivers, `ej.model` and the `comm/`, `delay/` and `faults/` metrics do not.
 
 State memory: the messages of the last `max_delay + 1` rounds (`O(max_delay P d)`),
-their arrival table (`O(max_delay P^2)` integers), `L` (`O(P d)`, only when a
-message can be lost) and residuals (`O(P d)`, error feedback).
+their arrival table (`O(max_delay P^2)` integers), every node's pending sum
+(`O(P d)`, computed once per round), `L` (`O(P d)`, only when a message can be
+lost) and residuals (`O(P d)`, error feedback).
 
 References:
   G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
@@ -64,6 +65,7 @@ class MessagePassingShared(NamedTuple):
     slot_alive: jax.Array  # [D + 1] float: n_s, the nodes alive at the start of round s
     crash_round: jax.Array  # [P] int32: the round each node crashes at (NEVER if none)
     stats: consistency.ConsistencyState
+    pending: Any  # pytree [P, ...]: pending^q of every node at this round (`pending_gaps`)
 
     def live(self):
         """`[P]` booleans: the nodes alive at the start of the current round."""
@@ -71,15 +73,7 @@ class MessagePassingShared(NamedTuple):
 
     def gap(self, index, workers_lost):
         """`v^q - x = L^q + pending^q` for node `index` (its own `lost` row given)."""
-        pending = (self.arrival[:, :, index] > self.round) | (self.arrival[:, :, index] == LOST)
-
-        def one(buffer, x):
-            kept = jnp.where(_expand(pending, buffer.ndim), buffer, 0)
-            weights = jnp.ones((), buffer.dtype) / self.slot_alive.astype(buffer.dtype)
-            per_slot = consistency.worker_sum(kept, axis=1) * _expand(weights, buffer.ndim - 1)
-            return consistency.worker_sum(per_slot).astype(x.dtype)
-
-        gap = jax.tree.map(one, self.messages, self.params)
+        gap = jax.tree.map(lambda g, x: g[index].astype(x.dtype), self.pending, self.params)
         if workers_lost is not None:
             gap = jax.tree.map(lambda g, lost: g + lost.astype(g.dtype), gap, workers_lost)
         return gap
@@ -111,6 +105,30 @@ class MessagePassingShared(NamedTuple):
 
 def _expand(mask, ndim):
     return jnp.reshape(mask, mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def pending_gaps(round_, messages, arrival, slot_alive):
+    """`pending^q` for every node `q` at `round_`, as one product per leaf.
+
+    `pending^q = sum_{s, p} [message (s, p) not yet applied by q] u_s^p / n_s`
+    (a message is pending while its arrival is after `round_`, or `LOST` until
+    its slot leaves the window): a `[P, (D + 1) P] x [(D + 1) P, d]` product,
+    computed once per round (at the end of the previous round's `combine`) and
+    read by `view`, `local` and the metrics. A sum of messages only, so the gap
+    `x - v^q` is measured without cancellation.
+    """
+    size, num = arrival.shape[0], arrival.shape[1]
+    pending = (arrival > round_) | (arrival == LOST)  # [D + 1, P senders, P receivers]
+
+    def one(buffer):
+        inv = jnp.ones((), buffer.dtype) / slot_alive.astype(buffer.dtype)
+        weights = jnp.where(pending, inv[:, None, None], 0).reshape(size * num, num)
+        flat = buffer.reshape(size * num, -1)
+        out = jax.lax.dot_general(weights, flat, (((0,), (0,)), ((), ())),
+                                  precision=jax.lax.Precision.HIGHEST)
+        return out.reshape((num,) + buffer.shape[2:]).astype(buffer.dtype)
+
+    return jax.tree.map(one, messages)
 
 
 def _crash_table(crashes, crash_horizon, num_workers):
@@ -248,6 +266,9 @@ def message_passing_sgd(
             slot_alive=jnp.ones((size,), dtype),
             crash_round=crash_round,
             stats=consistency.init(dtype),
+            pending=jax.tree.map(
+                lambda x: jnp.zeros((num_workers,) + jnp.shape(x),
+                                    _common.residual_dtype(jnp.result_type(x))), params),
         )
         lost = None
         if may_lose:
@@ -387,7 +408,8 @@ def message_passing_sgd(
         metrics["delay/mean"] = (jnp.sum(jnp.where(got, effective, 0)) / n_got).astype(dtype)
         new_shared = MessagePassingShared(
             round_ + 1, shared.key, params, messages, new_arrival, slot_alive,
-            shared.crash_round, stats)
+            shared.crash_round, stats,
+            pending_gaps(round_ + 1, messages, new_arrival, slot_alive))
         return new_shared, metrics
 
     views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)
