@@ -222,7 +222,7 @@ def _trace(model, variant_name, num_workers, max_delay, rounds, loop):
         "categories": {k: v / 1e9 / rounds for k, v in per_cat.most_common()},
         "top_ops": [
             {"op": op, "op_name": name[-110:], "per_round_s": ns / 1e9 / rounds}
-            for (op, name), ns in per_op.most_common(12)
+            for (op, name), ns in per_op.most_common(40)
         ],
     }
 

@@ -170,8 +170,7 @@ def _targets(results):
     out = []
     for r in results:
         limit = TARGET_TOPK if r["compressed"] else TARGET_PLAIN
-        for which in ("default_loop", "best_loop"):
-            loop = r[which]
+        for loop in dict.fromkeys((r["default_loop"], r["best_loop"])):
             ratio = r["round_over_floor"][loop]
             out.append({
                 "target": f"round <= {limit}x floor", "model": r["model"],
@@ -180,8 +179,10 @@ def _targets(results):
     for r in results:
         if r["model"] == "cnn" and r["variant"] == "async_topk_ef" and (
                 "speedup_over_pytorch" in r):
-            for key, loop in (("speedup_over_pytorch_default_loop", r["default_loop"]),
-                              ("speedup_over_pytorch", r["best_loop"])):
+            pairs = [("speedup_over_pytorch_default_loop", r["default_loop"])]
+            if r["best_loop"] != r["default_loop"]:
+                pairs.append(("speedup_over_pytorch", r["best_loop"]))
+            for key, loop in pairs:
                 out.append({
                     "target": f">= {TARGET_TORCH}x PyTorch rounds/s", "model": "cnn",
                     "variant": "async_topk_ef", "loop": loop, "value": r[key],

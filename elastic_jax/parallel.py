@@ -7,8 +7,8 @@ of `P / n` workers under `jax.shard_map`, the messages are `all_gather`ed in
 global worker order, and every device runs the same `combine` on the same
 inputs: a fixed-order reduction over gathered messages, so with
 `worker_loop="map"` 1, 2, 4 or 8 devices (or several hosts, after
-`jax.distributed.initialize`) give bitwise the same result as one. Randomness is keyed by the global worker index, never by the
-device.
+`jax.distributed.initialize`) give bitwise the same result as one.
+Randomness is keyed by the global worker index, never by the device.
 
 Example:
   >>> mesh = ej.parallel.make_mesh(4)

@@ -2,6 +2,10 @@
 
 Only concrete Python or NumPy values are checked; JAX tracers pass through, so
 factories can be built inside a differentiated function (DESIGN.md).
+
+`FACTORY_ARGUMENTS` lists every argument of every public factory with its valid
+values, worded as the messages word them; `python -m experiments.arguments`
+prints it as the reference table `docs/arguments.md`.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +50,25 @@ def fail(name: str, value, expected: str):
     raise ValueError(f"{name}: got {value!r}; expected {expected}")
 
 
-def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None) -> int:
-    """Checks that `value` is an integer in `[lo, hi]` and returns it."""
+def range_text(kind: str, lo=None, hi=None, *, lo_open: bool = False,
+               hi_open: bool = False) -> str:
+    """The `<range>` of a message: `an integer in [1, inf]`, `a finite number in (0.0, 1.0]`.
+
+    `check_int`, `check_real` and the reference table `FACTORY_ARGUMENTS` all
+    word their ranges with it, so an error message and the table agree.
+    """
     lo_s = "-inf" if lo is None else str(lo)
     hi_s = "inf" if hi is None else str(hi)
-    expected = f"an integer in [{lo_s}, {hi_s}]"
+    if kind == "int":
+        return f"an integer in [{lo_s}, {hi_s}]"
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    return f"a finite number in {left}{lo_s}, {hi_s}{right}"
+
+
+def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None) -> int:
+    """Checks that `value` is an integer in `[lo, hi]` and returns it."""
+    expected = range_text("int", lo, hi)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         fail(name, value, expected)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -67,12 +86,7 @@ def check_real(
     hi_open: bool = False,
 ):
     """Checks a real number in a range when concrete (finite); tracers pass through."""
-    left = "(" if lo_open else "["
-    right = ")" if hi_open else "]"
-    expected = (
-        f"a finite number in {left}{'-inf' if lo is None else lo}, "
-        f"{'inf' if hi is None else hi}{right}"
-    )
+    expected = range_text("real", lo, hi, lo_open=lo_open, hi_open=hi_open)
     if is_traced(value):
         return value
     number = concrete_number(value)
@@ -130,3 +144,131 @@ def check_beta(error_feedback):
     if number is None or not 0.0 <= number <= 1.0 or not math.isfinite(number):
         fail("error_feedback", error_feedback, "a bool or a float beta in [0, 1]")
     return error_feedback
+
+
+# ----------------------------------------------------------- reference table
+
+
+class ArgumentSpec(NamedTuple):
+    """One argument of a public factory and its valid values, for the reference table.
+
+    Attributes:
+      name: the argument's name in the factory's signature.
+      kind: `"int"` or `"real"` (a range, `lo`..`hi`), `"choice"` (one of
+        `choices`) or `"text"` (`note` says it all).
+      lo, hi, lo_open, hi_open: the range of a number (None: unbounded).
+      choices: the strings a `"choice"` argument accepts.
+      note: what else holds (cross-argument constraints, other accepted types);
+        for `"text"`, the whole description.
+      reported_as: the name the error message uses, when it is not `name`.
+    """
+
+    name: str
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+    note: str = ""
+    reported_as: str = ""
+
+    @property
+    def expected(self) -> str:
+        """The valid values, worded as in the error messages."""
+        if self.kind in ("int", "real"):
+            text = range_text(self.kind, self.lo, self.hi, lo_open=self.lo_open,
+                              hi_open=self.hi_open)
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            return self.note
+        if not self.note:
+            return text
+        joiner = " " if self.note.startswith(("or ", "and ")) else "; "
+        return f"{text}{joiner}{self.note}"
+
+
+def _text(name: str, note: str, **kw) -> ArgumentSpec:
+    return ArgumentSpec(name, "text", note=note, **kw)
+
+
+_LEARNING_RATE = ArgumentSpec("learning_rate", "real", lo=0.0,
+                              note="or an optax schedule (a callable of the round)")
+_NUM_WORKERS = ArgumentSpec("num_workers", "int", lo=1, note="the number of workers P")
+_COMPRESSOR = _text("compressor", "None (send the update as is) or a bare compressor: "
+                    "ej.identity(), ej.top_k(...), ej.random_k(...), ej.qsgd(...), "
+                    "ej.scaled_sign(); with error feedback, a contractive one (not ej.qsgd, "
+                    "not ej.random_k(scaled=True)); never one wrapped by ej.error_feedback")
+_ERROR_FEEDBACK = _text("error_feedback", "False, True (beta = 1) or a float beta in [0, 1] "
+                        "(a tracer passes)")
+_CLIP_NORM = ArgumentSpec("clip_norm", "real", lo=0.0, lo_open=True,
+                          note="or None (no clipping)")
+_STALENESS = ArgumentSpec("staleness", "real", lo=0.0, hi=1.0,
+                          note="0: the freshest reads, 1: the configured system (a tracer "
+                          "passes)")
+_DELAY_LAW = _text("delay", "'uniform', 'fixed', 'geometric' or an ej.delays law (not a trace)")
+_K = _text("k", "None or an integer in [1, d], d the entries the compressor sees (checked at "
+           "init); exactly one of k and fraction")
+_FRACTION = ArgumentSpec("fraction", "real", lo=0.0, hi=1.0, lo_open=True,
+                         note="or None; keeps k = max(1, floor(fraction d))")
+_KEY = _text("key", "an int seed or a jax.random key (standalone use; algorithms pass their "
+             "own keys)")
+
+# Every argument of every public factory (`ej.<factory>`), in signature order.
+# tests/test_reliability.py checks it against the signatures and probes every
+# range, and `python -m experiments.arguments` prints it (docs/arguments.md).
+FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
+    "sync_sgd": (_LEARNING_RATE, _NUM_WORKERS, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM),
+    "async_sgd": (
+        _LEARNING_RATE, _NUM_WORKERS,
+        ArgumentSpec("max_delay", "int", lo=0, note="and >= num_workers - 1 (the i-th update "
+                     "of a round cannot see the i updates before it)"),
+        _text("delay", "'uniform', 'fixed', 'geometric', an ej.delays law, or an integer trace "
+              "[rounds, num_workers] with worker p's lags in [p, max_delay]"),
+        ArgumentSpec("reads", "choice", choices=("consistent", "inconsistent"),
+                     note="a trace needs 'consistent'"),
+        _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
+    ),
+    "message_passing_sgd": (
+        _LEARNING_RATE, _NUM_WORKERS,
+        ArgumentSpec("max_delay", "int", lo=0, note="message delay in rounds"),
+        _DELAY_LAW,
+        ArgumentSpec("drop_prob", "real", lo=0.0, hi=1.0, hi_open=True),
+        _text("retransmit", "a bool"),
+        _text("crashes", "None, a count in [0, num_workers - 1] (with crash_horizon), or a list "
+              "of (worker, round) pairs: distinct workers in [0, num_workers - 1], at most "
+              "num_workers - 1 of them, rounds >= 0"),
+        _text("crash_horizon", "None, or an integer in [2, inf] (required with a crash count: "
+              "crash rounds are drawn in [1, crash_horizon))"),
+        _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
+    ),
+    "elastic_scheduling": (
+        _LEARNING_RATE, _NUM_WORKERS,
+        ArgumentSpec("max_outstanding", "int", lo=0, note="tau; 0 is synchronous SGD"),
+        _DELAY_LAW,
+        ArgumentSpec("mode", "choice", choices=("norm", "variance")),
+        _CLIP_NORM, _STALENESS,
+    ),
+    "local_sgd": (_LEARNING_RATE, _NUM_WORKERS,
+                  ArgumentSpec("period", "int", lo=1, note="H; 1 is synchronous SGD"),
+                  _CLIP_NORM),
+    "identity": (),
+    "top_k": (_K, _FRACTION, ArgumentSpec("scope", "choice", choices=("global", "per_leaf"))),
+    "random_k": (_K, _FRACTION, _text("scaled", "a bool (True: unbiased, not contractive)"),
+                 _KEY),
+    "qsgd": (_text("levels", "an integer >= 1 (a tracer passes)"), _KEY),
+    "scaled_sign": (),
+    "error_feedback": (
+        _text("compressor", "a bare contractive compressor: ej.identity(), ej.top_k(...), "
+              "ej.random_k(..., scaled=False), ej.scaled_sign()"),
+        ArgumentSpec("beta", "real", lo=0.0, hi=1.0,
+                     note="1: EF14, 0: no error feedback (a tracer passes)"),
+    ),
+    "delays.fixed": (),
+    "delays.uniform": (),
+    "delays.geometric": (ArgumentSpec("p", "real", lo=0.0, hi=1.0, lo_open=True,
+                                      note="success probability; mean extra lag (1 - p) / p"),),
+    "delays.trace": (_text("lags", "an integer array [rounds >= 1, num_workers]; the algorithm "
+                           "checks the lags' range when it is built", reported_as="delay"),),
+}

@@ -36,6 +36,26 @@ from experiments.registry import (
 
 MAX_INT = 10**9  # the upper end of the open-ended integer ranges
 
+# Exit status of `python -m experiments.train` (also in its docstring and the README).
+EXIT_USAGE = 2  # a bad flag, data file or workdir: one line on stderr, nothing written
+EXIT_NONFINITE = 3  # --on_nonfinite=stop met a non-finite value: one line on stderr
+EXIT_SIGNAL = 128  # plus the signal number: SIGINT 130, SIGTERM 143, after a final checkpoint
+EXIT_STATUS: tuple[tuple[str, str], ...] = (
+    ("0", "the run finished (with --on_nonfinite=skip_round, possibly with skipped rounds; "
+     "the log and nonfinite/skipped_rounds say how many)"),
+    (str(EXIT_USAGE), "usage error: a bad flag or combination, a missing or corrupt data file, "
+     "a workdir that holds a run (without --resume) or that another running process is "
+     "using; one line on stderr, nothing written"),
+    (str(EXIT_NONFINITE), "--on_nonfinite=stop met a non-finite loss, gradient norm or state; "
+     "one line on stderr names the round and the quantity; the last checkpoint (all finite) "
+     "is kept and --resume continues from it"),
+    (f"{EXIT_SIGNAL + 2}, {EXIT_SIGNAL + 15}", "SIGINT, SIGTERM (128 + the signal number): "
+     "a final checkpoint at the current round was written after the metrics up to it; "
+     "--resume continues exactly"),
+    ("killed (-9)", "SIGKILL or a crash: nothing more is written; --resume continues exactly "
+     "from the last checkpoint"),
+)
+
 
 class UsageError(ValueError):
     """A bad command line: the message is one line naming the flag (or a data path)."""
@@ -187,6 +207,16 @@ FLAG_SPECS: tuple[FlagSpec, ...] = (
          "the last round.", 0, semantic=False),
     FlagSpec("resume", "bool", False, "Continue the run in --workdir from its last "
              "checkpoint (from round 0 if it has none).", semantic=False),
+    _enum("on_nonfinite", "stop", "What a non-finite loss, gradient norm or state (parameters, "
+          "residuals) does. stop: end the run at that round with one line naming the round and "
+          f"the quantity, keep the last checkpoint, exit with status {EXIT_NONFINITE}. "
+          "skip_round: drop that round's update (the round counter, and with it the schedule "
+          "and every random key, still advances) and count it in nonfinite/skipped_rounds.",
+          ("stop", "skip_round"), semantic=False),
+    _enum("worker_loop", "auto", "How each device evaluates its block of workers' "
+          "gradients (ej.make_step): auto picks the fastest for the model and backend; map "
+          "is bitwise independent of the placement; unroll and vmap agree with it to "
+          "rounding.", ("auto", "map", "unroll", "vmap")),
     # Placement: the result is bitwise the same however the workers are placed.
     _int("num_devices", 0, "Devices the workers are split over (a 'workers' mesh over "
          "every process's devices); 0: one device. Must divide --num_workers.", 0, 65_536,

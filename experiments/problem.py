@@ -24,6 +24,7 @@ import elastic_jax as ej
 from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
+from experiments import safety
 from experiments.config import Config, UsageError
 
 # The purpose tag of per-worker batch sampling: elastic_jax.core.TAG_DATA, which
@@ -126,7 +127,8 @@ def _model(name: str, num_classes: int, input_shape: tuple[int, ...]):
     return models_lib.make_model(name, num_classes, input_shape)
 
 
-def make_round(cfg: Config, problem: Problem, mesh=None) -> tuple[Callable, Callable]:
+def make_round(cfg: Config, problem: Problem, mesh=None, *,
+               on_nonfinite: str | None = None) -> tuple[Callable, Callable]:
     """`(sample, step)`: a round is `step(state, sample(state))`.
 
     `sample(state)` draws every worker's batch on the device with the keys
@@ -134,15 +136,25 @@ def make_round(cfg: Config, problem: Problem, mesh=None) -> tuple[Callable, Call
     `ej.run` does: the round then reads its batch as an input), and `step` is
     `ej.make_step`'s round, on `mesh` when given. Both are `vmap`ped over the
     leading seed axis when `--num_seeds > 1`.
+
+    With `on_nonfinite` (`"stop"` or `"skip_round"`) the step is guarded
+    (`safety.guard_step`): `step(state, batch, guard) -> (state, metrics, guard)`.
     """
     alg = cfg.algorithm
-    step = ej.make_step(alg, problem.loss_fn, has_aux=problem.has_aux, mesh=mesh)
+    step = ej.make_step(alg, problem.loss_fn, has_aux=problem.has_aux, mesh=mesh,
+                       worker_loop=cfg.flags["worker_loop"])
+    if on_nonfinite is not None:
+        step = safety.guard_step(step, on_nonfinite)
     workers = jnp.arange(alg.num_workers)
+    poison_round = safety.nonfinite_hook_round()
 
     def sample(state):
         shared = state.shared
         keys = jax.vmap(lambda p: ej.derive_key(shared.key, DATA_TAG, shared.round, p))(workers)
-        return problem.batch_fn(shared.round, keys)
+        batch = problem.batch_fn(shared.round, keys)
+        if poison_round is not None:  # The test hook: round `poison_round` reads NaN data.
+            batch = safety.poison(batch, shared.round, poison_round)
+        return batch
 
     if cfg.flags["num_seeds"] > 1:
         return jax.vmap(sample), jax.vmap(step)
@@ -176,7 +188,8 @@ def session(cfg: Config) -> Session:
     names = [n for n in sorted(f) if n not in _RECORD_FLAGS]
     if not config_lib.rounds_matter(f):
         names.remove("rounds")
-    key = json.dumps({n: f[n] for n in names})
+    hook = {safety.NONFINITE_HOOK: safety.nonfinite_hook_round()}  # the test hook
+    key = json.dumps({**{n: f[n] for n in names}, **hook})
     if key in _SESSIONS:
         _SESSIONS.move_to_end(key)
         return _SESSIONS[key]

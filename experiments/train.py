@@ -10,12 +10,28 @@ with its meaning and range.
 This file is the absl shell and the training loop; the rest lives in
 `config.py` (the flags as data, `validate`), `registry.py` (flags -> algorithm),
 `problem.py` (data, model, initial state, the compiled round), `workdir.py`
-(files, checkpoints, resume) and `plots.py`.
+(files, checkpoints, resume, the workdir lock), `safety.py` (the divergence guard,
+signals) and `plots.py`.
 
 Everything is checked before anything compiles or is written: a bad flag, an
-inconsistent combination, a missing or corrupt data file, or a workdir that
-already holds a run prints one line (`--<flag>: got <value>; expected <range>`,
-or a line starting with the file's path) on stderr and exits with status 2.
+inconsistent combination, a missing or corrupt data file, a workdir that
+already holds a run, or one that another running launch holds locked, prints
+one line (`--<flag>: got <value>; expected <range>`, or a line starting with the
+file's path) on stderr and exits with status 2. `docs/arguments.md` lists every
+flag with its range (`python -m experiments.arguments` writes it).
+
+Exit status:
+
+    0     the run finished (under --on_nonfinite=skip_round, possibly with skipped
+          rounds: the log and `nonfinite/skipped_rounds` say how many)
+    2     usage error, one line on stderr; nothing written
+    3     --on_nonfinite=stop met a non-finite loss, gradient norm (`grad_norm/max`)
+          or state (parameters, residuals, buffers): one line on stderr names the
+          round and the quantity; the last checkpoint, always finite, is kept
+    130   SIGINT  } 128 + the signal number: a final checkpoint at the current
+    143   SIGTERM } round was written after the metrics lines up to it
+
+After any of these, and after SIGKILL, `--resume` continues exactly.
 
 The workdir (see `experiments/workdir.py`) receives `config.json`,
 `metrics.jsonl` (one line per logged round: every library metric, the training
@@ -38,8 +54,27 @@ Semantics worth knowing:
   past the checkpoint (and an earlier run's off-grid last line), so the final
   state and `metrics.jsonl` equal an uninterrupted run's exactly. Only the
   non-semantic flags (`--rounds`, `--workdir`, `--data_dir`, `--checkpoint_every`,
-  `--resume`) may differ from `config.json`; `--rounds` may not when a decaying
-  schedule spans it (`--schedule_rounds=0`).
+  `--resume`, `--on_nonfinite`, the placement flags) may differ from `config.json`;
+  `--rounds` may not when a decaying schedule spans it (`--schedule_rounds=0`).
+- Divergence guard (`--on_nonfinite`): the compiled round checks the loss, the
+  gradient norm and every float array of the new state, and carries a small
+  record of the first and last non-finite rounds, read on the host only when the
+  loop logs or checkpoints. `stop` ends the run before writing anything of the
+  failed round or later. `skip_round` drops a failed round's update: the state
+  stays as it was except `round`, which advances, so the next round draws a new
+  batch, new keys and lags and takes its own learning rate; the algorithm's own
+  counters and buffers (async's update count, message slots) stay as if nothing
+  had been sent that round. The count is saved with each checkpoint and reported
+  as `nonfinite/skipped_rounds` (0 in every line of a finite run). Selection is
+  exact, so a finite run is bitwise the unguarded one.
+- SIGTERM or SIGINT: the loop finishes the round in flight, saves a checkpoint at
+  that round and exits with 128 + the signal number; a second signal ends the
+  process at once. A running launch holds a `flock` on its workdir, which the
+  operating system drops when the process dies.
+- Test hooks (environment variables only the tests set):
+  `EJ_TEST_NONFINITE_AT_ROUND=r` makes round `r` read NaN inputs
+  (`experiments/safety.py`); `EJ_TEST_KILL_IN_CHECKPOINT=r` SIGKILLs the process
+  in the middle of saving the round-`r` checkpoint (`experiments/workdir.py`).
 - `--num_seeds=S` runs seeds `seed .. seed + S - 1` as one `vmap`ped batch (the
   partition and a convex problem are drawn from `--seed` and shared); every
   metric is then the mean over seeds and `<metric>/std` the (population) standard
@@ -67,6 +102,7 @@ import elastic_jax as ej
 from experiments import config as config_lib
 from experiments import plots as plots_lib
 from experiments import problem as problem_lib
+from experiments import safety
 from experiments import workdir as workdir_lib
 from experiments.config import Config, UsageError
 
@@ -127,20 +163,34 @@ def train(cfg: Config) -> dict[str, Any]:
 
     Raises:
       UsageError: before anything is compiled or written, for bad data files, a
-        compressor that does not fit the model, or a workdir that cannot be used.
+        compressor that does not fit the model, or a workdir that cannot be used
+        (it holds a run, or another running process holds its lock).
+      safety.NonFiniteError: `--on_nonfinite=stop` met a non-finite value (one line).
+      safety.Interrupted: SIGTERM or SIGINT arrived; a final checkpoint was written.
     """
-    f = cfg.flags
-    num_seeds, rounds = f["num_seeds"], f["rounds"]
     problem, init, compiled = problem_lib.session(cfg)
     try:
         abstract = jax.eval_shape(init)  # Traces init (checks k <= d ...); compiles nothing.
     except ValueError as e:
         raise config_lib.from_library_error(e) from None
+    mesh = _mesh(cfg.flags)
+    lock = workdir_lib.lock_workdir(cfg.flags["workdir"])
+    try:
+        with safety.Signals() as signals:
+            return _train_locked(cfg, problem, init, compiled, abstract, mesh, signals)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: Config, problem, init, compiled: list, abstract, mesh,
+                  signals: safety.Signals):
+    """`train`, once the workdir is locked."""
+    f = cfg.flags
+    num_seeds, rounds, wd = f["num_seeds"], f["rounds"], f["workdir"]
     start = workdir_lib.check_workdir(cfg, abstract)
 
     # ---- Past this point the flags are valid: write.
-    wd = f["workdir"]
-    os.makedirs(wd, exist_ok=True)
+    workdir_lib.remove_stale_temporaries(wd)
     workdir_lib.write_json(os.path.join(wd, workdir_lib.CONFIG), f)
     metrics_path = os.path.join(wd, workdir_lib.METRICS)
     workdir_lib.rewrite_jsonl(metrics_path, start.records)
@@ -152,9 +202,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
     state = init() if start.state is None else start.state
     state = jax.tree.map(jnp.copy, state)  # Own buffers: the round donates its input.
-    mesh = _mesh(f)
+    guard = safety.resumed_guard(start.guard, f["on_nonfinite"], num_seeds)
+    guard_keeper = safety.GuardKeeper(f, start, wd, np.asarray(guard))
     if num_seeds == 1:
-        state = ej.parallel.shard_state(state, mesh or ej.parallel.make_mesh(1))
+        placement = mesh or ej.parallel.make_mesh(1)
+        state = ej.parallel.shard_state(state, placement)
+        # Replicated over the mesh like the shared state (a State with no workers).
+        guard = ej.parallel.shard_state(ej.State(guard, ()), placement).shared
     model_fn = _MODEL_OF_SEEDS if num_seeds > 1 else _MODEL
     n_params = sum(x.size for x in jax.tree.leaves(
         jax.eval_shape(problem.init_params, jax.random.key(0))))
@@ -164,20 +218,32 @@ def train(cfg: Config) -> dict[str, Any]:
         if start.round < rounds:
             tc = time.perf_counter()
             if not compiled:
-                sample, step = problem_lib.make_round(cfg, problem, mesh)
+                sample, step = problem_lib.make_round(cfg, problem, mesh,
+                                                      on_nonfinite=f["on_nonfinite"])
                 sample = jax.jit(sample).lower(state).compile()
-                step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
-                compiled.append(lambda s, sample=sample, step=step: step(s, sample(s)))
+                step = jax.jit(step, donate_argnums=0).lower(
+                    state, sample(state), guard).compile()
+                compiled.append(lambda s, g, sample=sample, step=step: step(s, sample(s), g))
             compile_s = time.perf_counter() - tc
             timing.write({"event": "compiled", "round": start.round, "elapsed_s": compile_s})
             logging.info("compiled the round in %.1f s", compile_s)
         last_r, last_t = start.round, time.perf_counter()
         for r in range(start.round + 1, rounds + 1):
-            state, metrics = compiled[0](state)
+            if signals.received is not None:  # The state is that after round r - 1.
+                guard_keeper.check(jax.device_get(guard))
+                if guard_keeper.checkpoint_round != r - 1:
+                    _checkpoint(wd, state, r - 1, metrics_file, guard)
+                raise safety.Interrupted(signals.received, r - 1, wd)
+            state, metrics, guard = compiled[0](state, guard)
             if mesh is not None and mesh.size > 1:
                 jax.block_until_ready(state)  # As ej.run does: no overlapping collectives.
-            if r == rounds or workdir_lib.on_grid(r, f):
-                record = {"round": r, **summarize(jax.device_get(metrics), num_seeds)}
+            log_now = r == rounds or workdir_lib.on_grid(r, f)
+            checkpoint_now = r == rounds or (f["checkpoint_every"]
+                                             and r % f["checkpoint_every"] == 0)
+            if log_now:
+                host_metrics, host_guard = jax.device_get((metrics, guard))
+                guard_keeper.check(host_guard)  # Nothing of a failed round is written.
+                record = {"round": r, **summarize(host_metrics, num_seeds)}
                 if r == rounds or (f["eval_every"] > 0 and r % f["eval_every"] == 0):
                     record.update(_evaluate(problem, model_fn(state), num_seeds))
                 metrics_file.write(record)
@@ -187,13 +253,17 @@ def train(cfg: Config) -> dict[str, Any]:
                 last_r, last_t = r, now
                 timing.write({"round": r, "elapsed_s": now - t0, "rounds_per_s": rate})
                 _log_progress(record, rounds, rate)
-            if r == rounds or (f["checkpoint_every"] and r % f["checkpoint_every"] == 0):
-                _checkpoint(wd, state, r, metrics_file)
+            if checkpoint_now:
+                if not log_now:
+                    guard_keeper.check(jax.device_get(guard))
+                _checkpoint(wd, state, r, metrics_file, guard)
+                guard_keeper.checkpoint_round = r
         wall = time.perf_counter() - t0
         timing.write({"event": "end", "round": rounds, "elapsed_s": wall})
     finally:
         metrics_file.close()
         timing.close()
+    guard_keeper.report_end()
     plots_lib.write_plots(wd, records, problem.title)
     logging.info("done: round %d in %s (wall, this session)", rounds, _fmt_time(wall))
     return records[-1] if records else {}
@@ -219,10 +289,11 @@ def _log_progress(record: Mapping[str, Any], rounds: int, rate: float) -> None:
                  "nan" if loss is None or not math.isfinite(loss) else f"{loss:.4f}", evals)
 
 
-def _checkpoint(wd: str, state, round_: int, metrics_file) -> None:
+def _checkpoint(wd: str, state, round_: int, metrics_file, guard) -> None:
     """Saves the state after the metrics up to `round_` are on disk."""
     metrics_file.sync()
-    workdir_lib.save_checkpoint(os.path.join(wd, workdir_lib.CHECKPOINT), state, round_)
+    workdir_lib.save_checkpoint(os.path.join(wd, workdir_lib.CHECKPOINT), state, round_,
+                                guard=guard)
 
 
 _MODEL = jax.jit(ej.model)
@@ -247,7 +318,7 @@ def flag_values() -> dict[str, Any]:
 
 def _exit_usage(line: str) -> None:
     print(line, file=sys.stderr)
-    sys.exit(2)
+    sys.exit(config_lib.EXIT_USAGE)
 
 
 def flag_error_line(error: Exception) -> str:
@@ -293,6 +364,12 @@ def main(argv: list[str]) -> None:
         train(cfg)
     except UsageError as e:
         _exit_usage(str(e))
+    except safety.NonFiniteError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(config_lib.EXIT_NONFINITE)
+    except safety.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_status)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,29 @@ to its round are fsynced.
 workdir starts at round 0; one that holds a run is refused unless `--resume`,
 which checks the saved config, restores the checkpoint, and keeps the metrics
 lines an uninterrupted run would have written up to the checkpoint's round.
+
+A running launch holds `lock_workdir`'s lock on the workdir (`flock` on the
+directory itself, so nothing is written for it); a second launch on the same
+workdir, with or without `--resume`, is refused while the first runs. The
+operating system drops the lock when its process dies, however it dies, so a
+killed run never blocks its resumption. Under the lock, temporary files that a
+killed writer left behind are removed.
+
+Test hook: an environment variable that only the tests set.
+`EJ_TEST_KILL_IN_CHECKPOINT=r` makes the process SIGKILL itself while saving the
+round-`r` checkpoint, after the temporary file is written and fsynced and before
+it is renamed over the last checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
+import signal
 import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -46,6 +61,7 @@ METRICS = "metrics.jsonl"
 TIMING = "timing.jsonl"
 CHECKPOINT = "checkpoint.npz"
 RUN_FILES = (CONFIG, METRICS, TIMING, CHECKPOINT)
+KILL_HOOK = "EJ_TEST_KILL_IN_CHECKPOINT"  # the test hook (module docstring)
 
 
 # ------------------------------------------------------------------------ files
@@ -61,8 +77,11 @@ def _fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w"):
-    """Opens a temporary file next to `path`; on success, fsyncs and renames it to `path`."""
+def atomic_open(path: str, mode: str = "w", before_replace=None):
+    """Opens a temporary file next to `path`; on success, fsyncs and renames it to `path`.
+
+    `before_replace(tmp_path)`, when given, runs after the fsync and before the rename.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     umask = os.umask(0)
@@ -73,6 +92,8 @@ def atomic_open(path: str, mode: str = "w"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -148,11 +169,26 @@ def rewrite_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> None:
             f.write(dumps(record) + "\n")
 
 
+def drop_torn_tail(path: str) -> None:
+    """Truncates a file after its last newline (a line torn by a crash mid-write)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class JsonlWriter:
-    """Appends one strict-JSON line per record, flushed at once."""
+    """Appends one strict-JSON line per record, flushed at once.
+
+    A torn last line (a crash mid-write) is dropped first, so appends start on a
+    line of their own.
+    """
 
     def __init__(self, path: str):
         self.path = path
+        drop_torn_tail(path)
         self._file = open(path, "a")  # noqa: SIM115 (closed in `close`)
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -173,11 +209,13 @@ def _is_key(leaf) -> bool:
     return jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def save_checkpoint(path: str, state, round_: int) -> None:
+def save_checkpoint(path: str, state, round_: int, *, guard=None) -> None:
     """Saves `state`'s leaves and its round to `path` (`.npz`), atomically.
 
     Typed PRNG keys are stored as `jax.random.key_data`; `restore_checkpoint` wraps
     them back with the default key implementation (the one `jax.random.key` uses).
+    `guard`, the launcher's divergence-guard record (small integers), is kept in
+    the JSON `meta` entry (`checkpoint_guard` reads it back).
     """
     leaves, treedef = jax.tree.flatten(state)
     leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
@@ -194,10 +232,32 @@ def save_checkpoint(path: str, state, round_: int) -> None:
         "keys": [i for i, x in enumerate(jax.tree.leaves(state)) if _is_key(x)],
         "treedef": str(treedef),
     }
+    if guard is not None:
+        meta["guard"] = np.asarray(jax.device_get(guard)).tolist()
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
     arrays["meta"] = np.asarray(json.dumps(meta))
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", before_replace=_kill_hook(round_)) as f:
         np.savez(f, **arrays)
+
+
+def _kill_hook(round_: int):
+    """The test hook `EJ_TEST_KILL_IN_CHECKPOINT`: SIGKILL between fsync and rename."""
+    value = os.environ.get(KILL_HOOK, "")
+    if not value or int(value) != round_:
+        return None
+
+    def kill(tmp):
+        del tmp
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
+def checkpoint_guard(path: str):
+    """The divergence-guard record saved with the checkpoint at `path`, or None."""
+    if not os.path.exists(path):
+        return None
+    return _read_checkpoint(path)[0].get("guard")
 
 
 def checkpoint_round(path: str) -> int | None:
@@ -229,6 +289,12 @@ def restore_checkpoint(path: str, template):
       UsageError: the file is unreadable, or its structure, shapes or dtypes differ
         from the template's.
     """
+    state, meta = _restore(path, template)
+    return state, int(meta["round"])
+
+
+def _restore(path: str, template):
+    """`restore_checkpoint`, returning the state and the whole `meta` record."""
     meta, leaves = _read_checkpoint(path)
     t_leaves, treedef = jax.tree.flatten(template)
     if meta["treedef"] != str(treedef) or len(leaves) != len(t_leaves):
@@ -247,7 +313,7 @@ def restore_checkpoint(path: str, template):
             raise UsageError(f"{path}: leaf {i} is {x.dtype}{list(x.shape)}; expected "
                              f"{t.dtype}{list(t.shape)}")
         out.append(jnp.asarray(x))
-    return jax.tree.unflatten(treedef, out), int(meta["round"])
+    return jax.tree.unflatten(treedef, out), meta
 
 
 # ----------------------------------------------------------------------- resume
@@ -259,6 +325,72 @@ class Start(NamedTuple):
     state: Any
     round: int
     records: list  # metrics records to keep (resume), else []
+    guard: Any = None  # the checkpoint's divergence-guard record, else None
+
+
+# ------------------------------------------------------------------------- lock
+
+
+class WorkdirLock:
+    """An exclusive `flock` on a workdir, held until `release` or the process's death."""
+
+    def __init__(self, fd: int | None):
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # Closing the descriptor drops the lock.
+            self._fd = None
+
+
+def lock_workdir(wd: str) -> WorkdirLock:
+    """Creates `wd` if needed and locks it for this process.
+
+    The lock is `flock` on the directory itself (on a file system that cannot lock
+    a directory, on a `.lock` file in it). The kernel drops it when the process
+    exits or is killed, so only a running process ever holds it.
+
+    Raises:
+      UsageError: `wd` is a file, or another running process holds the lock.
+    """
+    if os.path.exists(wd) and not os.path.isdir(wd):
+        raise config_lib.usage("workdir", wd, "a directory (this is a file)")
+    try:
+        import fcntl
+    except ImportError:  # No flock (Windows): run unlocked.
+        logging.warning("cannot lock %s on this platform; do not launch twice on it", wd)
+        return WorkdirLock(None)
+    os.makedirs(wd, exist_ok=True)
+    fd = None
+    for target, flags in ((wd, os.O_RDONLY), (os.path.join(wd, ".lock"), os.O_RDWR | os.O_CREAT)):
+        fd = os.open(target, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return WorkdirLock(fd)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise config_lib.usage(
+                    "workdir", wd, "a workdir no running process is using (another "
+                    "experiments.train is running in it; wait for it to stop, then --resume)"
+                ) from None
+    logging.warning("cannot lock %s on this file system; do not launch twice on it", wd)
+    return WorkdirLock(None)
+
+
+_RUN_NAMES = "|".join(re.escape(n) for n in RUN_FILES)
+_TEMPORARY = re.compile(rf"^({_RUN_NAMES})\..+\.tmp$")
+
+
+def remove_stale_temporaries(wd: str) -> list[str]:
+    """Removes the temporary files a killed writer left in `wd` (call under the lock)."""
+    removed = []
+    for name in sorted(os.listdir(wd)) if os.path.isdir(wd) else []:
+        if _TEMPORARY.match(name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(wd, name))
+                removed.append(name)
+    return removed
 
 
 def on_grid(round_: int, f: Mapping[str, Any]) -> bool:
@@ -305,7 +437,8 @@ def check_workdir(cfg: Config, abstract_state) -> Start:
     if not os.path.exists(checkpoint):
         logging.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
         return Start(None, 0, [])
-    state, round_ = restore_checkpoint(checkpoint, abstract_state)
+    state, meta = _restore(checkpoint, abstract_state)
+    round_, guard = int(meta["round"]), meta.get("guard")
     if round_ > f["rounds"]:
         raise config_lib.usage("rounds", f["rounds"], f"an integer >= {round_}, the round "
                                f"of {checkpoint}")
@@ -314,4 +447,4 @@ def check_workdir(cfg: Config, abstract_state) -> Start:
             if r.get("round", math.inf) <= round_
             and (on_grid(r["round"], f) or r["round"] == f["rounds"])]
     logging.info("--resume: continuing %s from round %d", wd, round_)
-    return Start(state, round_, keep)
+    return Start(state, round_, keep, guard)

@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import pickle
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -227,6 +229,34 @@ def test_cifar_corrupt_files(tmp_path, how, message):
     with pytest.raises(data.DataError, match=message) as info:
         data.load_cifar10(str(tmp_path))
     assert str(info.value).startswith(str(path) + ": ")
+
+
+@pytest.mark.parametrize("name", ["data_batch_1.bin", "test_batch.bin"])
+def test_cifar_label_out_of_range_in_any_file(tmp_path, name):
+    _write_cifar(tmp_path, np.random.default_rng(6))
+    path = tmp_path / name
+    raw = bytearray(path.read_bytes())
+    raw[0] = 255  # the first record's label byte
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match="label 255 out of range; expected 0..9") as info:
+        data.load_cifar10(str(tmp_path))
+    assert str(info.value).startswith(str(path) + ": ") and "\n" not in str(info.value)
+
+
+def test_loaders_never_unpickle_or_open_a_connection(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a loader unpickled or opened a connection")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    (tmp_path / "mnist").mkdir()
+    _write_mnist(tmp_path / "mnist", np.random.default_rng(7), compress=("t10k-images-idx3-ubyte",))
+    assert data.load_dataset("mnist", str(tmp_path / "mnist")).x_train.shape[0] == 5
+    _write_cifar(tmp_path / "cifar", np.random.default_rng(8))
+    assert data.load_dataset("cifar10", str(tmp_path / "cifar")).x_test.shape[0] == 2
+    assert data.load_dataset("digits").num_classes == 10
 
 
 # --------------------------------------------------------------- convex problems

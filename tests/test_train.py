@@ -9,6 +9,7 @@ subprocess, for the exit status and stderr. Validation is fuzzed without compili
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -88,10 +89,11 @@ def test_shortened_default_run_writes_every_output_and_learns(tmp_path):
     assert [r["round"] for r in records] == [5, 10, 15, 20, 25, 30]
     for name in ("loss", "consistency/b_hat", "consistency/bound", "grad_norm/max",
                  "update_norm", "comm/bits", "learning_rate", "delay/mean", "ef/residual_norm",
-                 "aux/accuracy"):
+                 "aux/accuracy", "nonfinite/skipped_rounds"):
         assert name in records[0], name
     assert "test/accuracy" in records[2] and "test/accuracy" not in records[1]
     assert records[-1] == last
+    assert all(r["nonfinite/skipped_rounds"] == 0 for r in records)
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     assert records[-1]["test/accuracy"] > 0.8
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -125,6 +127,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(whole, tmp_path):
             if json.loads(line)["round"] > 7:
                 f.write(line + "\n")
         f.write('{"round": 11, "loss"')
+    with open(part / "timing.jsonl", "a") as f:
+        f.write('{"round": 9, "elapsed')  # torn too: the resumed run's lines start anew
     _run(part, rounds=WHOLE_ROUNDS, resume=True)
     assert _strict_records(part / "metrics.jsonl") == _strict_records(whole / "metrics.jsonl")
     assert (part / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
@@ -316,6 +320,7 @@ def test_every_flag_is_declared_with_its_range():
 
 
 def test_flag_parsing_errors_are_one_line(capsys):
+    absl_level = logging.getLogger("absl").level  # Parsing --verbosity changes it.
     try:
         with pytest.raises(SystemExit) as excinfo:
             train.parse_flags(["train", "--num_workers=abc"])
@@ -331,6 +336,7 @@ def test_flag_parsing_errors_are_one_line(capsys):
         assert err.count("\n") == 1 and err.startswith("--compressor: got qsgd")
     finally:
         train.FLAGS.unparse_flags()
+        logging.getLogger("absl").setLevel(absl_level)
 
 
 def _launch(*args):

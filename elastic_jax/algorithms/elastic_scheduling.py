@@ -46,19 +46,20 @@ class ElasticShared(NamedTuple):
     averages: Any  # pytree [tau + 1, ...]: eta_s gbar_s in slot s mod (tau + 1)
     arrival: jax.Array  # [tau + 1, P] int32: round before which node q has average s
     stats: consistency.ConsistencyState
+    outstanding: Any  # pytree [P, ...]: every node's outstanding averages this round
 
     def gap(self, index, own):
         """`v^q - x` for node `index` (`own` its slots in variance mode, else None)."""
-        outstanding = self.arrival[:, index] > self.round
-
-        def one(avg, x, mine=None):
-            term = avg if mine is None else avg - mine
-            mask = jnp.reshape(outstanding, outstanding.shape + (1,) * (term.ndim - 1))
-            return consistency.worker_sum(jnp.where(mask, term, 0)).astype(x.dtype)
-
         if own is None:
-            return jax.tree.map(one, self.averages, self.params)
-        return jax.tree.map(one, self.averages, self.params, own)
+            return jax.tree.map(lambda g, x: g[index].astype(x.dtype), self.outstanding,
+                                self.params)
+        mask = self.arrival[:, index] > self.round
+
+        def one(g, x, mine):
+            kept = jnp.where(jnp.reshape(mask, mask.shape + (1,) * (mine.ndim - 1)), mine, 0)
+            return (g[index] - consistency.worker_sum(kept)).astype(x.dtype)
+
+        return jax.tree.map(one, self.outstanding, self.params, own)
 
     def actual(self, workers: WorkerState):
         """The mean of the nodes' views."""
@@ -70,6 +71,24 @@ class ElasticShared(NamedTuple):
 
     def auxiliary(self, workers: WorkerState):
         return self.params
+
+
+def outstanding_sums(round_, averages, arrival):
+    """`sum_{s outstanding at q} eta_s gbar_s` for every node `q`: one product per leaf.
+
+    A `[P, tau + 1] x [tau + 1, d]` product computed once per round (at the end
+    of the previous round's `combine`) and read by `view`, `local` and the
+    metrics, instead of a masked sum over the slots per node and per use.
+    """
+    weights = (arrival > round_).astype(jax.tree.leaves(averages)[0].dtype)  # [tau + 1, P]
+
+    def one(avg):
+        flat = avg.reshape(avg.shape[0], -1)
+        out = jax.lax.dot_general(weights.astype(avg.dtype), flat, (((0,), (0,)), ((), ())),
+                                  precision=jax.lax.Precision.HIGHEST)
+        return out.reshape((weights.shape[1],) + avg.shape[1:])
+
+    return jax.tree.map(one, averages)
 
 
 def elastic_scheduling(
@@ -128,6 +147,8 @@ def elastic_scheduling(
             averages=jax.tree.map(lambda x: jnp.zeros((size,) + jnp.shape(x), x.dtype), params),
             arrival=jnp.zeros((size, num_workers), jnp.int32),
             stats=consistency.init(dtype),
+            outstanding=jax.tree.map(
+                lambda x: jnp.zeros((num_workers,) + jnp.shape(x), x.dtype), params),
         )
         own = None
         if variance:
@@ -172,7 +193,8 @@ def elastic_scheduling(
             rule, stats, eta, msg, shared.params, params, rule.bits(shared.params),
             num_workers))
         metrics["delay/mean"] = jnp.mean(lags.astype(dtype))
-        new_shared = ElasticShared(round_ + 1, shared.key, params, averages, arrival, stats)
+        new_shared = ElasticShared(round_ + 1, shared.key, params, averages, arrival, stats,
+                                   outstanding_sums(round_ + 1, averages, arrival))
         return new_shared, metrics
 
     views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)

@@ -1,0 +1,116 @@
+"""Prints the reference table of every argument and its valid values, as Markdown.
+
+    python -m experiments.arguments > docs/arguments.md
+
+The launcher's part comes from `experiments.config.FLAG_SPECS` (the table the
+absl flags and `validate` are built from) and `EXIT_STATUS`; the library's from
+`elastic_jax.validation.FACTORY_ARGUMENTS`, with each default read from the
+factory's signature. `tests/test_reliability.py` checks that the committed
+`docs/arguments.md` is this program's output, that the library table names
+exactly the arguments of each factory's signature, and that every range in it
+is the one the factory enforces.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import elastic_jax as ej
+from experiments import config as config_lib
+
+HEADER = """\
+# Arguments and their valid values
+
+Generated from the code by `python -m experiments.arguments > docs/arguments.md`; do
+not edit by hand (`tests/test_reliability.py` checks that this file is current). A
+value outside its range is refused before anything compiles, with one line of the
+form `<argument>: got <value>; expected <valid values>`: a `ValueError` from the
+library, and from the launcher the same line with the flag's name (`--<flag>: ...`)
+on stderr and exit status 2.
+"""
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _flag_default(spec: config_lib.FlagSpec) -> str:
+    if spec.kind == "bool":
+        return f"`--{spec.name}`" if spec.default else f"`--no{spec.name}`"
+    if spec.kind in ("enum", "string"):
+        return f"`{spec.default}`" if spec.default else "(empty)"
+    return f"`{spec.default}`"
+
+
+def launcher_lines() -> list[str]:
+    """The flags of `python -m experiments.train` and its exit status."""
+    rows = [(f"`--{s.name}`", _flag_default(s), s.expected, "yes" if s.semantic else "no",
+             s.help) for s in config_lib.FLAG_SPECS]
+    lines = ["## Launcher flags: `python -m experiments.train`", "",
+             "`resume must keep`: whether `--resume` refuses a value that differs from the "
+             "saved `config.json` (`--rounds` too when a decaying schedule spans it, "
+             "`--schedule_rounds=0`).", ""]
+    lines += _table(("flag", "default", "valid values", "resume must keep", "meaning"), rows)
+    lines += ["", "### Exit status", ""]
+    lines += _table(("status", "meaning"), list(config_lib.EXIT_STATUS))
+    return lines
+
+
+def _factory(name: str):
+    target = ej
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _plain(signature: inspect.Signature) -> inspect.Signature:
+    """The signature without annotations: `(learning_rate, num_workers, *, ...)`."""
+    empty = inspect.Parameter.empty
+    return signature.replace(
+        parameters=[p.replace(annotation=empty) for p in signature.parameters.values()],
+        return_annotation=empty)
+
+
+def _default(parameter: inspect.Parameter) -> str:
+    if parameter.default is inspect.Parameter.empty:
+        return "required"
+    return f"`{parameter.default!r}`"
+
+
+def library_lines() -> list[str]:
+    """Every argument of every public factory (`elastic_jax.validation.FACTORY_ARGUMENTS`)."""
+    lines = ["## Library factories: `import elastic_jax as ej`", "",
+             "Concrete values are checked when the factory is called (sizes that depend on "
+             "the parameters, such as `k <= d`, when the algorithm's `init` or the "
+             "compressor first sees them); a JAX tracer passes unchecked, so a factory can "
+             "be built inside a differentiated function."]
+    for name, arguments in ej.validation.FACTORY_ARGUMENTS.items():
+        signature = inspect.signature(_factory(name))
+        lines += ["", f"### `ej.{name}{_plain(signature)}`", ""]
+        if not arguments:
+            lines.append("No arguments.")
+            continue
+        rows = [(f"`{a.name}`", _default(signature.parameters[a.name]), a.expected)
+                for a in arguments]
+        lines += _table(("argument", "default", "valid values"), rows)
+    return lines
+
+
+def markdown() -> str:
+    """The whole reference, as committed in `docs/arguments.md`."""
+    return "\n".join([HEADER, *launcher_lines(), "", *library_lines()]) + "\n"
+
+
+def main() -> None:
+    sys.stdout.write(markdown())
+
+
+if __name__ == "__main__":
+    main()
