@@ -296,41 +296,45 @@ def current_round(state: State) -> int:
 
 
 def _value_and_grads(loss_fn, has_aux, loop="map", platform="cpu"):
-    """`grads_fn(indices, views, batch, vary) -> (losses, aux, grads)` over a block.
+    """`grads_fn(indices, views, batch, vary, resolved=None) -> (losses, aux, grads)`.
 
-    `loop="auto"` is resolved at trace time from one worker's jaxpr, the block
-    size and `platform` (`resolve_worker_loop`).
+    Over a block of workers. `loop="auto"` is resolved at trace time by
+    `grads_fn.resolve(view, batch, block)` from one worker's jaxpr, the block size
+    and `platform` (`resolve_worker_loop`); it returns `(loop, one)`, which
+    `round_body` passes back as `resolved` (the loss is traced once).
     """
     vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
-    def one(index, view, batch, shared):
-        del index, shared
+    def split(out):
         if has_aux:
-            (loss, aux), grad = vg(view, batch)
+            (loss, aux), grad = out
         else:
-            (loss, grad), aux = vg(view, batch), None
+            (loss, grad), aux = out, None
         return loss, aux, grad
 
-    def grads_fn(indices, views, batch, vary=None):
-        if loop != "auto":
-            return map_workers(one, indices, views, batch, loop=loop, vary=vary)
+    def one(index, view, batch, shared):
+        del index, shared
+        return split(vg(view, batch))
+
+    def resolve(view, batch, block):
         # Trace the loss once: its jaxpr decides the loop and is what the loop runs.
-        first = jax.tree.map(lambda x: x[0], (views, batch))
-        closed, shapes = jax.make_jaxpr(vg, return_shape=True)(*first)
+        closed, shapes = jax.make_jaxpr(vg, return_shape=True)(view, batch)
         treedef, run = jax.tree.structure(shapes), jax_core.jaxpr_as_fun(closed)
-        chosen = resolve_worker_loop(loop, closed, indices.shape[0], platform)
 
         def traced(index, view, batch, shared):
             del index, shared
-            out = jax.tree.unflatten(treedef, run(*jax.tree.leaves((view, batch))))
-            if has_aux:
-                (loss, aux), grad = out
-            else:
-                (loss, grad), aux = out, None
-            return loss, aux, grad
+            return split(jax.tree.unflatten(treedef, run(*jax.tree.leaves((view, batch)))))
 
-        return map_workers(traced, indices, views, batch, loop=chosen, vary=vary)
+        return resolve_worker_loop(loop, closed, block, platform), traced
 
+    def grads_fn(indices, views, batch, vary=None, resolved=None):
+        if resolved is None and loop == "auto":
+            first = jax.tree.map(lambda x: x[0], (views, batch))
+            resolved = resolve(*first, indices.shape[0])
+        chosen, fn = resolved if resolved is not None else (loop, one)
+        return map_workers(fn, indices, views, batch, loop=chosen, vary=vary)
+
+    grads_fn.resolve = resolve
     return grads_fn
 
 
@@ -355,8 +359,18 @@ def round_body(alg: Algorithm, grads_fn, shared, workers, batch, first_index, ga
     """
     block = jax.tree.leaves(batch)[0].shape[0]
     indices = first_index + jnp.arange(block)
+    resolved = None
+    if loop == "auto":
+        # Resolve from the first worker's view (its value is unused and dropped
+        # by XLA); views and `local` follow the gradients when they are unrolled
+        # (measured faster on the small CNN: message passing 1.16x the floor
+        # unrolled, 1.58x with vmapped views and `local`).
+        first = jax.tree.map(lambda x: x[0], (workers, batch))
+        view = vary(alg.view(indices[0], first[0], shared))
+        resolved = grads_fn.resolve(view, first[1], block)
+        loop = "unroll" if resolved[0] == "unroll" else "vmap"
     views = vary(map_workers(alg.view, indices, workers, shared=shared, loop=loop, vary=vary))
-    losses, aux, grads = grads_fn(indices, views, batch, vary)
+    losses, aux, grads = grads_fn(indices, views, batch, vary, resolved)
     workers, messages = local_half(alg.local, shared, workers, grads, indices, loop=loop,
                                    vary=vary)
     messages, losses, aux = gather((messages, losses, aux))

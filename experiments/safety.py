@@ -74,7 +74,11 @@ def guard_step(step: Callable, on_nonfinite: str) -> Callable:
     `shared.round` advances, so the next round reads the next round's batch, keys,
     lags and learning rate (the run neither repeats the failed draw nor stalls); the
     algorithm's own counters (e.g. async's update count) and buffers stay as they
-    were, as if no worker had sent anything that round. Selection is a `jnp.where`,
+    were, as if no worker had sent anything that round (so do the quantities an
+    algorithm precomputes for the coming round: async SGD's inconsistent views,
+    message passing's pending sums and elastic scheduling's outstanding sums; the
+    round after a skip reads the failed round's views, and the next `combine`
+    recomputes them). Selection is a `jnp.where`,
     exact, so a run without non-finite values is bitwise the unguarded run. The
     metrics gain `nonfinite/skipped_rounds`, the count so far (0 under `"stop"`).
     """
