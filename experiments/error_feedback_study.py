@@ -1,0 +1,580 @@
+r"""Does error feedback help sparsified asynchronous SGD? Top-k async SGD with and without EF.
+
+    python -m experiments.error_feedback_study --workdir=DIR [--smoke]
+
+Nadiradze et al. (arXiv:2001.05918) report that error feedback "may not
+necessarily help" Top-k sparsified *asynchronous* SGD; THEORY.md section 3 gives
+the reason: error feedback removes the compressor's bias but raises the elastic
+consistency constant `B` by a term of order `(d/k) M`, and neither effect
+dominates in theory. This study measures it. For every Top-k fraction
+(`--k_fractions`), worker count `P` (`--workers`) and largest staleness
+(`--delays`, in updates, written in terms of `P`: `P-1`, `2P`) it trains
+asynchronous SGD (`experiments.train`'s defaults otherwise: uniform lags,
+inconsistent reads, learning rate 0.05, batch 32 per worker) with error
+feedback (EF14) and without, the small CNN on the bundled 8x8 digits, and
+CIFAR-10 with ResNet-20 when `--data_dir` holds `cifar-10-batches-bin`.
+
+Each configuration is built by `experiments.config.validate` and run through
+`experiments.problem` (the launcher's data, model and compiled round), one
+seed after another: seed `s` initialises the model with `fold_in(key(s), 0)` and
+the algorithm with `fold_in(key(s), 1)`, as `--num_seeds` does, while the data
+split is drawn from `--seed` and shared. Seeds run sequentially because that
+measured faster here than the launcher's vmapped seed batch (see the report's
+"Cost" section).
+
+Measured per configuration, as mean ± standard deviation over seeds: the final
+training loss (the whole training set, at most `--train_eval_size` samples, of
+the actual model `ej.model(state)`), the final test accuracy, the rounds to
+reach `--target_loss` on the training set (checked every `--eval_every`
+rounds; "not reached" when a seed did not within `--rounds`), and the largest
+`consistency/b_hat`. Per (k, P, max_delay) the report says whether EF's final
+training loss is lower than without EF beyond the seeds' spread: the two
+intervals `mean ± std` do not overlap.
+
+It writes `report.md` and PNG plots into `--workdir`. `--smoke` runs a tiny
+version for CI.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import elastic_jax as ej
+from experiments import config as config_lib
+from experiments import data as data_lib
+from experiments import models as models_lib
+from experiments import problem as problem_lib
+from experiments import studies
+from experiments.studies import Spec
+
+MODULE = "experiments.error_feedback_study"
+# The reference grid of the study: a run on another grid reports how it differs.
+REFERENCE_GRID = {"k_fractions": (0.001, 0.01, 0.1), "workers": (4, 8), "delays": "P-1,2P",
+              "num_seeds": 3}
+WORKER_LOOPS = ("auto", "map", "unroll", "vmap")
+SPECS: dict[str, Spec] = {
+    "workdir": Spec("path", "", "Directory for report.md and the PNGs (created if missing; "
+                    "required)."),
+    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 12, num_seeds 2, k_fractions "
+                  "0.01, workers 2, delays P-1, batch_size 8, eval_every 4) unless those "
+                  "flags are given."),
+    "rounds": Spec("int", 250, "Rounds of every run.", 1, 10_000_000),
+    "num_seeds": Spec("int", 3, "Seeds per configuration (seed, seed + 1, ...).", 1, 1024),
+    "seed": Spec("int", 0, "First seed; it also draws the data split.", 0, 2**31 - 1),
+    "k_fractions": Spec("floats", "0.001,0.01,0.1", "Top-k fractions of the grid.", 0.0, 1.0,
+                        lo_open=True),
+    "workers": Spec("ints", "4,8", "Worker counts P of the grid.", 1, 4096),
+    "delays": Spec("delays", "P-1,2P", "Largest staleness in updates, per P (async needs "
+                   ">= P - 1)."),
+    "learning_rate": Spec("float", 0.05, "Learning rate eta (constant).", 0.0, 100.0,
+                          lo_open=True),
+    "batch_size": Spec("int", 32, "Samples per worker per round.", 1, 65_536),
+    "reads": Spec("enum", "inconsistent", "Stale reads: one lag per update (consistent) or "
+                  "per coordinate (inconsistent, experiments.train's default).",
+                  choices=("consistent", "inconsistent")),
+    "delay": Spec("enum", "uniform", "Delay law of the lags (experiments.train's default: "
+                  "uniform).", choices=("fixed", "uniform", "geometric")),
+    "model": Spec("enum", "cnn", "Model on the digits (CIFAR-10 always uses resnet20).",
+                  choices=("cnn", "mlp")),
+    "target_loss": Spec("float", 0.1, "Training loss whose first crossing is reported.", 0.0,
+                        None, lo_open=True),
+    "eval_every": Spec("int", 10, "Rounds between training-loss evaluations.", 1, 1_000_000),
+    "train_eval_size": Spec("int", 10_000, "Training samples the training loss is measured "
+                            "on (the first ones).", 1, 10_000_000),
+    "data_dir": Spec("string", "", "A directory; when it holds cifar-10-batches-bin the "
+                     "grid also runs CIFAR-10 with ResNet-20."),
+    "compare_seed_batching": Spec("bool", False, "Also time the largest configuration's "
+                                  "seeds run one after another against the launcher's "
+                                  "vmapped --num_seeds batch (two extra compilations)."),
+    "worker_loop": Spec("enum", "auto", "How a round evaluates the workers' gradients "
+                        "(ej.make_step's worker_loop; auto: the library picks the fastest for "
+                        "the model and backend).", choices=WORKER_LOOPS),
+}
+SMOKE = {"rounds": 12, "num_seeds": 2, "k_fractions": "0.01", "workers": "2",
+         "delays": "P-1", "batch_size": 8, "eval_every": 4}
+
+
+class Point(NamedTuple):
+    """One configuration of the grid."""
+
+    dataset: str
+    model: str
+    k: float
+    num_workers: int
+    max_delay: int
+    error_feedback: bool
+
+
+def datasets(s) -> list[tuple[str, str]]:
+    """`(dataset, model)` pairs: digits, and CIFAR-10 where `--data_dir` holds it."""
+    out = [("digits", s.model)]
+    if s.data_dir and os.path.isdir(os.path.join(s.data_dir, "cifar-10-batches-bin")):
+        out.append(("cifar10", "resnet20"))
+    return out
+
+
+def grid(s) -> list[Point]:
+    points = []
+    for dataset, model in datasets(s):
+        for k in s.k_fractions:
+            for p in s.workers:
+                for delay in s.delays:
+                    for ef in (False, True):
+                        points.append(Point(dataset, model, k, p, delay(p), ef))
+    return points
+
+
+def launcher_values(s, point: Point) -> dict[str, Any]:
+    """The `experiments.train` flags of one configuration."""
+    values = {
+        "algorithm": "async", "num_workers": point.num_workers, "max_delay": point.max_delay,
+        "delay": s.delay, "reads": s.reads, "compressor": "top_k", "k_fraction": point.k,
+        "error_feedback": point.error_feedback, "learning_rate": s.learning_rate,
+        "batch_size": s.batch_size, "rounds": s.rounds, "model": point.model,
+        "dataset": point.dataset, "data_dir": s.data_dir if point.dataset != "digits" else "",
+        "seed": s.seed, "workdir": s.workdir,
+    }
+    if "worker_loop" in config_lib.SPECS:
+        values["worker_loop"] = s.worker_loop
+    return values
+
+
+def check(s) -> list[tuple[Point, config_lib.Config]]:
+    """Every configuration's launcher config, validated before anything compiles."""
+    for delay in s.delays:
+        for p in s.workers:
+            if delay(p) < p - 1:
+                raise studies.usage("delays", str(delay), f"delays >= P - 1 for every P in "
+                                    f"--workers (P = {p} gives {delay(p)})")
+    out = []
+    for point in grid(s):
+        try:
+            cfg = config_lib.validate(launcher_values(s, point))
+        except config_lib.UsageError as e:
+            raise studies.UsageError(str(e)) from None
+        out.append((point, cfg))
+    return out
+
+
+# ------------------------------------------------------------------------ runs
+
+
+class Outcome(NamedTuple):
+    """One configuration over seeds."""
+
+    point: Point
+    final_loss: list[float]  # training loss of the actual model, per seed
+    test_accuracy: list[float]
+    rounds_to_target: list[int | None]
+    max_b_hat: list[float]
+    eval_rounds: list[int]
+    curves: np.ndarray  # [seeds, evaluations] training loss
+    compile_s: float
+    run_s: float
+
+
+class Data(NamedTuple):
+    """What the training-loss evaluation needs for one dataset."""
+
+    module: Any
+    x: np.ndarray
+    y: np.ndarray
+
+
+def load_data(dataset: str, model: str, s) -> Data:
+    ds = data_lib.load_dataset(dataset, s.data_dir or None)
+    module, _ = models_lib.make_model(model, ds.num_classes, ds.x_train.shape[1:])
+    n = min(s.train_eval_size, ds.y_train.shape[0])
+    return Data(module, ds.x_train[:n], ds.y_train[:n])
+
+
+def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, data: Data,
+              s) -> Outcome:
+    """Runs every seed of one configuration with one compiled round."""
+    alg = cfg.algorithm
+    alg_init = jax.jit(alg.init)
+    mesh = ej.parallel.make_mesh(1)
+
+    def init(seed):
+        base = jax.random.key(seed)
+        state = alg_init(problem.init_params(jax.random.fold_in(base, 0)),
+                         jax.random.fold_in(base, 1))
+        return ej.parallel.shard_state(jax.tree.map(jnp.copy, state), mesh)
+
+    def train_loss(state):
+        return models_lib.evaluate(data.module, ej.model(state), data.x, data.y)[0]
+
+    seeds = studies.seeds(s.seed, s.num_seeds)
+    t0 = time.perf_counter()
+    state = init(seeds[0])
+    sample, step = problem_lib.make_round(cfg, problem)
+    sample = jax.jit(sample).lower(state).compile()
+    step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
+    compile_s = time.perf_counter() - t0
+    eval_rounds = [r for r in range(1, s.rounds + 1) if r % s.eval_every == 0 or r == s.rounds]
+    final, accuracy, reached, b_max, curves = [], [], [], [], []
+    t0 = time.perf_counter()
+    for i, seed in enumerate(seeds):
+        if i:
+            state = init(seed)
+        b_hats, curve = [], []
+        for r in range(1, s.rounds + 1):
+            state, metrics = step(state, sample(state))
+            b_hats.append(metrics["consistency/b_hat"])
+            if r in eval_rounds:
+                curve.append(train_loss(state))
+        final.append(curve[-1])
+        accuracy.append(problem.evaluate(ej.model(state))["test/accuracy"])
+        hit = [r for r, loss in zip(eval_rounds, curve, strict=True) if loss <= s.target_loss]
+        reached.append(hit[0] if hit else None)
+        b_max.append(float(jnp.max(jnp.stack(b_hats))))
+        curves.append(curve)
+    return Outcome(point, final, accuracy, reached, b_max, eval_rounds, np.asarray(curves),
+                   compile_s, time.perf_counter() - t0)
+
+
+class Batching(NamedTuple):
+    """Seeds one after another against one vmapped batch, on one configuration."""
+
+    point: Point
+    rounds: int
+    sequential_compile_s: float
+    sequential_ms: float  # per seed and round
+    vmapped_compile_s: float
+    vmapped_ms: float
+
+
+def _time_rounds(step, sample, state, rounds: int) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        state, _ = step(state, sample(state))
+    jax.block_until_ready(state)
+    return state, time.perf_counter() - t0
+
+
+def seed_batching(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, s,
+                  rounds: int = 20) -> Batching:
+    """Times `rounds` rounds of every seed both ways (after one warm-up round each)."""
+    values = {**launcher_values(s, point), "num_seeds": s.num_seeds}
+    timings = []
+    for seeds in (1, s.num_seeds):
+        batch_cfg = config_lib.validate({**values, "num_seeds": seeds})
+        init = problem_lib.make_init(batch_cfg, problem)
+        t0 = time.perf_counter()
+        state = init()
+        if seeds == 1:
+            state = ej.parallel.shard_state(state, ej.parallel.make_mesh(1))
+        sample, step = problem_lib.make_round(batch_cfg, problem)
+        sample = jax.jit(sample).lower(state).compile()
+        step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
+        compile_s = time.perf_counter() - t0
+        state, _ = _time_rounds(step, sample, state, 1)
+        total = 0.0
+        for _ in range(s.num_seeds if seeds == 1 else 1):  # the same state each time: timing
+            state, seconds = _time_rounds(step, sample, state, rounds)
+            total += seconds
+        timings += [compile_s, 1000 * total / (rounds * s.num_seeds)]
+    return Batching(point, rounds, *timings)
+
+
+def run_grid(s) -> list[Outcome]:
+    configs = check(s)
+    problems: dict[tuple, problem_lib.Problem] = {}
+    loaded: dict[tuple[str, str], Data] = {}
+    outcomes = []
+    for point, cfg in configs:
+        key = (point.dataset, point.model, point.num_workers)
+        if key not in problems:  # The data split depends on P only, not on the algorithm.
+            try:
+                problems[key] = problem_lib.load_problem(cfg.flags)
+            except config_lib.UsageError as e:
+                raise studies.UsageError(str(e)) from None
+        if (point.dataset, point.model) not in loaded:
+            loaded[point.dataset, point.model] = load_data(point.dataset, point.model, s)
+        outcomes.append(run_point(point, cfg, problems[key], loaded[point.dataset, point.model],
+                                  s))
+    return outcomes
+
+
+# --------------------------------------------------------------------- analysis
+
+
+class Comparison(NamedTuple):
+    dataset: str
+    k: float
+    num_workers: int
+    max_delay: int
+    without: Outcome
+    with_ef: Outcome
+    verdict: str  # "lower", "higher" or "within"
+
+
+def compare(outcomes: list[Outcome]) -> list[Comparison]:
+    """Pairs EF with no EF per configuration; the verdict on EF's final training loss.
+
+    `lower` (`higher`): EF's `mean + std` is below the other's `mean - std` (its
+    `mean - std` above the other's `mean + std`); otherwise `within` the spread;
+    `one seed` when there is no spread to compare against.
+    """
+    out = []
+    for on in outcomes:
+        if not on.point.error_feedback:
+            continue
+        off = next(o for o in outcomes if o.point == on.point._replace(error_feedback=False))
+        m_on, s_on = studies.mean_std(on.final_loss)
+        m_off, s_off = studies.mean_std(off.final_loss)
+        if min(len(on.final_loss), len(off.final_loss)) < 2:
+            verdict = "one seed"  # no spread to compare against
+        elif m_on + s_on < m_off - s_off:
+            verdict = "lower"
+        elif m_on - s_on > m_off + s_off:
+            verdict = "higher"
+        else:
+            verdict = "within"
+        p = on.point
+        out.append(Comparison(p.dataset, p.k, p.num_workers, p.max_delay, off, on, verdict))
+    return out
+
+
+def _reached(o: Outcome) -> str:
+    hits = [r for r in o.rounds_to_target if r is not None]
+    if len(hits) < len(o.rounds_to_target):
+        return f"not reached ({len(hits)}/{len(o.rounds_to_target)} seeds did)"
+    return studies.fmt_mean_std(hits, 3)
+
+
+def outcome_table(outcomes: list[Outcome]) -> list[str]:
+    header = ("dataset", "k", "P", "max_delay", "EF", "final train loss", "test accuracy",
+              "rounds to target", "max b_hat")
+    rows = [(o.point.dataset, f"{o.point.k:g}", o.point.num_workers, o.point.max_delay,
+             "yes" if o.point.error_feedback else "no", studies.fmt_mean_std(o.final_loss),
+             studies.fmt_mean_std(o.test_accuracy, 3), _reached(o),
+             studies.fmt_mean_std(o.max_b_hat, 3)) for o in outcomes]
+    return studies.markdown_table(header, rows)
+
+
+def comparison_table(comparisons: list[Comparison]) -> list[str]:
+    header = ("dataset", "k", "P", "max_delay", "loss without EF", "loss with EF",
+              "EF - no EF", "EF's loss vs the spread")
+    rows = []
+    for c in comparisons:
+        diff = np.mean(c.with_ef.final_loss) - np.mean(c.without.final_loss)
+        rows.append((c.dataset, f"{c.k:g}", c.num_workers, c.max_delay,
+                     studies.fmt_mean_std(c.without.final_loss),
+                     studies.fmt_mean_std(c.with_ef.final_loss), f"{diff:+.4g}", c.verdict))
+    return studies.markdown_table(header, rows)
+
+
+def finding(comparisons: list[Comparison]) -> list[str]:
+    """What was measured about the paper's finding, from the verdicts alone."""
+    n = len(comparisons)
+    if any(c.verdict == "one seed" for c in comparisons):
+        return ["One seed per configuration: there is no spread to judge the differences "
+                "against (rerun with --num_seeds >= 2); see the table for the values."]
+    lower = [c for c in comparisons if c.verdict == "lower"]
+    higher = [c for c in comparisons if c.verdict == "higher"]
+    within = n - len(lower) - len(higher)
+    lines = [f"Error feedback's final training loss was lower than without it beyond the "
+             f"seeds' spread in {len(lower)} of {n} configurations, higher beyond the spread "
+             f"in {len(higher)}, and within the spread in {within}."]
+    for k in sorted({c.k for c in comparisons}):
+        sel = [c for c in comparisons if c.k == k]
+        counts = {v: sum(c.verdict == v for c in sel) for v in ("lower", "within", "higher")}
+        lines.append(f"- k = {k:g}: EF lower in {counts['lower']}, within the spread in "
+                     f"{counts['within']}, higher in {counts['higher']} of {len(sel)}.")
+    faster = slower = 0
+    for c in comparisons:
+        r_on, r_off = c.with_ef.rounds_to_target, c.without.rounds_to_target
+        on_all, off_all = None not in r_on, None not in r_off
+        if on_all and (not off_all or np.mean(r_on) < np.mean(r_off)):
+            faster += 1
+        elif off_all and (not on_all or np.mean(r_off) < np.mean(r_on)):
+            slower += 1
+    lines.append(f"- Rounds to the target loss (every seed must reach it; fewer on average "
+                 f"wins): EF faster in {faster}, slower in {slower}, tied or neither reached "
+                 f"it in {n - faster - slower} of {n}.")
+    raised = [c for c in comparisons
+              if np.mean(c.with_ef.max_b_hat) > np.mean(c.without.max_b_hat)]
+    ratios = [np.mean(c.with_ef.max_b_hat) / np.mean(c.without.max_b_hat) for c in comparisons]
+    lines.append(f"- Measured `B` (max `b_hat`, mean over seeds): higher with EF in "
+                 f"{len(raised)} of {n} configurations (EF / no EF from {min(ratios):.2g} to "
+                 f"{max(ratios):.2g}); THEORY.md section 5 prices error feedback at "
+                 "`M (max_delay (1 + rho) + P rho)` against `max_delay mu` without it.")
+    ks = ", ".join(f"{k:g}" for k in sorted({c.k for c in comparisons if c.verdict != "lower"}))
+    if len(lower) == n:
+        verdict = ("In this run error feedback lowered the final training loss beyond the "
+                   "seeds' spread in every configuration: it does not reproduce the paper's "
+                   "finding that error feedback need not help sparsified asynchronous SGD.")
+    elif not lower:
+        verdict = ("In this run error feedback never lowered the final training loss beyond "
+                   "the seeds' spread: consistent with the paper's finding that it need not "
+                   "help sparsified asynchronous SGD.")
+    elif higher:
+        verdict = (f"In this run error feedback lowered the final training loss beyond the "
+                   f"seeds' spread in {len(lower)} of {n} configurations and raised it beyond "
+                   f"the spread in {len(higher)}: consistent with the paper's finding that it "
+                   "need not help sparsified asynchronous SGD.")
+    else:
+        not_lower = [c for c in comparisons if c.verdict != "lower"]
+        mean_lower = sum(np.mean(c.with_ef.final_loss) < np.mean(c.without.final_loss)
+                         for c in not_lower)
+        verdict = (f"In this run error feedback lowered the final training loss beyond the "
+                   f"seeds' spread in {len(lower)} of {n} configurations and never raised it "
+                   f"beyond the spread; in the other {len(not_lower)} (k = {ks}) the "
+                   f"difference was within the spread (EF's mean lower in {mean_lower} of "
+                   f"them). The paper's finding that error feedback need not help shows here "
+                   f"only as the vanishing of its advantage at k = {ks}, not as a "
+                   "configuration where it hurt.")
+    lines += ["", verdict]
+    return lines
+
+
+# ------------------------------------------------------------------------ plots
+
+
+def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
+    sel = [o for o in outcomes if o.point.dataset == dataset]
+    workers = sorted({o.point.num_workers for o in sel})
+    fig, axes = studies.figure(len(workers), len(s.delays), (5.0, 3.6))
+    colors = {k: f"C{i}" for i, k in enumerate(s.k_fractions)}
+    for i, p in enumerate(workers):
+        for j, delay in enumerate(s.delays):
+            ax = axes[i, j]
+            for o in sel:
+                if o.point.num_workers != p or o.point.max_delay != delay(p):
+                    continue
+                mean = o.curves.mean(0)
+                style = "-" if o.point.error_feedback else "--"
+                label = f"k={o.point.k:g}, {'EF' if o.point.error_feedback else 'no EF'}"
+                ax.plot(o.eval_rounds, mean, style, color=colors[o.point.k], label=label)
+                if o.curves.shape[0] > 1:  # min to max over seeds (positive: log scale)
+                    ax.fill_between(o.eval_rounds, o.curves.min(0), o.curves.max(0),
+                                    color=colors[o.point.k], alpha=0.15)
+            ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":")
+            ax.set_yscale("log")
+            ax.set_title(f"{dataset}: P={p}, max_delay={delay(p)} ({delay})", fontsize=9)
+            ax.set_xlabel("round")
+            ax.set_ylabel("training loss (mean; band: seeds' range)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    return studies.save_figure(fig, path)
+
+
+def plot_final(comparisons: list[Comparison], dataset: str, path: str) -> str:
+    sel = [c for c in comparisons if c.dataset == dataset]
+    fig, axes = studies.figure(1, 1, (max(6.0, 0.7 * len(sel) + 2), 4.0))
+    ax = axes[0, 0]
+    x = np.arange(len(sel))
+    for offset, attr, label in ((-0.2, "without", "no EF"), (0.2, "with_ef", "EF")):
+        means = [np.mean(getattr(c, attr).final_loss) for c in sel]
+        stds = [np.std(getattr(c, attr).final_loss) for c in sel]
+        ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, label=label)
+    ax.set_xticks(x, [f"k={c.k:g}\nP={c.num_workers}\nD={c.max_delay}" for c in sel],
+                  fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("final training loss (mean ± std)")
+    ax.set_title(f"{dataset}: async Top-k SGD with and without error feedback")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return studies.save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------ report
+
+
+def reductions(s) -> list[str]:
+    """How the settings differ from the reference grid."""
+    out = []
+    if tuple(s.k_fractions) != REFERENCE_GRID["k_fractions"]:
+        out.append(f"k fractions {', '.join(f'{k:g}' for k in s.k_fractions)} instead of "
+                   "0.001, 0.01, 0.1")
+    if tuple(s.workers) != REFERENCE_GRID["workers"]:
+        out.append(f"P in {{{', '.join(map(str, s.workers))}}} instead of {{4, 8}}")
+    if ",".join(map(str, s.delays)) != REFERENCE_GRID["delays"]:
+        out.append(f"max_delay in {{{', '.join(map(str, s.delays))}}} instead of {{P-1, 2P}}")
+    if s.num_seeds < REFERENCE_GRID["num_seeds"]:
+        out.append(f"{s.num_seeds} seeds instead of at least 3")
+    return out
+
+
+def run(s, invocation=None) -> str:
+    """Runs the grid (and the seed-batching timing) and writes the report; returns its path."""
+    start = time.perf_counter()
+    outcomes = run_grid(s)
+    batching = None
+    if s.compare_seed_batching:
+        point, cfg = check(s)[-1]  # the largest P and max_delay, with error feedback
+        batching = seed_batching(point, cfg, problem_lib.load_problem(cfg.flags), s)
+    seconds = time.perf_counter() - start
+    return write(s, outcomes, seconds, invocation, batching)
+
+
+def write(s, outcomes: list[Outcome], seconds: float, invocation,
+          batching: Batching | None = None) -> str:
+    comparisons = compare(outcomes)
+    lines = studies.header("Error feedback in sparsified asynchronous SGD", MODULE, SPECS, s,
+                           invocation, seconds)
+    names = ", ".join(f"{d} ({m})" for d, m in datasets(s))
+    lines += [
+        f"Asynchronous Top-k SGD (`ej.async_sgd`: {s.reads} reads, {s.delay} lags up to "
+        f"max_delay updates, constant learning rate {s.learning_rate:g}, batch "
+        f"{s.batch_size} per worker, {s.rounds} rounds) with EF14 error feedback and "
+        f"without, on {names}; seeds {s.seed}..{s.seed + s.num_seeds - 1} run one after "
+        f"another (worker loop `{s.worker_loop}`). The training loss is the mean cross-entropy "
+        f"of the actual model over the first {s.train_eval_size} training samples "
+        f"(all of them if fewer), checked every {s.eval_every} rounds; the target loss is "
+        f"{s.target_loss:g}. Values are mean ± standard deviation over seeds.",
+        "",
+    ]
+    if s.data_dir and len(datasets(s)) == 1:
+        lines += [f"CIFAR-10 not run: `{s.data_dir}` holds no `cifar-10-batches-bin`.", ""]
+    cut = reductions(s)
+    if cut:
+        lines += ["Differs from the reference grid: " + "; ".join(cut) + ".", ""]
+    lines += ["## The paper's finding, measured", ""] + finding(comparisons)
+    lines += ["", "## EF against no EF", ""] + comparison_table(comparisons)
+    lines += ["", "## Every configuration", ""] + outcome_table(outcomes)
+    lines += ["", "## Plots", ""]
+    for dataset, _ in datasets(s):
+        curves = plot_curves(outcomes, dataset, s, os.path.join(s.workdir,
+                                                                f"loss_{dataset}.png"))
+        final = plot_final(comparisons, dataset, os.path.join(s.workdir,
+                                                              f"final_loss_{dataset}.png"))
+        lines += [f"![training loss, {dataset}]({os.path.basename(curves)})", "",
+                  f"![final loss, {dataset}]({os.path.basename(final)})", ""]
+    compile_s = sum(o.compile_s for o in outcomes)
+    run_s = sum(o.run_s for o in outcomes)
+    lines += [
+        "## Cost",
+        "",
+        f"{len(outcomes)} compiled configurations: compilation {compile_s:.0f} s in all, "
+        f"training and evaluation {run_s:.0f} s ({s.num_seeds} seeds each).",
+    ]
+    if batching is not None:
+        b = batching.point
+        lines += [
+            "",
+            f"Seed batching, timed on k = {b.k:g}, P = {b.num_workers}, max_delay = "
+            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after a warm-up round): "
+            f"seeds one after another {batching.sequential_ms:.1f} ms per seed and round "
+            f"(compilation {batching.sequential_compile_s:.1f} s); the launcher's vmapped "
+            f"`--num_seeds={s.num_seeds}` batch {batching.vmapped_ms:.1f} ms per seed and "
+            f"round (compilation {batching.vmapped_compile_s:.1f} s). This study runs seeds "
+            "one after another.",
+        ]
+    return studies.write_report(s.workdir, lines)
+
+
+def main(argv: Any = None) -> None:
+    del argv
+    studies.launch(MODULE, SPECS, SMOKE, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The study scripts: each `--smoke` run in-process, its report's tables, and usage errors.
+
+Each study runs once (a module-scoped fixture) at its smoke sizes; the tests read
+the measurements and the report it wrote. One subprocess checks the command-line
+contract (one line on stderr, exit status 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import consistency_table, convex_rates, error_feedback_study, studies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke(module, workdir, **overrides):
+    return studies.validate(module.SPECS, {"workdir": str(workdir), "smoke": True, **overrides},
+                            smoke=module.SMOKE)
+
+
+def _table(text: str, first_header: str) -> tuple[list[str], list[list[str]]]:
+    """The markdown table whose header starts with `| first_header |`: header, rows."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+
+    def cells(line):
+        return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return cells(lines[start]), rows
+
+
+def _number(cell: str) -> float:
+    """The leading number of a cell (`1.2 ± 0.3` -> 1.2)."""
+    return float(cell.split(" ")[0])
+
+
+def _no_temporary_files(directory):
+    assert not [n for n in os.listdir(directory) if n.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ flags
+
+
+def test_validate_applies_smoke_sizes_unless_given():
+    s = _smoke(convex_rates, "/tmp/unused", rounds=7)
+    assert s.rounds == 7 and s.num_seeds == convex_rates.SMOKE["num_seeds"]
+    assert s.problems == convex_rates.PROBLEMS
+
+
+@pytest.mark.parametrize("module,values,flag", [
+    (convex_rates, {"rounds": 0}, "rounds"),
+    (convex_rates, {"problems": "least_squares,quadratic"}, "problems"),
+    (convex_rates, {"workdir": ""}, "workdir"),
+    (error_feedback_study, {"k_fractions": "0.1,0.1"}, "k_fractions"),
+    (error_feedback_study, {"k_fractions": "0,0.1"}, "k_fractions"),
+    (error_feedback_study, {"delays": "P-1,Q"}, "delays"),
+    (error_feedback_study, {"workers": "4,x"}, "workers"),
+    (consistency_table, {"learning_rate": float("nan")}, "learning_rate"),
+    (consistency_table, {"nonsense": 1}, "nonsense"),
+])
+def test_bad_flags_are_one_line_usage_errors(module, values, flag):
+    with pytest.raises(studies.UsageError) as excinfo:
+        studies.validate(module.SPECS, {"workdir": "/tmp/unused", **values})
+    message = str(excinfo.value)
+    assert "\n" not in message and message.startswith(f"--{flag}: got ")
+
+
+def test_delays_are_written_in_terms_of_the_worker_count():
+    s = studies.validate(error_feedback_study.SPECS,
+                         {"workdir": "/tmp/unused", "delays": "P-1,2P,3,P+2"})
+    assert [d(8) for d in s.delays] == [7, 16, 3, 10]
+    assert [str(d) for d in s.delays] == ["P-1", "2P", "3", "P+2"]
+    short = s._replace(delays=s.delays[2:3])  # 3 < P - 1 for P = 8
+    with pytest.raises(studies.UsageError, match=r"^--delays: got '3'; expected"):
+        error_feedback_study.check(short)
+
+
+def test_command_line_errors_exit_2_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.convex_rates", f"--workdir={tmp_path}",
+         "--num_workers=8", "--max_delay=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "--max_delay: got 3; expected an integer >= num_workers - 1 = 7"]
+    assert not os.listdir(tmp_path)
+
+
+def test_markdown_table_escapes_pipes():
+    lines = studies.markdown_table(("a", "||x||"), [(1, "|y|")])
+    assert lines == ["| a | \\|\\|x\\|\\| |", "|---|---|", "| 1 | \\|y\\| |"]
+
+
+# ------------------------------------------------- error feedback study
+
+
+@pytest.fixture(scope="module")
+def ef_study(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ef")
+    s = _smoke(error_feedback_study, directory)
+    outcomes = error_feedback_study.run_grid(s)
+    path = error_feedback_study.write(s, outcomes, 0.0, ["--smoke"])
+    return s, outcomes, path
+
+
+def test_ef_study_runs_both_arms_of_every_configuration(ef_study):
+    s, outcomes, path = ef_study
+    grid = error_feedback_study.grid(s)
+    assert [o.point for o in outcomes] == grid
+    pairs = {p._replace(error_feedback=None) for p in grid}
+    assert len(grid) == 2 * len(pairs)
+    for o in outcomes:
+        assert len(o.final_loss) == s.num_seeds
+        assert all(math.isfinite(x) and x > 0 for x in o.final_loss)
+        assert all(0.0 <= a <= 1.0 for a in o.test_accuracy)
+        assert all(b > 0 for b in o.max_b_hat)  # stale reads: views differ from x
+        assert o.curves.shape == (s.num_seeds, len(o.eval_rounds))
+        assert o.eval_rounds[-1] == s.rounds
+        np.testing.assert_allclose(o.curves[:, -1], o.final_loss)
+    # Seeds differ (each seed initialises its own model).
+    assert len(set(outcomes[0].final_loss)) == s.num_seeds
+
+
+def test_ef_study_report_has_one_row_per_configuration(ef_study):
+    s, outcomes, path = ef_study
+    text = open(path).read()
+    for needle in ("- Date: ", "- Machine: ", "- Code: git commit ",
+                   "python -m experiments.error_feedback_study",
+                   "## The paper's finding, measured", "Settings:"):
+        assert needle in text
+    _, every = _table(text.split("## Every configuration")[1], "dataset")
+    assert len(every) == len(outcomes)
+    arms = {}
+    for row in every:
+        arms.setdefault(tuple(row[:4]), []).append(row[4])
+    assert all(sorted(v) == ["no", "yes"] for v in arms.values())  # both arms, every config
+    for row in every:
+        assert math.isfinite(_number(row[5])) and math.isfinite(_number(row[6]))
+    _, comparison = _table(text.split("## EF against no EF")[1], "dataset")
+    assert len(comparison) == len(outcomes) // 2
+    assert all(r[-1] in ("lower", "higher", "within") for r in comparison)
+    for name in ("loss_digits.png", "final_loss_digits.png"):
+        assert os.path.getsize(os.path.join(s.workdir, name)) > 0
+    _no_temporary_files(s.workdir)
+
+
+def test_ef_verdict_uses_the_seeds_spread(ef_study):
+    _, outcomes, _ = ef_study
+    off, on = outcomes[0], outcomes[1]
+    assert not off.point.error_feedback and on.point.error_feedback
+
+    def verdict(loss_off, loss_on):
+        return error_feedback_study.compare(
+            [off._replace(final_loss=loss_off), on._replace(final_loss=loss_on)])[0].verdict
+
+    assert verdict([2.0, 2.2], [1.0, 1.2]) == "lower"
+    assert verdict([1.0, 1.2], [2.0, 2.2]) == "higher"
+    assert verdict([1.0, 2.0], [1.4, 1.6]) == "within"
+
+
+# ------------------------------------------------------ consistency table
+
+
+@pytest.fixture(scope="module")
+def consistency(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("consistency")
+    s = _smoke(consistency_table, directory)
+    results = consistency_table.measure_all(s)
+    path = consistency_table.write(s, results, 0.0, None)
+    return s, results, path
+
+
+def test_every_theory_row_is_measured_and_deterministic_bounds_hold(consistency):
+    s, results, path = consistency
+    configs = consistency_table.configurations(s)
+    assert len(results) == len(configs) >= 17
+    assert len({c.row for c in configs}) == len(configs)  # smoke: one point per row
+    text = open(path).read()
+    _, per_row = _table(text, "THEORY.md row")
+    assert len(per_row) == len({c.row for c in configs})
+    _, rows = _table(text, "#")
+    assert len(rows) == len(results)
+    for row, r in zip(rows, results, strict=True):
+        assert row[1] == r.config.row
+        if r.kind == "deterministic":
+            assert row[-1] == "yes", row
+        if r.kind == "none":
+            assert row[-1] == "n/a (no bound)" and row[7] == "inf"
+        assert math.isfinite(_number(row[5])) and math.isfinite(_number(row[6]))
+        if r.max_bound == 0:  # B = 0: the views are the auxiliary model itself
+            assert r.max_b_hat == 0
+        else:  # a measurement stuck at zero would pass `held` vacuously
+            assert r.max_b_hat > 0, r.config
+        if r.recomputed is not None and math.isfinite(r.max_bound):
+            np.testing.assert_allclose(r.recomputed, r.max_bound, rtol=1e-5)
+    assert os.path.getsize(os.path.join(s.workdir, "ratios.png")) > 0
+    _no_temporary_files(s.workdir)
+
+
+def test_a_too_small_bound_would_be_reported_as_violated(consistency):
+    _, results, _ = consistency
+    r = next(r for r in results if r.config.row == "async, consistent reads")
+    broken = r.run._replace(bound=r.run.bound * 0.5)
+    assert consistency_table.summarize(r.config, r.config.make(), broken).held is False
+
+
+def test_drift_fit_tells_a_random_walk_from_a_stationary_process():
+    rng = np.random.default_rng(0)
+    walk = np.linalg.norm(np.cumsum(rng.normal(size=(64, 400, 3)), axis=1), axis=2)
+    slope, r2, _ = consistency_table.drift_fit(walk)
+    assert slope == pytest.approx(3.0, rel=0.2) and r2 > 0.9  # E ||w_t||^2 = 3 t
+    slope, r2, level = consistency_table.drift_fit(3.0 + rng.normal(size=(64, 400)))
+    assert abs(slope) < 1e-3 and r2 < 0.1 and level == pytest.approx(10.0, rel=0.05)
+
+
+# ------------------------------------------------------------- convex rates
+
+
+@pytest.fixture(scope="module")
+def convex(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("convex")
+    s = _smoke(convex_rates, directory)
+    rows = convex_rates.measure_all(s)
+    path = convex_rates.write(s, rows, 0.0, None)
+    return s, rows, path
+
+
+def test_convex_suboptimality_decreases_and_stays_below_the_bounds(convex):
+    s, rows, path = convex
+    assert len(rows) == len(s.problems) * len(s.variants)
+    for r in rows:
+        sub = r.curves.suboptimality.mean(0)
+        assert np.all(np.isfinite(sub)) and np.all(sub >= -1e-12)
+        # Decreasing: the last tenth of the run is well below the first tenth and f(x_0) - f*.
+        tenth = max(1, sub.size // 10)
+        assert sub[-tenth:].mean() < 0.5 * sub[:tenth].mean() < r.f0_gap
+        biased = r.variant.compressed and not r.variant.error_feedback
+        assert (r.subopt_bound is None) == biased
+        if not biased:
+            assert sub[-1] <= r.subopt_bound
+            assert r.curves.distance[:, -1].mean() <= r.distance_bound
+        assert r.curves.grad_sq.mean() <= r.nonconvex_bound
+    text = open(path).read()
+    _, summary = _table(text, "variant")
+    assert len(summary) == len(rows)
+    _, table = _table(text.split("## Strongly convex bound")[1], "variant")
+    assert len(table) == len(rows)
+    assert all(row[8] in ("yes", "n/a") and row[-1] in ("yes", "n/a") for row in table)
+    assert all(row[4] in ("yes", "n/a") and row[-1] == "yes" for row in summary)
+    assert os.path.getsize(os.path.join(s.workdir, "suboptimality.png")) > 0
+    _no_temporary_files(s.workdir)
+
+
+def test_convex_bound_formula_matches_theory():
+    # (1 - c eta)^T d0 + eta M^2 / c + eta^2 L^2 B^2 / c^2 at hand-picked numbers.
+    got = convex_rates.strongly_convex_bound(0.5, 2.0, 0.1, 10, 3.0, 4.0, 5.0)
+    want = 0.95**10 * 3.0 + 0.1 * 16 / 0.5 + 0.01 * 4 * 25 / 0.25
+    np.testing.assert_allclose(got, want)
+    assert convex_rates.nonconvex_bound(1.0, 2.0, 3.0, 4.0, 100, 0.5) == pytest.approx(
+        (1.0 / 0.5 + 2 * 3 * 4 + 2 * 9 / (2 * 0.5)) / 10)
