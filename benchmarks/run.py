@@ -6,9 +6,11 @@
 For each model and variant (P = 8, batch 32 per worker, max_delay 8, Top-1%), all
 measured interleaved in one process (see `benchmarks.timing`):
 
-- `ej.run` rounds/s after compilation, for each of core.py's `worker_loop`s
-  (`"map"`, the default, `"unroll"`, `"vmap"`), and its compile time (the first
-  call minus a steady round);
+- `ej.run` rounds/s after compilation: the default (`loop="auto"`,
+  `worker_loop="auto"`), jitted chunks of rounds (`loop="chunks"`), and the
+  Python loop over one jitted round with each `worker_loop` (`"map"`,
+  `"unroll"`, `"vmap"`), and each one's compile time (the first call minus a
+  steady round);
 - the floor: the same `P` gradient evaluations at the same views and nothing
   else, jitted, as `vmap` and as an unrolled loop; the floor is the faster;
 - plain `optax.sgd` on the mean gradient (one gradient of the mean loss over
@@ -25,7 +27,6 @@ Writes `results.md` and `results.json` to `--out`.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -44,16 +45,27 @@ TARGET_TORCH = 1.5  # small-CNN async Top-1% error feedback: rounds/s over PyTor
 
 
 def worker_loops_supported() -> tuple[str, ...]:
-    """The `worker_loop`s this version of `ej.run` accepts (`("default",)` if none)."""
-    param = inspect.signature(ej.run).parameters.get("worker_loop")
-    if param is None:
-        return ("default",)
-    loops = tuple(getattr(ej.core, "WORKER_LOOPS", ("map", "unroll", "vmap")))
-    return (param.default,) + tuple(loop for loop in loops if loop != param.default)
+    """`ej.core.WORKER_LOOPS`, the default (`"auto"`) first."""
+    return tuple(ej.core.WORKER_LOOPS)
 
 
-def _ej_run(alg, problem, state, rounds, worker_loop):
-    kwargs = {} if worker_loop == "default" else {"worker_loop": worker_loop}
+def run_configs() -> tuple[str, ...]:
+    """The `ej.run` configurations `run.py` times, the default first.
+
+    `"auto"` is `ej.run`'s default (`loop="auto"`, `worker_loop="auto"`);
+    `"chunks"` forces jitted chunks of rounds (`loop="chunks"`); `"map"`,
+    `"unroll"` and `"vmap"` are the Python loop with that `worker_loop`.
+    """
+    return ("auto", "chunks") + tuple(loop for loop in ej.core.WORKER_LOOPS if loop != "auto")
+
+
+def _ej_run(alg, problem, state, rounds, spec):
+    if spec == "auto":
+        kwargs = {}
+    elif spec == "chunks":
+        kwargs = {"loop": "chunks"}
+    else:
+        kwargs = {"loop": "python", "worker_loop": spec}
     return lambda: ej.run(alg, problem.loss_fn, state, batch_fn=problem.batch_fn, rounds=rounds,
                           has_aux=True, **kwargs)
 
@@ -261,7 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per timed sample")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--worker-loops", default=None,
-                        help="comma-separated ej.run worker_loops (default: all supported)")
+                        help="comma-separated ej.run configurations (default: all of "
+                        f"{','.join(run_configs())})")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="PyTorch intra-op threads (1: on this 2-core machine 2 threads "
@@ -272,7 +285,7 @@ def main(argv=None) -> int:
     for name in variants:
         if name not in problems.VARIANTS:
             parser.error(f"--variants: got {name!r}; expected names from {list(problems.VARIANTS)}")
-    loops = worker_loops_supported()
+    loops = run_configs()
     if args.worker_loops:
         loops = tuple(args.worker_loops.split(","))
     repeats = args.repeats or (3 if args.quick else 7)
@@ -285,7 +298,9 @@ def main(argv=None) -> int:
     results = []
     for model in models:
         problem = problems.make_problem(model, args.workers, args.batch)
-        rounds = args.rounds or (3 if args.quick else (20 if model == "mlp" else 5))
+        # The MLP's rounds are a multiple of ej.run's chunk (no partial chunk).
+        rounds = args.rounds or (3 if args.quick else (2 * ej.core.CHUNK if model == "mlp"
+                                                       else 5))
         floor = _Floor(problem)
         optax_run = _optax_runner(problem, rounds)
         for name in variants:
@@ -299,7 +314,8 @@ def main(argv=None) -> int:
         "torch": torch_why,
         "config": {"models": models, "variants": variants, "workers": args.workers,
                    "batch": args.batch, "max_delay": args.max_delay, "fraction": args.fraction,
-                   "rounds": args.rounds or ("3" if args.quick else "20 (mlp), 5 (cnn)"),
+                   "rounds": args.rounds or ("3" if args.quick else
+                                             f"{2 * ej.core.CHUNK} (mlp), 5 (cnn)"),
                    "repeats": repeats, "worker_loops": list(loops), "quick": args.quick},
         "results": results,
     }

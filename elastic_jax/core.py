@@ -295,6 +295,40 @@ def current_round(state: State) -> int:
     return int(jax.device_get(state.shared.round))
 
 
+# Jaxprs of the user's functions (the loss's value-and-gradient, `batch_fn`),
+# keyed by the function and the abstract values of its arguments: `run` may
+# build two programs for one configuration (it traces the chunked loop to
+# learn which loop the loss resolves to) and the user's code is traced once.
+_TRACES: dict = {}
+_MAX_TRACES = 256
+
+
+def _traced(key, fn, *args):
+    """`(closed_jaxpr, out_shapes)` of `fn(*args)`, traced once per `key` and argument types.
+
+    A jaxpr that closes over a tracer of an enclosing transformation is not
+    kept (it would leak that tracer into a later trace).
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    cache_key = (key, treedef, tuple(jax.typeof(x) for x in leaves))
+    hit = _TRACES.get(cache_key)
+    if hit is not None:
+        return hit
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    if not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+        if len(_TRACES) >= _MAX_TRACES:
+            _TRACES.pop(next(iter(_TRACES)))
+        _TRACES[cache_key] = (closed, shapes)
+    return closed, shapes
+
+
+def _call_traced(key, fn, *args):
+    """`fn(*args)`, evaluated from its cached jaxpr (`_traced`)."""
+    closed, shapes = _traced(key, fn, *args)
+    out = jax_core.jaxpr_as_fun(closed)(*jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
 def _value_and_grads(loss_fn, has_aux, loop="map", platform="cpu"):
     """`grads_fn(indices, views, batch, vary, resolved=None) -> (losses, aux, grads)`.
 
@@ -318,14 +352,16 @@ def _value_and_grads(loss_fn, has_aux, loop="map", platform="cpu"):
 
     def resolve(view, batch, block):
         # Trace the loss once: its jaxpr decides the loop and is what the loop runs.
-        closed, shapes = jax.make_jaxpr(vg, return_shape=True)(view, batch)
+        closed, shapes = _traced(("value_and_grad", loss_fn, has_aux), vg, view, batch)
         treedef, run = jax.tree.structure(shapes), jax_core.jaxpr_as_fun(closed)
 
         def traced(index, view, batch, shared):
             del index, shared
             return split(jax.tree.unflatten(treedef, run(*jax.tree.leaves((view, batch)))))
 
-        return resolve_worker_loop(loop, closed, block, platform), traced
+        chosen = resolve_worker_loop(loop, closed, block, platform)
+        grads_fn.resolved.append(chosen)
+        return chosen, traced
 
     def grads_fn(indices, views, batch, vary=None, resolved=None):
         if resolved is None and loop == "auto":
@@ -335,6 +371,7 @@ def _value_and_grads(loss_fn, has_aux, loop="map", platform="cpu"):
         return map_workers(fn, indices, views, batch, loop=chosen, vary=vary)
 
     grads_fn.resolve = resolve
+    grads_fn.resolved = []  # What `"auto"` resolved to, one entry a trace (`run` reads it).
     return grads_fn
 
 
@@ -457,6 +494,7 @@ def make_step(
             checks_lib.check_round(alg, state, new_state, metrics)
         return new_state, metrics
 
+    step.resolved_worker_loops = grads_fn.resolved
     return step
 
 
@@ -486,9 +524,66 @@ def _compiled_batch(batch_fn, num_workers):
     loss's reductions)."""
 
     def sample(round_, key):
-        return batch_fn(round_, worker_keys(key, TAG_DATA, round_, num_workers))
+        return _sample(batch_fn, round_, key, num_workers)
 
     return jax.jit(sample)
+
+
+def _sample(batch_fn, round_, key, num_workers):
+    """`batch_fn(round, worker_keys)` for the round, from its cached trace."""
+    keys = worker_keys(key, TAG_DATA, round_, num_workers)
+    return _call_traced(("batch_fn", batch_fn), batch_fn, round_, keys)
+
+
+# Rounds per program of `run(loop="chunks")`: the dispatch and the sampling are
+# amortised over the chunk (MLP sync, P = 8: 0.27 ms a round in chunks against
+# 0.44 ms in the Python loop, benchmarks/README.md); a chunk's batches are
+# sampled together, so their memory is `chunk` rounds' batches.
+CHUNK = 16
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop):
+    """`(program, step)`: `program(state, batches, n)` runs `n <= chunk` rounds.
+
+    The rounds run in one `lax.while_loop` whose trip count `n` is an argument:
+    every round, whatever its place in a chunk, is the same compiled loop body,
+    so a run split into calls of any lengths gives bitwise the same result.
+    With `batch_fn` the chunk's `chunk` batches are sampled first, vectorised
+    over the rounds (`batches` is then None); metrics come back as `[chunk]`
+    arrays of which the first `n` entries are the rounds'.
+    """
+    step = make_step(alg, loss_fn, has_aux=has_aux, checks=checks, mesh=mesh,
+                     worker_loop=worker_loop)
+
+    def program(state, batches, n):
+        if batch_fn is not None:
+            rounds = state.shared.round + jnp.arange(chunk, dtype=state.shared.round.dtype)
+            key = state.shared.key
+            batches = jax.vmap(lambda r: _sample(batch_fn, r, key, alg.num_workers))(rounds)
+        first = jax.tree.map(lambda x: x[0], batches)
+        closed, (_, metric_shapes) = jax.make_jaxpr(step, return_shape=True)(state, first)
+        run_step = jax_core.jaxpr_as_fun(closed)
+        state_def = jax.tree.structure(state)
+        metrics_def = jax.tree.structure(metric_shapes)
+        buffers = jax.tree.map(lambda m: jnp.zeros((chunk,) + m.shape, m.dtype), metric_shapes)
+
+        def body(carry):
+            i, state, buffers = carry
+            batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
+                                 batches)
+            out = run_step(*jax.tree.leaves((state, batch)))
+            state = jax.tree.unflatten(state_def, out[:state_def.num_leaves])
+            metrics = jax.tree.unflatten(metrics_def, out[state_def.num_leaves:])
+            buffers = jax.tree.map(lambda b, m: jax.lax.dynamic_update_index_in_dim(b, m, i, 0),
+                                   buffers, metrics)
+            return i + 1, state, buffers
+
+        _, state, buffers = jax.lax.while_loop(lambda c: c[0] < n, body,
+                                               (jnp.zeros((), jnp.int32), state, buffers))
+        return state, buffers
+
+    return jax.jit(program, donate_argnums=0), step
 
 
 @functools.lru_cache(maxsize=64)
@@ -499,14 +594,55 @@ def _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker
     def body(state, batch):
         if batch_fn is not None:
             shared = state.shared
-            keys = worker_keys(shared.key, TAG_DATA, shared.round, alg.num_workers)
-            batch = jax.lax.optimization_barrier(batch_fn(shared.round, keys))
+            batch = jax.lax.optimization_barrier(
+                _sample(batch_fn, shared.round, shared.key, alg.num_workers))
         return step(state, batch)
 
     def loop(state, batches):
         return jax.lax.scan(body, state, batches, length=rounds)
 
     return jax.jit(loop, donate_argnums=0)
+
+
+LOOPS = ("auto", "python", "chunks", "scan")
+
+# What `run(loop="auto")` chose per configuration (it traces the chunked
+# program once to learn how the loss's gradients resolved).
+_AUTO_LOOPS: dict = {}
+
+
+def _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop, state, xs):
+    """`"python"` or `"chunks"` for `run(loop="auto")` (see `run`)."""
+    if mesh is not None or worker_loop in ("map", "unroll"):
+        return "python"
+    platform = jax.devices()[0].platform
+    if worker_loop != "auto":
+        return "python" if platform == "cpu" else "chunks"
+    program, step = _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh,
+                                    worker_loop)
+    leaves, treedef = jax.tree.flatten((state, xs))
+    key = (program, treedef, tuple(jax.typeof(x) for x in leaves))
+    if key not in _AUTO_LOOPS:
+        del step.resolved_worker_loops[:]
+        program.trace(state, xs, jnp.int32(0))  # Cached: the call below does not retrace.
+        # XLA:CPU loses its fast convolution inside a loop body (DESIGN.md).
+        unrolled = {"unroll", "groups"} & set(step.resolved_worker_loops)
+        if len(_AUTO_LOOPS) >= _MAX_TRACES:
+            _AUTO_LOOPS.pop(next(iter(_AUTO_LOOPS)))
+        _AUTO_LOOPS[key] = "python" if unrolled else "chunks"
+    return _AUTO_LOOPS[key]
+
+
+def _chunk_batches(batches, start, n, chunk):
+    """Rounds `[start, start + n)` of `batches`, padded with zeros to `chunk` rounds."""
+
+    def one(x):
+        part = jnp.asarray(x[start:start + n])
+        if n == chunk:
+            return part
+        return jnp.concatenate([part, jnp.zeros((chunk - n,) + part.shape[1:], part.dtype)])
+
+    return jax.tree.map(one, batches)
 
 
 def run(
@@ -519,9 +655,10 @@ def run(
     rounds: int | None = None,
     has_aux: bool = False,
     checks: bool = False,
-    loop: str = "python",
+    loop: str = "auto",
     mesh=None,
     worker_loop: str = "auto",
+    chunk: int = CHUNK,
 ):
     """Runs `rounds` rounds of `alg` and returns the final state and the stacked metrics.
 
@@ -530,13 +667,30 @@ def run(
     with `rounds=R`; `worker_keys[p]` is `derive_key(base, TAG_DATA, round, p)`,
     so data sampled on the device depends on nothing but the round and worker.
 
-    The loop is a Python loop over one jitted round (`loop="python"`, the
-    default: on XLA:CPU a `lax.scan` over rounds of a small CNN measured several
-    times slower, see DESIGN.md) or one `lax.scan` (`loop="scan"`). Either way
-    the round is compiled once per configuration and cached across calls.
-    With `mesh` (a `jax.sharding.Mesh` with a `"workers"` axis) the workers are
-    split across its devices (`ej.parallel`); `worker_loop` is `make_step`'s
-    (with `"map"` the result is bitwise the same on one device and on any mesh).
+    `loop` is one of `LOOPS`:
+
+    - `"python"`: a Python loop over one jitted round, the batch sampled by a
+      program of its own;
+    - `"chunks"`: a Python loop over one jitted program of `chunk` rounds (a
+      `lax.while_loop` with the number of rounds as an argument, so the last,
+      shorter chunk reuses it, and a run split into calls of any lengths is
+      bitwise the same); with `batch_fn` the chunk's batches are sampled in the
+      same program, vectorised over its rounds;
+    - `"scan"`: the whole run as one `lax.scan` (compiled per `rounds`);
+    - `"auto"` (the default): `"chunks"` unless the loss's gradients are unrolled
+      over the workers (`worker_loop="auto"` resolved to it: a convolutional loss
+      on CPU, where XLA:CPU loses its fast convolution inside any loop body, a
+      small CNN's round measured ~26x slower) or `worker_loop` is `"map"` or
+      `"unroll"`, or `mesh` is given; then `"python"`. Measured on the MLP of
+      `experiments/` (P = 8): 0.27 ms a round in chunks, 0.44 ms in the Python
+      loop, the gradients alone 0.25 ms (benchmarks/README.md).
+
+    Every loop compiles its program once per configuration and caches it
+    across calls. The loops agree to rounding, not bitwise (the batch is
+    produced in a different program). With `mesh` (a `jax.sharding.Mesh` with
+    a `"workers"` axis) the workers are split across its devices
+    (`ej.parallel`); `worker_loop` is `make_step`'s (with `"map"` and the
+    Python loop the result is bitwise the same on one device and on any mesh).
 
     Returns:
       `(state, metrics)` with every metric stacked to shape `[R]`.
@@ -559,8 +713,13 @@ def run(
     rounds = int(rounds)
     from elastic_jax import parallel
 
-    if loop not in ("python", "scan"):
-        raise ValueError(f"loop: got {loop!r}; expected 'python' or 'scan'")
+    if loop not in LOOPS:
+        raise ValueError(f"loop: got {loop!r}; expected one of {LOOPS}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+        raise ValueError(f"chunk: got {chunk!r}; expected an integer >= 1")
+    chunk = int(chunk)
+    if worker_loop not in WORKER_LOOPS:
+        raise ValueError(f"worker_loop: got {worker_loop!r}; expected one of {WORKER_LOOPS}")
     if mesh is not None:
         parallel.check_mesh(mesh, alg.num_workers)
     _validate_rounds(alg, state, rounds)
@@ -571,6 +730,13 @@ def run(
                                  parallel.make_mesh(1) if mesh is None else mesh)
     if rounds == 0:
         return state, {}
+    if loop == "auto":
+        probe = None if batches is None else _chunk_batches(batches, 0, min(chunk, rounds), chunk)
+        loop = _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop,
+                          state, probe)
+    if loop == "chunks":
+        return _run_chunks(alg, loss_fn, has_aux, checks, batch_fn, batches, chunk, mesh,
+                           worker_loop, state, rounds)
     if loop == "scan":
         fn = _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker_loop)
         xs = None if batches is None else jax.tree.map(lambda x: x[:rounds], batches)
@@ -592,3 +758,19 @@ def run(
             jax.block_until_ready(state)
         history.append(metrics)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
+
+
+def _run_chunks(alg, loss_fn, has_aux, checks, batch_fn, batches, chunk, mesh, worker_loop,
+                state, rounds):
+    program, _ = _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh,
+                                 worker_loop)
+    history = []
+    for start in range(0, rounds, chunk):
+        n = min(chunk, rounds - start)
+        xs = None if batches is None else _chunk_batches(batches, start, n, chunk)
+        state, metrics = program(state, xs, jnp.int32(n))
+        history.append(metrics)
+        if mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
+            jax.block_until_ready(state)  # As the Python loop: no overlapping collectives.
+    metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:rounds], *history)
+    return state, metrics

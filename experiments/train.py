@@ -49,7 +49,10 @@ Semantics worth knowing:
 - Data lives on the device; worker `p` samples its round-`r` batch from its shard
   with `ej.derive_key(base, TAG_DATA, r, p)`, `base` the state's key, exactly as
   `ej.run(..., batch_fn=...)` does, so the trajectory depends on nothing but the
-  config and the round.
+  config and the round. The launcher runs a Python loop over one jitted round
+  (it logs and checkpoints between rounds): a single-seed run is bitwise
+  `ej.run(..., loop="python")`; `ej.run`'s default jitted chunks of rounds (for
+  losses without convolutions) agree with it to rounding.
 - `--resume` continues from the checkpoint to `--rounds`, dropping metrics lines
   past the checkpoint (and an earlier run's off-grid last line), so the final
   state and `metrics.jsonl` equal an uninterrupted run's exactly. Only the

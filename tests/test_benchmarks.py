@@ -19,15 +19,15 @@ from benchmarks import run as bench_run
 def test_run_quick_writes_tables_and_json(tmp_path):
     code = bench_run.main([
         "--quick", "--models", "mlp", "--variants", "sync,sync_topk", "--rounds", "2",
-        "--repeats", "2", "--worker-loops", "vmap", "--out", str(tmp_path),
+        "--repeats", "2", "--worker-loops", "chunks,vmap", "--out", str(tmp_path),
     ])
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert [r["variant"] for r in report["results"]] == ["sync", "sync_topk"]
     for r in report["results"]:
         assert r["model"] == "mlp" and r["d"] == 9610
-        assert set(r["per_round_s"]) >= {"ej.run[vmap]", "floor: vmap", "floor: unrolled",
-                                         "optax.sgd"}
+        assert set(r["per_round_s"]) >= {"ej.run[chunks]", "ej.run[vmap]", "floor: vmap",
+                                         "floor: unrolled", "optax.sgd"}
         assert all(v > 0 for v in r["per_round_s"].values())
         assert r["round_over_floor"]["ej.run[vmap]"] > 0
         assert r["state_bytes"] >= r["param_bytes"] > 0

@@ -1,5 +1,7 @@
 """The drivers: make_step, run, compilation, checks, randomness, state invariants."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -203,3 +205,93 @@ def test_bad_worker_loop_is_refused():
     alg = ej.sync_sgd(0.1, 2)
     with pytest.raises(ValueError, match=r"worker_loop: got 'scan'; expected one of"):
         ej.make_step(alg, h.noisy_quadratic, worker_loop="scan")
+
+
+CHUNK_ALG = ej.async_sgd(0.05, 3, 4, reads="inconsistent", compressor=ej.top_k(k=4),
+                         error_feedback=True)
+
+
+def _leaves(tree):
+    return [np.asarray(jax.random.key_data(x)) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_chunks_split_anywhere_are_bitwise_and_agree_with_python_loop():
+    p = h.params0()
+    state = CHUNK_ALG.init(p, jax.random.key(3))
+    batch_fn = h.noise_batch_fn(p)
+    run = functools.partial(ej.run, CHUNK_ALG, h.noisy_quadratic, batch_fn=batch_fn,
+                            loop="chunks", chunk=5)
+    whole, m_whole = run(state, rounds=12)
+    part, m_a = run(state, rounds=3)
+    part, m_b = run(part, rounds=9)  # Starts mid-chunk: chunk boundaries at 3, 8.
+    for got, want in zip(_leaves(part), _leaves(whole), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert set(m_whole) == set(m_a)
+    for name, values in m_whole.items():
+        assert values.shape == (12,)
+        np.testing.assert_array_equal(np.concatenate([m_a[name], m_b[name]]), values,
+                                      err_msg=name)
+    python, m_python = ej.run(CHUNK_ALG, h.noisy_quadratic, state, batch_fn=batch_fn,
+                              rounds=12, loop="python")
+    assert np.abs(h.flat(ej.params(whole)) - h.flat(ej.params(state))).max() > 1e-2
+    np.testing.assert_allclose(h.flat(ej.params(whole)), h.flat(ej.params(python)), rtol=1e-6)
+    for name in m_python:
+        np.testing.assert_allclose(m_whole[name], m_python[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_chunks_with_stacked_batches_pad_the_last_chunk():
+    p = h.params0()
+    alg = ej.sync_sgd(0.1, 2, compressor=ej.top_k(k=3), error_feedback=True)
+    state = alg.init(p, jax.random.key(0))
+    noise = jax.vmap(lambda k: jax.vmap(lambda kk: jax.tree.map(
+        lambda x: jax.random.normal(kk, x.shape), p))(jax.random.split(k, 2)))(
+        jax.random.split(jax.random.key(1), 7))
+    python, m_python = ej.run(alg, h.noisy_quadratic, state, noise, loop="python")
+    chunks, m_chunks = ej.run(alg, h.noisy_quadratic, state, noise, loop="chunks", chunk=3)
+    assert m_chunks["loss"].shape == (7,)
+    np.testing.assert_allclose(h.flat(ej.params(chunks)), h.flat(ej.params(python)), rtol=1e-6)
+    np.testing.assert_allclose(m_chunks["loss"], m_python["loss"], rtol=1e-6)
+    assert int(chunks.shared.round) == 7
+
+
+def test_auto_loop_runs_chunks_for_dense_and_python_for_conv_losses_tracing_once():
+    p = h.params0()
+    loss = chex.assert_max_traces(h.noisy_quadratic, n=1)
+    batch_fn = chex.assert_max_traces(h.noise_batch_fn(p), n=1)
+    state = CHUNK_ALG.init(p, jax.random.key(5))
+    auto, _ = ej.run(CHUNK_ALG, loss, state, batch_fn=batch_fn, rounds=4)
+    auto, _ = ej.run(CHUNK_ALG, loss, auto, batch_fn=batch_fn, rounds=3)
+    chunks, _ = ej.run(CHUNK_ALG, h.noisy_quadratic, state, batch_fn=h.noise_batch_fn(p),
+                       rounds=7, loop="chunks")
+    for got, want in zip(_leaves(auto), _leaves(chunks), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    # A convolutional loss on CPU: the Python loop (convolutions are slow in loop
+    # bodies there), though the chunked program was traced to find that out.
+    conv = chex.assert_max_traces(_conv_loss, n=1)
+    conv_batch = chex.assert_max_traces(_conv_batch_fn, n=1)
+    alg = ej.async_sgd(0.1, 2, 2)
+    state = alg.init({"w": 0.1 * jnp.ones((3, 3, 1, 2))}, 0)
+    auto, m_auto = ej.run(alg, conv, state, batch_fn=conv_batch, rounds=3)
+    python, m_python = ej.run(alg, _conv_loss, state, batch_fn=_conv_batch_fn, rounds=3,
+                              loop="python")
+    if jax.devices()[0].platform == "cpu":
+        for got, want in zip(_leaves(auto), _leaves(python), strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(m_auto["loss"], m_python["loss"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"loop": "while"}, r"loop: got 'while'; expected one of \('auto', 'python'"),
+    ({"chunk": 0}, r"chunk: got 0; expected an integer >= 1"),
+    ({"chunk": 2.5}, r"chunk: got 2.5; expected an integer >= 1"),
+    ({"worker_loop": "scan"}, r"worker_loop: got 'scan'; expected one of"),
+])
+def test_bad_loop_arguments_are_refused_before_compiling(kwargs, match):
+    p = h.params0()
+    alg = ej.sync_sgd(0.1, 2)
+    loss = chex.assert_max_traces(h.noisy_quadratic, n=0)
+    with pytest.raises(ValueError, match=match):
+        ej.run(alg, loss, alg.init(p, 0), batch_fn=h.noise_batch_fn(p), rounds=2, **kwargs)

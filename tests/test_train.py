@@ -146,7 +146,7 @@ CONVEX = {"algorithm": "sync", "compressor": "none", "error_feedback": False,
 
 
 def test_convex_run_is_ej_run_and_trains_a_linear_model(tmp_path):
-    """A single-seed run follows `ej.run(..., batch_fn=...)` bitwise."""
+    """A single-seed run follows `ej.run(..., batch_fn=..., loop="python")` bitwise."""
     assert problem.DATA_TAG == core.TAG_DATA
     last = _run(tmp_path, **CONVEX)
     lines = _strict_records(tmp_path / "metrics.jsonl")
@@ -157,7 +157,7 @@ def test_convex_run_is_ej_run_and_trains_a_linear_model(tmp_path):
     cfg = config.validate({**TINY, **CONVEX, "workdir": str(tmp_path)})
     loaded, init, _ = problem.session(cfg)  # The run's, already loaded.
     state, _ = ej.run(cfg.algorithm, loaded.loss_fn, init(), batch_fn=loaded.batch_fn,
-                      rounds=CONVEX["rounds"], has_aux=loaded.has_aux)
+                      rounds=CONVEX["rounds"], has_aux=loaded.has_aux, loop="python")
     leaves, round_ = _state_arrays(tmp_path)
     expected = [np.asarray(jax.random.key_data(x)) if jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key) else np.asarray(x) for x in jax.tree.leaves(state)]
