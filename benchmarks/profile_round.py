@@ -228,8 +228,8 @@ def _trace(model, variant_name, num_workers, max_delay, rounds, loop):
 
 
 def lag_draws(num_workers=8, d=25_290, max_delay=8, calls=20, repeats=7):
-    """Per-coordinate lags `[P, d]` in `[p, max_delay]`: `randint` (asynchronous.py)
-    against random bits mapped by a multiply-shift (recommendation 3 of README.md)."""
+    """Per-coordinate lags `[P, d]` in `[p, max_delay]`: `randint`, threefry bits
+    mapped by a multiply-shift, and the library's law (`ej.delays.uniform`)."""
     keys = jax.random.split(jax.random.key(0), num_workers)
     lo = jnp.arange(num_workers)
 
@@ -245,6 +245,8 @@ def lag_draws(num_workers=8, d=25_290, max_delay=8, calls=20, repeats=7):
             lambda key, low: jax.random.randint(key, (d,), low, max_delay + 1))),
         "bits uint16, multiply-shift": with_bits(jnp.uint16, 16),
         "bits uint8, multiply-shift": with_bits(jnp.uint8, 8),
+        "ej.delays.uniform (keyed counter hash, 16 bits)": jax.jit(jax.vmap(
+            lambda key, low: ej.delays.uniform().sample(key, 0, 0, low, max_delay, (d,)))),
     }
     for fn in fns.values():  # every lag lands in [p, max_delay]
         lags = np.asarray(fn(keys, lo))

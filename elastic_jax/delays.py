@@ -59,15 +59,29 @@ def fixed() -> DelayLaw:
 _BITS16_SPAN = 1 << 16
 
 
-def _bits16(key, shape):
-    """16 random bits per element (as uint32), two from each 32-bit word.
+def _mix32(h):
+    """A bijective avalanche mix of uint32 words (MurmurHash3's 32-bit finaliser)."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
 
-    `jax.random.bits(key, shape, jnp.uint16)` spends a 32-bit hash on every
-    element; splitting the words halves the hashing (1.3 ms -> 0.6 ms for
-    8 x 25,290 elements on XLA:CPU).
+
+def _bits16(key, shape):
+    """16 pseudo-random bits per element (as uint32), two from each 32-bit word.
+
+    The words are a counter-based hash keyed by two threefry words of `key`:
+    word `i` is `mix(mix(i * 0x9E3779B9 + s0) ^ s1)` with `mix` MurmurHash3's
+    32-bit finaliser. Every key (worker, round, leaf) gets its own threefry
+    words; within one draw the hash replaces threefry, which spends ~20 rounds
+    of add-rotate-xor on every 64 bits: 8 x 25,290 lags took 0.64 ms with
+    threefry words and 0.11 ms hashed on XLA:CPU (benchmarks/README.md).
     """
     size = math.prod(shape)
-    words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    count = jnp.arange((size + 1) // 2, dtype=jnp.uint32)
+    words = _mix32(_mix32(count * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
     halves = jnp.concatenate([words & 0xFFFF, words >> 16])[:size]
     return halves.reshape(shape)
 
@@ -78,8 +92,8 @@ def uniform() -> DelayLaw:
     A lag is `min_lag + (b * n) >> 16` for 16 random bits `b` and `n = max_lag -
     min_lag + 1` values: each value has probability within `1 / 65536` of
     `1 / n` (a relative error below `n / 65536`, 1.4e-4 for `n = 9`), two
-    lags from each 32-bit random word. It takes a third of
-    `jax.random.randint`'s time on XLA:CPU, which matters for
+    lags from each 32-bit word of a keyed counter hash (`_bits16`). It takes
+    6% of `jax.random.randint`'s time on XLA:CPU (measured), which matters for
     per-coordinate reads (`P x d` lags a round; benchmarks/README.md). Spans
     above 65,536 lags use `randint`.
     """

@@ -78,3 +78,18 @@ def test_uniform_spans_beyond_sixteen_bits_fall_back_to_randint():
     assert wide.max() > 65_541  # values beyond a 16-bit span are reached
     narrow = np.asarray(law.sample(key, 0, 0, jnp.int32(3), 65_538, (4000,)))
     assert narrow.min() >= 3 and narrow.max() <= 65_538 and narrow.max() > 60_000
+
+
+def test_hashed_sixteen_bit_draws_are_uniform_keyed_and_uncorrelated():
+    keys = jax.random.split(jax.random.key(7), 4)
+    bits = np.asarray(jax.vmap(lambda k: ej.delays._bits16(k, (50_001,)))(keys))
+    assert bits.shape == (4, 50_001) and bits.min() >= 0 and bits.max() < 1 << 16
+    for part in (bits & 0xFF, bits >> 8):  # each byte uniform on 256 values
+        counts = np.bincount(part.ravel(), minlength=256)
+        expected = part.size / 256
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 255 + 6 * np.sqrt(2 * 255), chi2
+    assert len({row.tobytes() for row in bits}) == 4  # every key its own stream
+    for lag in (1, 25_001):  # neighbours and the two halves of one word
+        x, y = bits[0, :-lag].astype(float), bits[0, lag:].astype(float)
+        assert abs(np.corrcoef(x, y)[0, 1]) < 0.03
