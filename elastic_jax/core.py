@@ -624,7 +624,13 @@ def _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop
     key = (program, treedef, tuple(jax.typeof(x) for x in leaves))
     if key not in _AUTO_LOOPS:
         del step.resolved_worker_loops[:]
-        program.trace(state, xs, jnp.int32(0))  # Cached: the call below does not retrace.
+        try:
+            program.trace(state, xs, jnp.int32(0))  # Cached: the call below does not retrace.
+        except Exception:  # noqa: BLE001
+            # E.g. a `batch_fn` that cannot be vmapped over rounds (a host
+            # callback without a vmap rule): the Python loop samples one round
+            # at a time, and raises again whatever is a real error.
+            return "python"
         # XLA:CPU loses its fast convolution inside a loop body (DESIGN.md).
         unrolled = {"unroll", "groups"} & set(step.resolved_worker_loops)
         if len(_AUTO_LOOPS) >= _MAX_TRACES:
@@ -675,15 +681,18 @@ def run(
       `lax.while_loop` with the number of rounds as an argument, so the last,
       shorter chunk reuses it, and a run split into calls of any lengths is
       bitwise the same); with `batch_fn` the chunk's batches are sampled in the
-      same program, vectorised over its rounds;
+      same program, vectorised over its rounds (so `chunk` rounds' batches are
+      in memory at once, and `batch_fn` must be vmappable);
     - `"scan"`: the whole run as one `lax.scan` (compiled per `rounds`);
     - `"auto"` (the default): `"chunks"` unless the loss's gradients are unrolled
       over the workers (`worker_loop="auto"` resolved to it: a convolutional loss
       on CPU, where XLA:CPU loses its fast convolution inside any loop body, a
       small CNN's round measured ~26x slower) or `worker_loop` is `"map"` or
-      `"unroll"`, or `mesh` is given; then `"python"`. Measured on the MLP of
-      `experiments/` (P = 8): 0.27 ms a round in chunks, 0.44 ms in the Python
-      loop, the gradients alone 0.25 ms (benchmarks/README.md).
+      `"unroll"`, or `mesh` is given, or the chunked program cannot be traced
+      (a `batch_fn` without a vmap rule); then `"python"`. Measured on the MLP
+      of `experiments/` (sync, P = 8, one process, interleaved): 0.32 ms a round
+      in chunks, 0.56 ms in the Python loop, the 8 gradients alone 0.21 ms
+      (benchmarks/README.md).
 
     Every loop compiles its program once per configuration and caches it
     across calls. The loops agree to rounding, not bitwise (the batch is

@@ -295,3 +295,40 @@ def test_bad_loop_arguments_are_refused_before_compiling(kwargs, match):
     loss = chex.assert_max_traces(h.noisy_quadratic, n=0)
     with pytest.raises(ValueError, match=match):
         ej.run(alg, loss, alg.init(p, 0), batch_fn=h.noise_batch_fn(p), rounds=2, **kwargs)
+
+
+def test_auto_loop_falls_back_to_python_for_a_batch_fn_without_vmap_rule():
+    p = h.params0()
+    leaves, treedef = jax.tree.flatten(p)
+
+    def host(round_):  # A host-side loader: round-dependent noise.
+        rng = np.random.default_rng(int(round_))
+        return [rng.standard_normal((2,) + x.shape).astype(np.float32) for x in leaves]
+
+    def batch_fn(round_, keys):
+        del keys
+        shapes = [jax.ShapeDtypeStruct((2,) + x.shape, jnp.float32) for x in leaves]
+        return treedef.unflatten(jax.pure_callback(host, shapes, round_))
+
+    alg = ej.sync_sgd(0.1, 2)
+    state = alg.init(p, 0)
+    auto, m_auto = ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3)
+    python, m_python = ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3,
+                              loop="python")
+    np.testing.assert_array_equal(h.flat(ej.params(auto)), h.flat(ej.params(python)))
+    np.testing.assert_array_equal(m_auto["loss"], m_python["loss"])
+    with pytest.raises(NotImplementedError, match="vmap"):
+        ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3, loop="chunks")
+
+
+def test_chunks_on_a_mesh_agree_with_the_python_loop():
+    p = h.params0()
+    state = CHUNK_ALG.init(p, jax.random.key(2))
+    mesh = ej.parallel.make_mesh(3) if len(jax.devices()) >= 3 else None
+    kwargs = dict(batch_fn=h.noise_batch_fn(p), rounds=6, mesh=mesh)
+    chunks, m_chunks = ej.run(CHUNK_ALG, h.noisy_quadratic, state, loop="chunks", chunk=4,
+                              **kwargs)
+    python, m_python = ej.run(CHUNK_ALG, h.noisy_quadratic, state, loop="python", **kwargs)
+    np.testing.assert_allclose(h.flat(ej.params(chunks)), h.flat(ej.params(python)), rtol=1e-6)
+    np.testing.assert_allclose(m_chunks["consistency/b_hat"], m_python["consistency/b_hat"],
+                               rtol=1e-5, atol=1e-6)
