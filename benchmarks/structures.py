@@ -10,7 +10,8 @@ A. The `P` per-worker gradients of one round, each worker at its own view,
    SGD): one `vmap` over the batches at the shared view (`shared`), and, for
    reference, one gradient of the mean loss over all `P b` examples (what
    `optax.sgd` computes; it gives no per-worker gradient).
-B. The loop over rounds: `ej.run(loop="python")` with each of core.py's
+B. The loop over rounds: `ej.run()` with its defaults, `ej.run(loop="chunks")`,
+   `ej.run(loop="python")` with each of core.py's
    `worker_loop`s, `ej.run(loop="scan")`, and rounds built here from
    `alg.views` + unrolled gradients + `alg.update`: a Python loop over the
    jitted round with and without donated buffers, jitted chunks of `K` rounds
@@ -117,7 +118,9 @@ def loop_structures(model, variant_name, *, rounds, repeats, chunk):
     from benchmarks.run import worker_loops_supported
 
     worker_loops = worker_loops_supported()
-    candidates = {}
+    candidates = {"ej.run() (defaults: loop='auto', worker_loop='auto')": (
+        "ej", lambda: ej.run(alg, problem.loss_fn, state, rounds=rounds, **run_kwargs))}
+    candidates["ej.run(loop='chunks')"] = ("ej", ej_run("chunks", "default"))
     for wl in worker_loops:
         candidates[f"ej.run(loop='python', worker_loop={wl!r})"] = ("ej", ej_run("python", wl))
     for wl in worker_loops[:2]:
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sections", default="A,B")
+    parser.add_argument("--models", default="cnn,mlp", help="section B's models")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     quick = args.quick
@@ -204,10 +208,13 @@ def main(argv=None) -> int:
                                          calls=3 if quick else 20, repeats=repeats,
                                          max_unrolled=64)
     if "B" in args.sections:
-        for model in ("cnn", "mlp"):
+        for model in args.models.split(","):
             for variant in ("sync", "async_topk_ef"):
-                loop_rows += loop_structures(model, variant, rounds=10,
-                                             repeats=3 if quick else 5, chunk=5 if quick else 10)
+                # The MLP's rounds are a multiple of ej.run's chunk (no partial chunk).
+                rounds = 2 * ej.core.CHUNK if model == "mlp" and not quick else 10
+                loop_rows += loop_structures(model, variant, rounds=rounds,
+                                             repeats=3 if quick else 5,
+                                             chunk=5 if quick else (16 if rounds == 32 else 10))
     report = {"machine": timing.machine(), "gradients": grad_rows, "loops": loop_rows}
     with open(os.path.join(args.out, "structures.json"), "w") as f:
         json.dump(report, f, indent=1)
