@@ -536,8 +536,8 @@ def _sample(batch_fn, round_, key, num_workers):
 
 
 # Rounds per program of `run(loop="chunks")`: the dispatch and the sampling are
-# amortised over the chunk (MLP sync, P = 8: 0.27 ms a round in chunks against
-# 0.44 ms in the Python loop, benchmarks/README.md); a chunk's batches are
+# amortised over the chunk (MLP sync, P = 8: 0.32 ms a round in chunks against
+# 0.56 ms in the Python loop, benchmarks/README.md); a chunk's batches are
 # sampled together, so their memory is `chunk` rounds' batches.
 CHUNK = 16
 
@@ -687,8 +687,9 @@ def run(
     - `"auto"` (the default): `"chunks"` unless the loss's gradients are unrolled
       over the workers (`worker_loop="auto"` resolved to it: a convolutional loss
       on CPU, where XLA:CPU loses its fast convolution inside any loop body, a
-      small CNN's round measured ~26x slower) or `worker_loop` is `"map"` or
-      `"unroll"`, or `mesh` is given, or the chunked program cannot be traced
+      small CNN's round measured ~26x slower), or `worker_loop` is `"map"` or
+      `"unroll"` (or, on CPU, any loop but `"auto"`: only `"auto"` inspects
+      the loss), or `mesh` is given, or the chunked program cannot be traced
       (a `batch_fn` without a vmap rule); then `"python"`. Measured on the MLP
       of `experiments/` (sync, P = 8, one process, interleaved): 0.32 ms a round
       in chunks, 0.56 ms in the Python loop, the 8 gradients alone 0.21 ms
