@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--quick] [--out benchmarks/results] [--models mlp,cnn]
                              [--variants sync,async_topk_ef,...] [--no-torch]
+                             [--background-load N]
 
 For each model and variant (P = 8, batch 32 per worker, max_delay 8, Top-1%), all
 measured interleaved in one process (see `benchmarks.timing`):
@@ -21,6 +22,12 @@ measured interleaved in one process (see `benchmarks.timing`):
 - ratios: round / floor, elastic_jax / optax, elastic_jax / PyTorch (rounds/s),
   the share of Top-k in the round (the `P` compressions timed alone), and the
   bytes of the state pytree.
+
+The 1-minute load average is recorded before and after each variant, and
+each ratio to the floor comes with the quartiles of its per-repeat values. The
+ratios depend on the machine's load (the floor's convolutions use both cores,
+most of the algorithm's work one): `--background-load N` runs `N` busy
+processes while measuring, to reproduce a loaded machine.
 
 Writes `results.md` and `results.json` to `--out`.
 """
@@ -149,6 +156,7 @@ def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_de
     _, views, batch = problems.sample_views_and_batch(alg, problem, rounds=0, seed=seed)
     grads = floor.vmap(views, batch)[2]
 
+    load_before = timing.load_average()
     fns, first_call = {}, {}
     for loop in worker_loops:
         name = f"ej.run[{loop}]"
@@ -183,6 +191,9 @@ def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_de
         "compile_s": {k: max(first_call[k] - per_round[k], 0.0) for k in ej_names},
         "floor_s": min(per_round["floor: vmap"], per_round["floor: unrolled"]),
         "round_over_floor": {k: timing.paired_min_ratio(samples[k], *floors) for k in ej_names},
+        # The 25th and 75th percentiles of the per-repeat ratios: the spread of one run.
+        "round_over_floor_quartiles": {
+            k: timing.quartiles(timing.paired_min_ratios(samples[k], *floors)) for k in ej_names},
         "round_over_floor_vmap": {k: timing.paired_ratio(samples[k], samples["floor: vmap"])
                                   for k in ej_names},
         "default_loop": default,
@@ -190,6 +201,7 @@ def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_de
         "ej_over_optax": timing.paired_ratio(samples[best], samples["optax.sgd"]),
         "state_bytes": timing.tree_bytes(state),
         "param_bytes": timing.tree_bytes(problem.params),
+        "load_average": [load_before, timing.load_average()],
     }
     if variant.compressed:
         result["topk_share_of_round"] = timing.paired_ratio(samples["top-k alone"],
@@ -212,6 +224,7 @@ def _targets(results):
             out.append({
                 "target": f"round <= {limit}x floor", "model": r["model"],
                 "variant": r["variant"], "loop": loop, "value": ratio, "met": ratio <= limit,
+                "quartiles": r["round_over_floor_quartiles"][loop],
             })
     for r in results:
         if r["model"] == "cnn" and r["variant"] == "async_topk_ef" and (
@@ -228,6 +241,18 @@ def _targets(results):
     return out
 
 
+def _fmt_rounds(rounds) -> str:
+    if isinstance(rounds, dict):
+        return ", ".join(f"{n} ({m})" for m, n in rounds.items())
+    return str(rounds)
+
+
+def _fmt_loads(results) -> str:
+    """`a to b` over every variant's readings (before and after it was measured)."""
+    loads = [x for r in results for x in r.get("load_average", []) if x is not None]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "n/a"
+
+
 def _fmt_rate(seconds):
     return f"{1.0 / seconds:,.1f}"
 
@@ -238,9 +263,12 @@ def markdown(report) -> str:
         "# elastic_jax benchmark",
         "",
         f"P = {cfg['workers']}, batch {cfg['batch']} per worker, max_delay {cfg['max_delay']}, "
-        f"Top-{100 * cfg['fraction']:g}%; {cfg['rounds']} rounds x {cfg['repeats']} interleaved "
+        f"Top-{100 * cfg['fraction']:g}%; {_fmt_rounds(cfg['rounds'])} rounds x {cfg['repeats']} "
+        "interleaved "
         f"repeats, medians. Backend {report['machine']['backend']}, "
-        f"{report['machine']['cpu_count']} CPUs; PyTorch: {report['torch']}.",
+        f"{report['machine']['cpu_count']} CPUs; PyTorch: {report['torch']}. "
+        f"Background load: {cfg.get('background_load', 0)} busy processes; 1-minute load "
+        f"average {_fmt_loads(report['results'])}.",
         "",
         "Ratios are medians of per-repeat ratios (interleaved), so they differ slightly from "
         "ratios of the median times. `floor` = the P gradients alone (faster of vmap and "
@@ -278,10 +306,15 @@ def markdown(report) -> str:
                  f"{r['state_bytes'] / r['param_bytes']:.1f}x"]
                 + [f"{r['compile_s'][k]:.1f} s" for k in loops] for r in rows]
         out += [timing.markdown_table(header, body), ""]
-    out += ["## Targets", ""]
+    out += ["## Targets", "",
+            "`value` is the median of the per-repeat ratios; `quartiles` their 25th and 75th "
+            "percentiles (the spread within this run).", ""]
     body = [[t["target"], t["model"], t["variant"], t["loop"], f"{t['value']:.2f}",
+             "-" if "quartiles" not in t else
+             f"{t['quartiles'][0]:.2f}-{t['quartiles'][1]:.2f}",
              "met" if t["met"] else "NOT met"] for t in report["targets"]]
-    out += [timing.markdown_table(["target", "model", "variant", "loop", "value", ""], body), ""]
+    out += [timing.markdown_table(["target", "model", "variant", "loop", "value", "quartiles",
+                                   ""], body), ""]
     return "\n".join(out)
 
 
@@ -301,6 +334,9 @@ def main(argv=None) -> int:
                         help="comma-separated ej.run configurations (default: all of "
                         f"{','.join(run_configs())})")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
+    parser.add_argument("--background-load", type=int, default=0,
+                        help="busy-looping processes to run while measuring (0: none); "
+                        "ratios to the floor depend on the machine's load")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="PyTorch intra-op threads (1: on this 2-core machine 2 threads "
                         "contend with XLA's pool and ran 5-50x slower, erratically)")
@@ -313,7 +349,9 @@ def main(argv=None) -> int:
     loops = run_configs()
     if args.worker_loops:
         loops = tuple(args.worker_loops.split(","))
-    repeats = args.repeats or (3 if args.quick else 7)
+    if args.background_load < 0:
+        parser.error(f"--background-load: got {args.background_load}; expected an integer >= 0")
+    repeats = args.repeats or (3 if args.quick else 9)
     torch_ok, torch_why = torch_sim.available()
     if args.no_torch:
         torch_ok, torch_why = False, "skipped (--no-torch)"
@@ -321,30 +359,9 @@ def main(argv=None) -> int:
         torch_sim.torch.set_num_threads(args.torch_threads)
         torch_why = torch_sim.available()[1]
     results = []
-    for model in models:
-        problem = problems.make_problem(model, args.workers, args.batch)
-        # The MLP's rounds are a multiple of ej.run's chunk (no partial chunk).
-        rounds = args.rounds or (3 if args.quick else (2 * ej.core.CHUNK if model == "mlp"
-                                                       else 5))
-        floor = _Floor(problem)
-        optax_run = _optax_runner(problem, rounds)
-        for name in variants:
-            print(f"[run] {model} {name}", file=sys.stderr, flush=True)
-            results.append(bench_variant(
-                problem, problems.VARIANTS[name], floor, optax_run, rounds=rounds,
-                repeats=repeats, max_delay=args.max_delay, fraction=args.fraction,
-                worker_loops=loops, torch_ok=torch_ok))
-    report = {
-        "machine": timing.machine(),
-        "torch": torch_why,
-        "config": {"models": models, "variants": variants, "workers": args.workers,
-                   "batch": args.batch, "max_delay": args.max_delay, "fraction": args.fraction,
-                   "rounds": args.rounds or ("3" if args.quick else
-                                             f"{2 * ej.core.CHUNK} (mlp), 5 (cnn)"),
-                   "repeats": repeats, "worker_loops": list(loops), "quick": args.quick},
-        "results": results,
-    }
-    report["targets"] = _targets(results)
+    with timing.BackgroundLoad(args.background_load):
+        _measure_all(args, models, variants, loops, repeats, torch_ok, results)
+    report = _report(args, models, variants, loops, repeats, torch_why, results)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -353,6 +370,44 @@ def main(argv=None) -> int:
         f.write(text + "\n")
     print(text)
     return 0
+
+
+def _rounds(args, model) -> int:
+    """Rounds per timed sample: the MLP's a multiple of ej.run's chunk (no partial chunk)."""
+    if args.rounds:
+        return args.rounds
+    if args.quick:
+        return 3
+    return 2 * ej.core.CHUNK if model == "mlp" else 8
+
+
+def _measure_all(args, models, variants, loops, repeats, torch_ok, results):
+    for model in models:
+        problem = problems.make_problem(model, args.workers, args.batch)
+        rounds = _rounds(args, model)
+        floor = _Floor(problem)
+        optax_run = _optax_runner(problem, rounds)
+        for name in variants:
+            print(f"[run] {model} {name}", file=sys.stderr, flush=True)
+            results.append(bench_variant(
+                problem, problems.VARIANTS[name], floor, optax_run, rounds=rounds,
+                repeats=repeats, max_delay=args.max_delay, fraction=args.fraction,
+                worker_loops=loops, torch_ok=torch_ok))
+
+
+def _report(args, models, variants, loops, repeats, torch_why, results):
+    report = {
+        "machine": timing.machine(),
+        "torch": torch_why,
+        "config": {"models": models, "variants": variants, "workers": args.workers,
+                   "batch": args.batch, "max_delay": args.max_delay, "fraction": args.fraction,
+                   "rounds": {m: _rounds(args, m) for m in models},
+                   "repeats": repeats, "worker_loops": list(loops), "quick": args.quick,
+                   "background_load": args.background_load},
+        "results": results,
+    }
+    report["targets"] = _targets(results)
+    return report
 
 
 if __name__ == "__main__":

@@ -69,7 +69,70 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 
 def paired_min_ratio(num: list[float], *dens: list[float]) -> float:
     """Median over repetitions of `num[r] / min_j dens[j][r]`."""
-    return median([a / min(d[r] for d in dens) for r, a in enumerate(num)])
+    return median(paired_min_ratios(num, *dens))
+
+
+def paired_min_ratios(num: list[float], *dens: list[float]) -> list[float]:
+    """The per-repetition ratios `num[r] / min_j dens[j][r]`."""
+    return [a / min(d[r] for d in dens) for r, a in enumerate(num)]
+
+
+def quartiles(xs) -> tuple[float, float]:
+    """The 25th and 75th percentiles of `xs` (linear interpolation)."""
+    q25, q75 = np.percentile(np.asarray(xs, np.float64), [25, 75])
+    return float(q25), float(q75)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average of the machine (None where the OS gives none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def _spin(stop) -> None:
+    """Busy-loops until `stop` is set (a background load for `BackgroundLoad`)."""
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
+
+
+class BackgroundLoad:
+    """`n` busy-looping processes for the duration of a `with` block.
+
+    The round/floor ratios depend on how loaded the machine is: the floor's
+    convolutions use every core XLA:CPU has, most of the algorithm's work runs
+    on one, so a busy machine slows the floor more than the round. This makes
+    a loaded machine reproducible (`python -m benchmarks.run --background-load 2`).
+    """
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self._procs: list = []
+        self._stop = None
+
+    def __enter__(self):
+        if self.n > 0:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            self._stop = ctx.Event()
+            self._procs = [ctx.Process(target=_spin, args=(self._stop,), daemon=True)
+                           for _ in range(self.n)]
+            for proc in self._procs:
+                proc.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+        self._procs = []
+        return False
 
 
 def tree_bytes(tree) -> int:

@@ -30,12 +30,32 @@ def test_run_quick_writes_tables_and_json(tmp_path):
                                          "floor: unrolled", "optax.sgd"}
         assert all(v > 0 for v in r["per_round_s"].values())
         assert r["round_over_floor"]["ej.run[vmap]"] > 0
+        for loop, (q25, q75) in r["round_over_floor_quartiles"].items():
+            assert 0 < q25 <= r["round_over_floor"][loop] <= q75
+        assert len(r["load_average"]) == 2
         assert r["state_bytes"] >= r["param_bytes"] > 0
         assert ("speedup_over_pytorch" in r) == torch_sim.available()[0]
     assert "topk_share_of_round" in report["results"][1]
     assert {t["variant"] for t in report["targets"]} == {"sync", "sync_topk"}
     text = (tmp_path / "results.md").read_text()
     assert "| variant |" in text and "## Targets" in text
+
+
+def test_background_load_runs_and_stops_its_processes():
+    load = timing.BackgroundLoad(1)
+    with load:
+        procs = list(load._procs)
+        assert len(procs) == 1 and procs[0].is_alive()
+    assert not procs[0].is_alive()
+    with timing.BackgroundLoad(0) as none:
+        assert none._procs == []
+
+
+def test_quartiles_bracket_the_median():
+    xs = [1.0, 2.0, 3.0, 4.0, 100.0]
+    q25, q75 = timing.quartiles(xs)
+    assert q25 == 2.0 and q75 == 4.0
+    assert timing.paired_min_ratios([2.0, 6.0], [1.0, 4.0], [4.0, 3.0]) == [2.0, 2.0]
 
 
 def test_ej_run_compiles_once_per_configuration():
