@@ -110,6 +110,9 @@ def _fmt(x: float) -> str:
 
 
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
+LOOPS = ("auto", "python", "chunks")
+# Models whose loss convolves: on the CPU their rounds run in a Python loop.
+CONV_MODELS = ("cnn", "resnet20")
 CONVEX_DATASETS = ("least_squares", "logistic")
 
 
@@ -217,6 +220,13 @@ FLAG_SPECS: tuple[FlagSpec, ...] = (
           "gradients (ej.make_step): auto picks the fastest for the model and backend; map "
           "is bitwise independent of the placement; unroll and vmap agree with it to "
           "rounding.", ("auto", "map", "unroll", "vmap")),
+    _enum("loop", "auto", "How the launcher runs the rounds. python: a Python loop over "
+          "one compiled round; chunks: up to 16 rounds in one compiled program (a "
+          "while loop), ending at every logged, evaluated and checkpointed round; auto: "
+          "chunks, except a Python loop for the convolutional models (cnn, resnet20) on "
+          "the CPU, where XLA:CPU runs a convolution inside a loop body many times slower, "
+          "and with --num_devices. The two agree to rounding; a resume must use the "
+          "run's loop.", LOOPS),
     # Placement: the result is bitwise the same however the workers are placed.
     _int("num_devices", 0, "Devices the workers are split over (a 'workers' mesh over "
          "every process's devices); 0: one device. Must divide --num_workers.", 0, 65_536,
@@ -378,9 +388,36 @@ def validate(values: Mapping[str, Any]) -> Config:
     return Config(f, algorithm, parts)
 
 
+def resolve_loop(f: Mapping[str, Any], platform: str) -> str:
+    """`"python"` or `"chunks"`: what `--loop` stands for on `platform`.
+
+    `auto` mirrors `ej.run(loop="auto")`: chunks of rounds in one program, except
+    a Python loop over the round on a mesh (`--num_devices`), and for a
+    convolutional model on the CPU (XLA:CPU loses its fast convolution inside a
+    loop body: a small CNN's round measured ~20x slower in chunks; see
+    benchmarks/README.md).
+    """
+    if f["loop"] != "auto":
+        return f["loop"]
+    if f["num_devices"] or f["num_processes"] > 1:
+        return "python"
+    convolves = f["dataset"] not in CONVEX_DATASETS and f["model"] in CONV_MODELS
+    return "python" if convolves and platform == "cpu" else "chunks"
+
+
 def rounds_matter(f: Mapping[str, Any]) -> bool:
     """Whether `--rounds` changes the trajectory: a decaying schedule spans it."""
     return f["schedule"] != "constant" and f["schedule_rounds"] == 0
+
+
+# Semantic flags added after configs were first saved, with the behaviour a
+# config that does not record them had: before `--loop`, every run was a Python loop.
+LEGACY_VALUES: dict[str, Any] = {"loop": "python"}
+
+
+def with_legacy_values(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config with `LEGACY_VALUES` filled in where it records no value."""
+    return {**LEGACY_VALUES, **saved}
 
 
 def semantic_differences(saved: Mapping[str, Any], f: Mapping[str, Any]) -> list[str]:

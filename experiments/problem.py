@@ -161,6 +161,41 @@ def make_round(cfg: Config, problem: Problem, mesh=None, *,
     return sample, step
 
 
+# Rounds per program of `--loop=chunks` (as `ej.run`'s chunks).
+CHUNK = 16
+
+
+def make_chunk(cfg: Config, problem: Problem, mesh=None, *, on_nonfinite: str) -> Callable:
+    """`program(state, guard, n) -> (state, metrics, guard)`: `n` guarded rounds in one program.
+
+    The rounds of `make_round` (batch sampled, then the guarded step) run in one
+    `lax.while_loop` whose trip count `n` is an argument: every round is the same
+    compiled loop body whatever its place in a chunk, so a run split at any
+    round (a resume, a chunk cut short by a log or checkpoint round) is bitwise
+    the uninterrupted run. Only the last round's metrics come back (the
+    launcher logs only the rounds that end a chunk); with `n = 0` they are zeros.
+    """
+    sample, step = make_round(cfg, problem, mesh, on_nonfinite=on_nonfinite)
+
+    def round_(state, guard):
+        return step(state, sample(state), guard)
+
+    def program(state, guard, n):
+        _, metric_shapes, _ = jax.eval_shape(round_, state, guard)
+        metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
+
+        def body(carry):
+            i, state, _, guard = carry
+            state, metrics, guard = round_(state, guard)
+            return i + 1, state, metrics, guard
+
+        _, state, metrics, guard = jax.lax.while_loop(
+            lambda carry: carry[0] < n, body, (jnp.zeros((), jnp.int32), state, metrics, guard))
+        return state, metrics, guard
+
+    return program
+
+
 # Flags that shape only the record, not the trajectory.
 _RECORD_FLAGS = frozenset({"workdir", "resume", "log_every", "eval_every", "checkpoint_every"})
 _SESSIONS: collections.OrderedDict = collections.OrderedDict()
@@ -172,7 +207,7 @@ class Session(NamedTuple):
 
     problem: Problem
     init: Callable
-    compiled: list  # [] or [the AOT-compiled round]
+    compiled: list  # [] or [the AOT-compiled round, or chunk of rounds]
 
 
 def session(cfg: Config) -> Session:

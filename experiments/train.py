@@ -49,10 +49,15 @@ Semantics worth knowing:
 - Data lives on the device; worker `p` samples its round-`r` batch from its shard
   with `ej.derive_key(base, TAG_DATA, r, p)`, `base` the state's key, exactly as
   `ej.run(..., batch_fn=...)` does, so the trajectory depends on nothing but the
-  config and the round. The launcher runs a Python loop over one jitted round
-  (it logs and checkpoints between rounds): a single-seed run is bitwise
-  `ej.run(..., loop="python")`; `ej.run`'s default jitted chunks of rounds (for
-  losses without convolutions) agree with it to rounding.
+  config and the round. `--loop` picks how rounds run, as `ej.run(loop=...)`
+  does: `python`, a Python loop over one compiled round (a single-seed run is
+  then bitwise `ej.run(..., loop="python")`), or `chunks`, up to 16 rounds in one
+  compiled `lax.while_loop` whose trip count is an argument, each chunk ending at
+  the next logged, evaluated or checkpointed round (every round is the same
+  loop body, so a resume anywhere is exact). The two agree to rounding. `auto`
+  (the default) runs chunks, except a Python loop for the cnn and resnet20 on the
+  CPU (XLA:CPU's convolutions are many times slower inside a loop body) and
+  with `--num_devices`.
 - `--resume` continues from the checkpoint to `--rounds`, dropping metrics lines
   past the checkpoint (and an earlier run's off-grid last line), so the final
   state and `metrics.jsonl` equal an uninterrupted run's exactly. Only the
@@ -70,10 +75,10 @@ Semantics worth knowing:
   had been sent that round. The count is saved with each checkpoint and reported
   as `nonfinite/skipped_rounds` (0 in every line of a finite run). Selection is
   exact, so a finite run is bitwise the unguarded one.
-- SIGTERM or SIGINT: the loop finishes the round in flight, saves a checkpoint at
-  that round and exits with 128 + the signal number; a second signal ends the
-  process at once. A running launch holds a `flock` on its workdir, which the
-  operating system drops when the process dies.
+- SIGTERM or SIGINT: the loop finishes the round (or chunk of rounds) in flight,
+  saves a checkpoint at the round it reached and exits with 128 + the signal
+  number; a second signal ends the process at once. A running launch holds a
+  `flock` on its workdir, which the operating system drops when the process dies.
 - Test hooks (environment variables only the tests set):
   `EJ_TEST_NONFINITE_AT_ROUND=r` makes round `r` read NaN inputs
   (`experiments/safety.py`); `EJ_TEST_KILL_IN_CHECKPOINT=r` SIGKILLs the process
@@ -217,27 +222,28 @@ def _train_locked(cfg: Config, problem, init, compiled: list, abstract, mesh,
         jax.eval_shape(problem.init_params, jax.random.key(0))))
     logging.info("%s (%d parameters); %d rounds from round %d; workdir %s", problem.title,
                  n_params, rounds, start.round, wd)
+    loop = config_lib.resolve_loop(f, jax.devices()[0].platform)
     try:
         if start.round < rounds:
             tc = time.perf_counter()
             if not compiled:
-                sample, step = problem_lib.make_round(cfg, problem, mesh,
-                                                      on_nonfinite=f["on_nonfinite"])
-                sample = jax.jit(sample).lower(state).compile()
-                step = jax.jit(step, donate_argnums=0).lower(
-                    state, sample(state), guard).compile()
-                compiled.append(lambda s, g, sample=sample, step=step: step(s, sample(s), g))
+                compiled.append(_compile(cfg, problem, mesh, state, guard, loop))
             compile_s = time.perf_counter() - tc
             timing.write({"event": "compiled", "round": start.round, "elapsed_s": compile_s})
-            logging.info("compiled the round in %.1f s", compile_s)
+            logging.info("compiled the %s in %.1f s",
+                         "round" if loop == "python" else
+                         f"chunk of up to {problem_lib.CHUNK} rounds", compile_s)
         last_r, last_t = start.round, time.perf_counter()
-        for r in range(start.round + 1, rounds + 1):
-            if signals.received is not None:  # The state is that after round r - 1.
+        r = start.round
+        while r < rounds:
+            if signals.received is not None:  # The state is that after round r.
                 guard_keeper.check(jax.device_get(guard))
-                if guard_keeper.checkpoint_round != r - 1:
-                    _checkpoint(wd, state, r - 1, metrics_file, guard)
-                raise safety.Interrupted(signals.received, r - 1, wd)
-            state, metrics, guard = compiled[0](state, guard)
+                if guard_keeper.checkpoint_round != r:
+                    _checkpoint(wd, state, r, metrics_file, guard)
+                raise safety.Interrupted(signals.received, r, wd)
+            n = 1 if loop == "python" else _chunk_end(r, f) - r
+            state, metrics, guard = compiled[0](state, guard, n)
+            r += n
             if mesh is not None and mesh.size > 1:
                 jax.block_until_ready(state)  # As ej.run does: no overlapping collectives.
             log_now = r == rounds or workdir_lib.on_grid(r, f)
@@ -270,6 +276,42 @@ def _train_locked(cfg: Config, problem, init, compiled: list, abstract, mesh,
     plots_lib.write_plots(wd, records, problem.title)
     logging.info("done: round %d in %s (wall, this session)", rounds, _fmt_time(wall))
     return records[-1] if records else {}
+
+
+def _compile(cfg: Config, problem, mesh, state, guard, loop: str):
+    """`advance(state, guard, n) -> (state, metrics, guard)`, compiled ahead of time.
+
+    With `loop="python"` one round (`n` is 1), its batch sampled by a program of
+    its own; with `"chunks"` `n <= problem.CHUNK` rounds in one program, the
+    metrics those of the last.
+    """
+    on_nonfinite = cfg.flags["on_nonfinite"]
+    if loop == "chunks":
+        program = problem_lib.make_chunk(cfg, problem, mesh, on_nonfinite=on_nonfinite)
+        program = jax.jit(program, donate_argnums=0).lower(
+            state, guard, jnp.zeros((), jnp.int32)).compile()
+        return lambda s, g, n: program(s, g, jnp.asarray(n, jnp.int32))
+    sample, step = problem_lib.make_round(cfg, problem, mesh, on_nonfinite=on_nonfinite)
+    sample = jax.jit(sample).lower(state).compile()
+    step = jax.jit(step, donate_argnums=0).lower(state, sample(state), guard).compile()
+
+    def advance(s, g, n):
+        del n  # Always 1.
+        return step(s, sample(s), g)
+
+    return advance
+
+
+def _chunk_end(r: int, f: Mapping[str, Any]) -> int:
+    """The round a chunk started at round `r` ends at: the next logged, evaluated or
+    checkpointed round, the last round, or `r + CHUNK`, whichever comes first."""
+
+    def next_multiple(every: int) -> int:
+        return (r // every + 1) * every
+
+    ends = [f["rounds"], r + problem_lib.CHUNK, next_multiple(f["log_every"])]
+    ends += [next_multiple(f[k]) for k in ("eval_every", "checkpoint_every") if f[k] > 0]
+    return min(ends)
 
 
 def _mesh(f: Mapping[str, Any]):

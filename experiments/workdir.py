@@ -424,7 +424,7 @@ def check_workdir(cfg: Config, abstract_state) -> Start:
                              "experiments.train")
         logging.info("--resume: %s holds no run yet; starting from round 0", wd)
         return Start(None, 0, [])
-    saved = read_json(config_path)
+    saved = config_lib.with_legacy_values(read_json(config_path))
     diffs = config_lib.semantic_differences(saved, f)
     if diffs:
         name = diffs[0]

@@ -145,25 +145,75 @@ CONVEX = {"algorithm": "sync", "compressor": "none", "error_feedback": False,
           "convex_dim": 8, "rounds": 8}
 
 
+def _host_leaves(state):
+    return [np.asarray(jax.random.key_data(x)) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else np.asarray(x) for x in jax.tree.leaves(state)]
+
+
 def test_convex_run_is_ej_run_and_trains_a_linear_model(tmp_path):
-    """A single-seed run follows `ej.run(..., batch_fn=..., loop="python")` bitwise."""
+    """With `--loop=python` a single-seed run follows `ej.run(..., loop="python")`
+    bitwise; the default (`auto`: chunks for a linear model) agrees with it to rounding."""
     assert problem.DATA_TAG == core.TAG_DATA
-    last = _run(tmp_path, **CONVEX)
-    lines = _strict_records(tmp_path / "metrics.jsonl")
+    last = _run(tmp_path / "python", **CONVEX, loop="python")
+    lines = _strict_records(tmp_path / "python" / "metrics.jsonl")
     assert "test/accuracy" not in last and "full/loss" in last
     assert lines[-1]["full/suboptimality"] < lines[1]["full/suboptimality"]
-    assert os.path.exists(tmp_path / "suboptimality.png")
+    assert os.path.exists(tmp_path / "python" / "suboptimality.png")
 
-    cfg = config.validate({**TINY, **CONVEX, "workdir": str(tmp_path)})
+    cfg = config.validate({**TINY, **CONVEX, "workdir": str(tmp_path), "loop": "python"})
     loaded, init, _ = problem.session(cfg)  # The run's, already loaded.
     state, _ = ej.run(cfg.algorithm, loaded.loss_fn, init(), batch_fn=loaded.batch_fn,
                       rounds=CONVEX["rounds"], has_aux=loaded.has_aux, loop="python")
-    leaves, round_ = _state_arrays(tmp_path)
-    expected = [np.asarray(jax.random.key_data(x)) if jax.dtypes.issubdtype(
-        x.dtype, jax.dtypes.prng_key) else np.asarray(x) for x in jax.tree.leaves(state)]
+    leaves, round_ = _state_arrays(tmp_path / "python")
+    expected = _host_leaves(state)
     assert round_ == CONVEX["rounds"] and len(leaves) == len(expected)
     for got, want in zip(leaves, expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+    assert config.resolve_loop(config.validate({**CONVEX, "workdir": "w"}).flags,
+                               "cpu") == "chunks"
+    chunked = _run(tmp_path / "chunks", **CONVEX)
+    chunked_lines = _strict_records(tmp_path / "chunks" / "metrics.jsonl")
+    assert [r["round"] for r in chunked_lines] == [r["round"] for r in lines]
+    for got, want in zip(chunked_lines, lines, strict=True):
+        assert set(got) == set(want)
+        for name, value in want.items():
+            if isinstance(value, float):
+                np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=1e-7, err_msg=name)
+    assert chunked["round"] == last["round"]
+    for got, want in zip(_state_arrays(tmp_path / "chunks")[0], leaves, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+def test_chunks_end_at_every_logged_evaluated_and_checkpointed_round():
+    f = {"rounds": 45, "log_every": 10, "eval_every": 25, "checkpoint_every": 0}
+    ends, r = [], 0
+    while r < f["rounds"]:
+        r = train._chunk_end(r, f)
+        ends.append(r)
+    assert ends == [10, 20, 25, 30, 40, 45]
+    f = {"rounds": 100, "log_every": 50, "eval_every": 0, "checkpoint_every": 40}
+    ends, r = [], 7  # A resume from round 7.
+    while r < f["rounds"]:
+        r = train._chunk_end(r, f)
+        ends.append(r)
+    assert ends == [23, 39, 40, 50, 66, 80, 96, 100]
+    assert all(b - a <= problem.CHUNK for a, b in zip([7] + ends[:-1], ends, strict=True))
+
+
+@pytest.mark.parametrize("overrides,platform,loop", [
+    ({}, "cpu", "python"),  # the default cnn
+    ({}, "gpu", "chunks"),
+    ({"model": "resnet20", "dataset": "cifar10"}, "cpu", "python"),
+    ({"model": "mlp"}, "cpu", "chunks"),
+    ({"model": "cnn", "dataset": "logistic"}, "cpu", "chunks"),  # a linear model
+    ({"model": "mlp", "num_devices": 1}, "cpu", "python"),
+    ({"model": "cnn", "loop": "chunks"}, "cpu", "chunks"),
+    ({"model": "mlp", "loop": "python"}, "gpu", "python"),
+])
+def test_auto_loop_is_chunks_but_for_convolutions_on_the_cpu(overrides, platform, loop):
+    f = {**config.DEFAULTS, "workdir": "w", **overrides}
+    assert config.resolve_loop(f, platform) == loop
 
 
 def test_seed_batch_reports_mean_and_spread_and_resume_starts_fresh(tmp_path, caplog):
@@ -192,6 +242,22 @@ def test_existing_run_is_refused_and_left_untouched(whole):
         _run(whole, rounds=5, resume=True)
     _one_line_usage(excinfo, "rounds")
     assert _snapshot(whole) == before
+
+
+def test_config_saved_before_the_loop_flag_resumes_with_the_python_loop(whole, tmp_path):
+    directory = tmp_path / "legacy"
+    directory.mkdir()
+    for name in os.listdir(whole):
+        (directory / name).write_bytes((whole / name).read_bytes())
+    saved = json.loads((directory / "config.json").read_text())
+    del saved["loop"]  # As written before --loop existed: those runs were Python loops.
+    saved["workdir"] = str(directory)
+    (directory / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(config.UsageError) as excinfo:
+        _run(directory, rounds=WHOLE_ROUNDS, resume=True)
+    assert "'python', the value saved in" in _one_line_usage(excinfo, "loop")
+    last = _run(directory, rounds=WHOLE_ROUNDS, resume=True, loop="python")
+    assert last["round"] == WHOLE_ROUNDS
 
 
 def test_decaying_schedule_over_rounds_pins_rounds_on_resume(tmp_path):
