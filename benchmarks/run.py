@@ -215,7 +215,7 @@ def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_de
 
 
 def _targets(results):
-    """Which of the issue's targets the measured numbers meet."""
+    """Which of the performance targets the measured numbers meet."""
     out = []
     for r in results:
         limit = TARGET_TOPK if r["compressed"] else TARGET_PLAIN
