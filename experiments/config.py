@@ -111,6 +111,7 @@ def _fmt(x: float) -> str:
 
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
 LOOPS = ("auto", "python", "chunks")
+CHUNK = 16  # rounds per program of --loop=chunks, as ej.run's chunks
 # Models whose loss convolves: on the CPU their rounds run in a Python loop.
 CONV_MODELS = ("cnn", "resnet20")
 CONVEX_DATASETS = ("least_squares", "logistic")
@@ -221,7 +222,7 @@ FLAG_SPECS: tuple[FlagSpec, ...] = (
           "is bitwise independent of the placement; unroll and vmap agree with it to "
           "rounding.", ("auto", "map", "unroll", "vmap")),
     _enum("loop", "auto", "How the launcher runs the rounds. python: a Python loop over "
-          "one compiled round; chunks: up to 16 rounds in one compiled program (a "
+          f"one compiled round; chunks: up to {CHUNK} rounds in one compiled program (a "
           "while loop), ending at every logged, evaluated and checkpointed round; auto: "
           "chunks, except a Python loop for the convolutional models (cnn, resnet20) on "
           "the CPU, where XLA:CPU runs a convolution inside a loop body many times slower, "

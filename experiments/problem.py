@@ -161,10 +161,6 @@ def make_round(cfg: Config, problem: Problem, mesh=None, *,
     return sample, step
 
 
-# Rounds per program of `--loop=chunks` (as `ej.run`'s chunks).
-CHUNK = 16
-
-
 def make_chunk(cfg: Config, problem: Problem, mesh=None, *, on_nonfinite: str) -> Callable:
     """`program(state, guard, n) -> (state, metrics, guard)`: `n` guarded rounds in one program.
 

@@ -232,7 +232,7 @@ def _train_locked(cfg: Config, problem, init, compiled: list, abstract, mesh,
             timing.write({"event": "compiled", "round": start.round, "elapsed_s": compile_s})
             logging.info("compiled the %s in %.1f s",
                          "round" if loop == "python" else
-                         f"chunk of up to {problem_lib.CHUNK} rounds", compile_s)
+                         f"chunk of up to {config_lib.CHUNK} rounds", compile_s)
         last_r, last_t = start.round, time.perf_counter()
         r = start.round
         while r < rounds:
@@ -282,7 +282,7 @@ def _compile(cfg: Config, problem, mesh, state, guard, loop: str):
     """`advance(state, guard, n) -> (state, metrics, guard)`, compiled ahead of time.
 
     With `loop="python"` one round (`n` is 1), its batch sampled by a program of
-    its own; with `"chunks"` `n <= problem.CHUNK` rounds in one program, the
+    its own; with `"chunks"` `n <= config.CHUNK` rounds in one program, the
     metrics those of the last.
     """
     on_nonfinite = cfg.flags["on_nonfinite"]
@@ -309,7 +309,7 @@ def _chunk_end(r: int, f: Mapping[str, Any]) -> int:
     def next_multiple(every: int) -> int:
         return (r // every + 1) * every
 
-    ends = [f["rounds"], r + problem_lib.CHUNK, next_multiple(f["log_every"])]
+    ends = [f["rounds"], r + config_lib.CHUNK, next_multiple(f["log_every"])]
     ends += [next_multiple(f[k]) for k in ("eval_every", "checkpoint_every") if f[k] > 0]
     return min(ends)
 

@@ -198,7 +198,7 @@ def test_chunks_end_at_every_logged_evaluated_and_checkpointed_round():
         r = train._chunk_end(r, f)
         ends.append(r)
     assert ends == [23, 39, 40, 50, 66, 80, 96, 100]
-    assert all(b - a <= problem.CHUNK for a, b in zip([7] + ends[:-1], ends, strict=True))
+    assert all(b - a <= config.CHUNK for a, b in zip([7] + ends[:-1], ends, strict=True))
 
 
 @pytest.mark.parametrize("overrides,platform,loop", [
