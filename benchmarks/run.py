@@ -5,7 +5,7 @@
                              [--background-load N]
 
 For each model and variant (P = 8, batch 32 per worker, max_delay 8, Top-1%), all
-measured interleaved in one process (see `benchmarks.timing`):
+measured interleaved (see `benchmarks.timing`), JAX in this process:
 
 - `ej.run` rounds/s after compilation: the default (`loop="auto"`,
   `worker_loop="auto"`), jitted chunks of rounds (`loop="chunks"`), and the
@@ -17,13 +17,17 @@ measured interleaved in one process (see `benchmarks.timing`):
   previous one as rounds do (`_chained`); the floor is the faster;
 - plain `optax.sgd` on the mean gradient (one gradient of the mean loss over
   all `P b` examples, the batch sampled inside the jitted step);
-- the eager PyTorch simulation of `benchmarks.torch_sim` (skipped, with the
-  reason, where torch is absent);
-- ratios: round / floor, elastic_jax / optax, elastic_jax / PyTorch (rounds/s),
-  the share of Top-k in the round (the `P` compressions timed alone), and the
-  bytes of the state pytree.
+- the eager PyTorch simulation of `benchmarks.torch_sim`, each row in a process
+  of its own (`benchmarks.torch_worker`), as a PyTorch script runs: one with
+  PyTorch's default intra-op thread count, one with one thread. Each child times
+  its own rounds while this process waits on the pipe, in turn with the other
+  candidates of each repetition. Skipped, with the reason, where torch is absent;
+- ratios: round / floor, elastic_jax / optax, elastic_jax / PyTorch (rounds/s,
+  against each PyTorch row), the share of Top-k in the round (the `P`
+  compressions timed alone), and the bytes of the state pytree.
 
-The 1-minute load average is recorded before and after each variant, and
+The date, the git commit and the 1-minute load average before and after the
+run are recorded, the load also before and after each variant, and
 each ratio to the floor comes with the quartiles of its per-repeat values. The
 ratios depend on the machine's load (the floor's convolutions use both cores,
 most of the algorithm's work one): `--background-load N` runs `N` busy
@@ -35,6 +39,7 @@ Writes `results.md` and `results.json` to `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -45,11 +50,15 @@ import jax.numpy as jnp
 import optax
 
 import elastic_jax as ej
-from benchmarks import problems, proposal, timing, torch_sim
+from benchmarks import problems, proposal, timing, torch_worker
 
 TARGET_PLAIN = 1.15  # round / floor without compression
 TARGET_TOPK = 1.3  # round / floor with Top-1%
 TARGET_TORCH = 1.5  # small-CNN async Top-1% error feedback: rounds/s over PyTorch's
+# The elastic_jax / PyTorch fields of each PyTorch row (rounds/s of the fastest
+# `ej.run` configuration; the same with `_default_loop` for the default one).
+TORCH_FIELDS = {torch_worker.ROW_DEFAULT: "speedup_over_pytorch",
+                torch_worker.ROW_ONE_THREAD: "speedup_over_pytorch_1thread"}
 
 
 def worker_loops_supported() -> tuple[str, ...]:
@@ -147,9 +156,38 @@ class _Floor:
                 "floor: unrolled": loop(self.chained["unrolled"])}
 
 
+def _torch_fns(torch_procs, problem, variant, *, rounds, max_delay, fraction, seed):
+    """Row -> callable returning the `SelfTimed` seconds of `rounds` rounds in that row's
+    process, each process's simulation built for this configuration first."""
+    if problem.data is None:
+        return {}
+    fns = {}
+    for row, proc in torch_procs.items():
+        proc.build(problem.name, variant.name, problem.data, num_workers=problem.num_workers,
+                   max_delay=max_delay, fraction=fraction, batch_size=problem.batch_size,
+                   seed=seed)
+        fns[row] = lambda proc=proc: timing.SelfTimed(proc.time(rounds))
+    return fns
+
+
+def _torch_ratios(samples, best, default):
+    """The `TORCH_FIELDS` of the PyTorch rows measured: elastic_jax's rounds/s over
+    PyTorch's, for the fastest and the default `ej.run` configuration."""
+    out = {}
+    for row, field in TORCH_FIELDS.items():
+        if row in samples:
+            out[field] = timing.paired_ratio(samples[row], samples[best])
+            out[f"{field}_default_loop"] = timing.paired_ratio(samples[row], samples[default])
+    return out
+
+
 def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_delay, fraction,
-                  worker_loops, torch_ok, seed=0):
-    """Measures one (model, variant); returns a JSON-able dict."""
+                  worker_loops, torch_procs, seed=0):
+    """Measures one (model, variant); returns a JSON-able dict.
+
+    `torch_procs` maps PyTorch rows to their `torch_worker.TorchProcess` (empty:
+    no PyTorch rows).
+    """
     num_workers = problem.num_workers
     alg = variant.make(num_workers, max_delay, fraction)
     state = alg.init(problem.params, jax.random.key(seed))
@@ -170,12 +208,8 @@ def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_de
         compress = ej.top_k(fraction=fraction).spec.compress
         topk = jax.jit(jax.vmap(lambda g: compress(g, None)))
         fns["top-k alone"] = lambda: [topk(grads) for _ in range(rounds)][-1]
-    sim = None
-    if torch_ok and problem.data is not None:
-        sim = torch_sim.Simulation(problem.name, variant.name, problem.data,
-                                   num_workers=num_workers, max_delay=max_delay,
-                                   fraction=fraction, batch_size=problem.batch_size, seed=seed)
-        fns["pytorch eager"] = lambda: sim.run(rounds)
+    fns.update(_torch_fns(torch_procs, problem, variant, rounds=rounds, max_delay=max_delay,
+                          fraction=fraction, seed=seed))
     samples = timing.measure(fns, repeats=repeats)
 
     per_round = {k: timing.median(v) / rounds for k, v in samples.items()}
@@ -206,11 +240,7 @@ def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_de
     if variant.compressed:
         result["topk_share_of_round"] = timing.paired_ratio(samples["top-k alone"],
                                                             samples[best])
-    if sim is not None:
-        result["speedup_over_pytorch"] = timing.paired_ratio(samples["pytorch eager"],
-                                                             samples[best])
-        result["speedup_over_pytorch_default_loop"] = timing.paired_ratio(
-            samples["pytorch eager"], samples[default])
+    result.update(_torch_ratios(samples, best, default))
     return result
 
 
@@ -234,7 +264,8 @@ def _targets(results):
                 pairs.append(("speedup_over_pytorch", r["best_loop"]))
             for key, loop in pairs:
                 out.append({
-                    "target": f">= {TARGET_TORCH}x PyTorch rounds/s", "model": "cnn",
+                    "target": f">= {TARGET_TORCH}x PyTorch rounds/s (own process, default "
+                              "threads)", "model": "cnn",
                     "variant": "async_topk_ef", "loop": loop, "value": r[key],
                     "met": r[key] >= TARGET_TORCH,
                 })
@@ -256,6 +287,36 @@ def _fmt_rate(seconds):
     return f"{1.0 / seconds:,.1f}"
 
 
+def _fmt_load(load) -> str:
+    return "n/a" if load is None else f"{load:.1f}"
+
+
+def _torch_labels(report) -> dict[str, str]:
+    """Row -> its column label, `own process, default 2 threads` / `own process, 1 thread`."""
+    procs = report.get("torch_processes", {})
+    labels = {}
+    for row, threads in torch_worker.ROWS.items():
+        n = procs.get(row, {}).get("threads")
+        if threads is None:
+            labels[row] = f"own process, default {n} threads" if n else "own process, default"
+        else:
+            labels[row] = f"own process, {threads} thread{'s' if threads != 1 else ''}"
+    return labels
+
+
+def _torch_header(report) -> list[str]:
+    labels = _torch_labels(report)
+    return ([f"PyTorch rounds/s ({labels[row]})" for row in TORCH_FIELDS]
+            + [f"speedup vs PyTorch {labels[row]} (best)" for row in TORCH_FIELDS])
+
+
+def _torch_cells(result) -> list[str]:
+    pr = result["per_round_s"]
+    rates = [_fmt_rate(pr[row]) if row in pr else "n/a" for row in TORCH_FIELDS]
+    ratios = [f"{result[f]:.2f}x" if f in result else "n/a" for f in TORCH_FIELDS.values()]
+    return rates + ratios
+
+
 def markdown(report) -> str:
     cfg = report["config"]
     out = [
@@ -266,7 +327,11 @@ def markdown(report) -> str:
         f"{cfg['repeats']} interleaved repeats, medians. Backend {report['machine']['backend']}, "
         f"{report['machine']['cpu_count']} CPUs; PyTorch: {report['torch']}. "
         f"Background load: {cfg.get('background_load', 0)} busy processes; 1-minute load "
-        f"average {_fmt_loads(report['results'])}.",
+        f"average {_fmt_load(report['load_average']['before'])} before the run, "
+        f"{_fmt_load(report['load_average']['after'])} after, "
+        f"{_fmt_loads(report['results'])} over the variants.",
+        "",
+        f"Measured {report['date']}, commit `{report['commit'] or 'unknown'}`.",
         "",
         "Ratios are medians of per-repeat ratios (interleaved), so they differ slightly from "
         "ratios of the median times. `floor` = the P gradients alone (faster of vmap and "
@@ -281,8 +346,8 @@ def markdown(report) -> str:
         loops = [k for k in rows[0]["per_round_s"] if k.startswith("ej.run")]
         header = (["variant"] + [f"{k} rounds/s" for k in loops]
                   + ["floor rounds/s", "round/floor (default)", "round/floor (best)",
-                     "best / optax.sgd time", "optax rounds/s", "PyTorch rounds/s",
-                     "speedup vs PyTorch (best)", "Top-k share"])
+                     "best / optax.sgd time", "optax rounds/s"] + _torch_header(report)
+                  + ["Top-k share"])
         body = []
         for r in rows:
             pr = r["per_round_s"]
@@ -292,11 +357,9 @@ def markdown(report) -> str:
                    f"{r['round_over_floor'][r['default_loop']]:.2f}",
                    f"{r['round_over_floor'][r['best_loop']]:.2f} "
                    f"({r['best_loop'][7:-1]})",
-                   f"{r['ej_over_optax']:.2f}", _fmt_rate(pr["optax.sgd"]),
-                   _fmt_rate(pr["pytorch eager"]) if "pytorch eager" in pr else "n/a",
-                   f"{r['speedup_over_pytorch']:.2f}x" if "speedup_over_pytorch" in r
-                   else "n/a",
-                   f"{100 * r['topk_share_of_round']:.0f}%" if "topk_share_of_round" in r
+                   f"{r['ej_over_optax']:.2f}", _fmt_rate(pr["optax.sgd"])]
+                + _torch_cells(r)
+                + [f"{100 * r['topk_share_of_round']:.0f}%" if "topk_share_of_round" in r
                    else "-"])
         out += [timing.markdown_table(header, body), ""]
         header = ["variant", "state bytes", "state / params"] + [f"compile {k}" for k in loops]
@@ -331,13 +394,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-loops", default=None,
                         help="comma-separated ej.run configurations (default: all of "
                         f"{','.join(run_configs())})")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     parser.add_argument("--background-load", type=int, default=0,
                         help="busy-looping processes to run while measuring (0: none); "
                         "ratios to the floor depend on the machine's load")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="PyTorch intra-op threads (1: on this 2-core machine 2 threads "
-                        "contend with XLA's pool and ran 5-50x slower, erratically)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     variants = args.variants.split(",")
@@ -350,16 +410,19 @@ def main(argv=None) -> int:
     if args.background_load < 0:
         parser.error(f"--background-load: got {args.background_load}; expected an integer >= 0")
     repeats = args.repeats or (3 if args.quick else 9)
-    torch_ok, torch_why = torch_sim.available()
-    if args.no_torch:
-        torch_ok, torch_why = False, "skipped (--no-torch)"
-    elif torch_ok:
-        torch_sim.torch.set_num_threads(args.torch_threads)
-        torch_why = torch_sim.available()[1]
+    started, load_before = timing.utc_now(), timing.load_average()
     results = []
-    with timing.BackgroundLoad(args.background_load):
-        _measure_all(args, models, variants, loops, repeats, torch_ok, results)
-    report = _report(args, models, variants, loops, repeats, torch_why, results)
+    with contextlib.ExitStack() as stack:
+        torch_procs, torch_why = _start_torch(args, stack)
+        with timing.BackgroundLoad(args.background_load):
+            _measure_all(args, models, variants, loops, repeats, torch_procs, results)
+    report = {
+        "date": started,
+        "commit": timing.git_commit(),
+        "load_average": {"before": load_before, "after": timing.load_average()},
+        "torch_processes": {row: proc.info for row, proc in torch_procs.items()},
+        **_report(args, models, variants, loops, repeats, torch_why, results),
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -379,7 +442,16 @@ def _rounds(args, model) -> int:
     return 2 * ej.core.CHUNK if model == "mlp" else 8
 
 
-def _measure_all(args, models, variants, loops, repeats, torch_ok, results):
+def _start_torch(args, stack):
+    """The PyTorch rows' processes (closed by `stack`) and the report's `torch` line."""
+    if args.no_torch:
+        return {}, "skipped (--no-torch)"
+    procs, why = torch_worker.start_rows()
+    stack.callback(torch_worker.close_all, procs)
+    return procs, why
+
+
+def _measure_all(args, models, variants, loops, repeats, torch_procs, results):
     for model in models:
         problem = problems.make_problem(model, args.workers, args.batch)
         rounds = _rounds(args, model)
@@ -390,7 +462,7 @@ def _measure_all(args, models, variants, loops, repeats, torch_ok, results):
             results.append(bench_variant(
                 problem, problems.VARIANTS[name], floor, optax_run, rounds=rounds,
                 repeats=repeats, max_delay=args.max_delay, fraction=args.fraction,
-                worker_loops=loops, torch_ok=torch_ok))
+                worker_loops=loops, torch_procs=torch_procs))
 
 
 def _report(args, models, variants, loops, repeats, torch_why, results):

@@ -7,16 +7,20 @@ alternating order), and a ratio is the median over repetitions of the per-
 repetition ratio, which cancels the slow drift that a median of each column
 alone would not. Every callable given to `measure` does a fixed amount of work
 and returns what must be waited for (a pytree of `jax.Array`s, or None for
-synchronous work such as eager PyTorch on the CPU).
+synchronous work), or the `SelfTimed` seconds it measured itself (the PyTorch
+baseline, timed in its own process by `benchmarks.torch_worker`).
 """
 
 from __future__ import annotations
 
+import datetime
 import gc
+import importlib.metadata
 import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +34,22 @@ def block(out: Any) -> Any:
     return jax.block_until_ready(out)
 
 
+class SelfTimed(float):
+    """Seconds a callable measured itself (in another process, say): `measure`
+    records them instead of its own wall clock around the call."""
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    """The seconds one call of `fn` takes: its `SelfTimed` result, or the wall
+    clock around the call and the wait for its result."""
+    start = time.perf_counter()
+    out = fn()
+    if isinstance(out, SelfTimed):
+        return float(out)
+    block(out)
+    return time.perf_counter() - start
+
+
 def measure(
     fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:
@@ -41,20 +61,18 @@ def measure(
       warmup: untimed calls of each callable first (compilation, caches).
 
     Returns:
-      name -> list of `repeats` wall-clock seconds, in repetition order.
+      name -> list of `repeats` seconds (`time_call`), in repetition order.
     """
     for fn in fns.values():
         for _ in range(warmup):
-            block(fn())
+            time_call(fn)
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         gc.collect()
         order = names if rep % 2 == 0 else names[::-1]
         for name in order:
-            start = time.perf_counter()
-            block(fns[name]())
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(time_call(fns[name]))
     return samples
 
 
@@ -176,14 +194,28 @@ def machine() -> dict[str, Any]:
         info["load_average"] = list(os.getloadavg())
     except OSError:
         pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
+    try:  # the installed version, without importing torch into this process
+        info["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
         info["torch"] = None
     return info
+
+
+def utc_now() -> str:
+    """The current UTC time, `2026-12-05T21:40:00+00:00`."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    """`git rev-parse --short HEAD` of the repository holding `benchmarks/` (None
+    where git or the repository is missing)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def fmt_time(seconds: float) -> str:

@@ -9,9 +9,9 @@ update is an `axpy`; the model is evaluated with `torch.func.functional_call`.
 Every round also computes what elastic_jax reports for free: the mean loss and
 the largest distance `||x - v^p||` between the auxiliary model and a view.
 
-The semantics follow elastic_jax's round (DESIGN.md, THEORY.md section 5) so the
-work per round is the same; the random draws differ (PyTorch's generator), so
-trajectories are not compared.
+The semantics follow elastic_jax's round (docs/design.md, "The one abstraction";
+docs/theory.md section 5) so the work per round is the same; the random draws
+differ (PyTorch's generator), so trajectories are not compared.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ try:  # The [bench] extra: torch==2.13.0 (CPU build).
 except ImportError:  # pragma: no cover - exercised where torch is absent
     torch = None
 
+NOT_INSTALLED = "torch (the [bench] extra) is not installed"
+
 SUPPORTED = ("sync", "sync_topk", "sync_topk_ef", "async_consistent", "async_inconsistent",
              "async_topk", "async_topk_ef", "message_passing", "elastic_scheduling",
              "local_sgd")
@@ -36,7 +38,7 @@ SUPPORTED = ("sync", "sync_topk", "sync_topk_ef", "async_consistent", "async_inc
 def available() -> tuple[bool, str]:
     """Whether the simulation can run here, and why not."""
     if torch is None:
-        return False, "torch is not installed (pip install torch==2.13.0, the [bench] extra)"
+        return False, f"{NOT_INSTALLED} (pip install torch==2.13.0)"
     return True, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 

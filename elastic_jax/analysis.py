@@ -6,7 +6,7 @@ elastic consistency constant, a distance, or any function of the final state)
 with respect to continuous hyperparameters of the algorithm and, optionally,
 the initial parameters. The algorithm is rebuilt from traced hyperparameters
 inside the differentiated function, which works because every factory accepts
-traced values (DESIGN.md).
+traced values (docs/design.md, "The one abstraction").
 
 What is differentiable:
 
@@ -226,7 +226,7 @@ def hypergradient(
         callable J           J(state_R), a scalar
 
     where `x = ej.params(state)` is the auxiliary model. The derivatives are
-    `dJ/dh` for each hyperparameter `h` (THEORY.md's dynamics differentiated
+    `dJ/dh` for each hyperparameter `h` (docs/theory.md section 5's dynamics differentiated
     through every round; see the module docstring for what is discrete).
 
     Args:

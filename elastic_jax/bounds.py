@@ -1,7 +1,7 @@
-"""Elastic consistency constants `B` (THEORY.md section 5), one function per variant.
+"""Elastic consistency constants `B` (docs/theory.md section 5), one function per variant.
 
 Each function returns `B` such that `||x_t - v_t^p|| <= eta * B` on every
-realisation (or in expectation, where said) under the semantics of THEORY.md,
+realisation (or in expectation, where said) under the semantics of docs/theory.md,
 given `m` (a bound `M` on stochastic gradient norms, e.g. the running maximum
 `m_hat` or a clipping norm) or `mu` (a bound on `||C(eta g)|| / eta` for
 compressed updates without error feedback). The arguments may be Python
@@ -24,7 +24,7 @@ def rho(beta, delta):
 
         ||e|| <= eta * M * rho,    rho = beta q / (1 - beta q),
 
-    and `||C(a)|| <= ||a|| <= eta M (1 + rho)` (THEORY.md section 4).
+    and `||C(a)|| <= ||a|| <= eta M (1 + rho)` (docs/theory.md section 4).
     """
     q = (1.0 - delta) ** 0.5
     return beta * q / (1.0 - beta * q)
@@ -35,7 +35,7 @@ def sync_sgd(*, m, delta=None, error_feedback=0.0):
 
     Without error feedback every worker's view is the model itself
     (`v^p = X = x`), so `B = 0`, compressed or not (a biased compressor
-    changes the convergence rate, not `B`: THEORY.md section 3). With error
+    changes the convergence rate, not `B`: docs/theory.md section 3). With error
     feedback the views are the actual model `X` and the auxiliary model is the
     virtual iterate `x = X - (1/P) sum_p e^p`, so
     `||x - v^p|| = ||mean_p e^p|| <= max_p ||e^p|| <= eta M rho`:

@@ -1,7 +1,7 @@
 """Every invariant elastic_jax asserts, in one place (chex, and host-side checks).
 
 Static checks (tree structure, shapes, dtypes) cost nothing at run time and are
-always on. Value checks (`b_hat <= bound` with THEORY.md section 2's rounding
+always on. Value checks (`b_hat <= bound` with docs/theory.md section 2's rounding
 allowance, finiteness) run only with `checks=True`, a static argument of
 `make_step` and `run`: they add one host callback per round.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from elastic_jax import consistency, core
 
-# THEORY.md section 2: b_hat <= bound * (1 + REL) + ULPS * eps * ||x|| / eta.
+# docs/theory.md section 2: b_hat <= bound * (1 + REL) + ULPS * eps * ||x|| / eta.
 REL = 1e-5
 ULPS = 4.0
 
@@ -37,7 +37,7 @@ def assert_state_stable(old: core.State, new: core.State) -> None:
 
 
 def allowance(x_norm, eta, dtype):
-    """The rounding allowance `4 eps ||x|| / eta` of THEORY.md section 2 (0 when eta = 0)."""
+    """The rounding allowance `4 eps ||x|| / eta` of docs/theory.md section 2 (0 when eta = 0)."""
     eps = jnp.finfo(dtype).eps
     return consistency.per_eta(ULPS * eps * jnp.asarray(x_norm, dtype), jnp.asarray(eta, dtype))
 

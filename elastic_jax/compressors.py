@@ -1,7 +1,7 @@
 """Gradient compressors: optax transformations on one worker's pytree.
 
 A compressor `C` maps an update `a` (a whole pytree of float arrays) to what a
-worker sends. THEORY.md section 6 fixes what each one keeps and its constants:
+worker sends. docs/theory.md section 6 fixes what each one keeps and its constants:
 
     contraction:  ||a - C(a)||^2 <= (1 - delta) ||a||^2       (deterministic or in expectation)
     unbiased:     E C(a) = a,  E||C(a) - a||^2 <= omega ||a||^2
@@ -43,7 +43,7 @@ _SCOPES = ("global", "per_leaf")
 
 
 class CompressionInfo(NamedTuple):
-    """Facts about a compressor on a given params pytree (THEORY.md section 6).
+    """Facts about a compressor on a given params pytree (docs/theory.md section 6).
 
     Attributes:
       delta: contraction constant, `||a - C(a)||^2 <= (1 - delta) ||a||^2`; None
@@ -143,7 +143,7 @@ def _check_k_fraction(k, fraction):
 
 
 def _resolve_k(k, fraction, d: int):
-    """`k`, or `max(1, floor(fraction * d))` (THEORY.md section 6)."""
+    """`k`, or `max(1, floor(fraction * d))` (docs/theory.md section 6)."""
     return k if k is not None else max(1, math.floor(fraction * d))
 
 
@@ -448,7 +448,7 @@ def scaled_sign() -> Compressor:
 
 
 def compression_info(compressor: Compressor, params) -> CompressionInfo:
-    """The constants of `compressor` on `params` (THEORY.md section 6).
+    """The constants of `compressor` on `params` (docs/theory.md section 6).
 
     Checks that the compressor fits `params` first (`ValueError` otherwise).
     For an `error_feedback`-wrapped compressor, returns the inner one's info.

@@ -1,6 +1,6 @@
 """Measured elastic consistency: the bookkeeping shared by every algorithm.
 
-THEORY.md section 2: at every round `r`,
+docs/theory.md section 2: at every round `r`,
 
     b_hat_r  = max_p ||x_t - v_t^p|| / eta_r
     b_rms_r  = sqrt(mean_p ||x_t - v_t^p||^2) / eta_r
@@ -112,7 +112,7 @@ def _wide(x):
 
 
 def per_eta(value, eta):
-    """`value / eta`, and 0 where `eta == 0` (THEORY.md section 2)."""
+    """`value / eta`, and 0 where `eta == 0` (docs/theory.md section 2)."""
     safe = jnp.where(eta > 0, eta, 1)
     return jnp.where(eta > 0, value / safe, jnp.zeros_like(value))
 

@@ -34,7 +34,7 @@ Schedule = Callable[[jax.Array], jax.Array]
 # The name of the (only) mesh axis the worker axis is ever split over.
 WORKER_AXIS = "workers"
 
-# Purpose tags for `derive_key` (DESIGN.md, "Randomness").
+# Purpose tags for `derive_key` (docs/design.md, "Randomness").
 TAG_LOCAL = 1  # a worker's own draws in `local` (compressor randomness)
 TAG_DELAY = 2  # lags of stale reads and message delays
 TAG_DATA = 3  # per-worker batch sampling in `run(batch_fn=...)`
@@ -73,7 +73,7 @@ class AlgorithmInfo(NamedTuple):
 
 
 class Algorithm(NamedTuple):
-    """A distributed SGD variant as pure functions (DESIGN.md, "The one abstraction").
+    """A distributed SGD variant as pure functions (docs/design.md, "The one abstraction").
 
     Attributes:
       init: `(params, key) -> State`.
@@ -140,8 +140,7 @@ WORKER_LOOPS = ("auto", "map", "unroll", "vmap")
 
 # XLA:CPU lowers a convolution to a fast library call only outside loop bodies
 # and without a batch of per-worker weights (vmap makes it a grouped
-# convolution): measured on the small CNN, P = 8, one round's gradients took
-# 269 ms in a `lax.scan`, 24 ms vmapped and 10.6 ms unrolled (benchmarks/README.md).
+# convolution); benchmarks/README.md has the measurements.
 _CONV_PRIMITIVES = frozenset({"conv_general_dilated"})
 # Above this block size an unrolled loop compiles too slowly (~0.4 s a worker);
 # the workers are then unrolled in vmapped groups of `_GROUP`.
@@ -268,6 +267,7 @@ def compose_update(local, combine, view, num_workers: int):
     """
 
     def views_fn(state: State):
+        state = replicated(state)
         idx = jnp.arange(num_workers)
         return jax.vmap(view, in_axes=(0, 0, None))(idx, state.workers, state.shared)
 
@@ -280,13 +280,41 @@ def compose_update(local, combine, view, num_workers: int):
     return views_fn, update_fn
 
 
+def replicated(tree):
+    """`tree` with every leaf whose type is split over an explicit mesh axis replicated.
+
+    A state returned by a run on a mesh built with explicit axes (the default
+    of `jax.make_mesh`) carries its worker split in its type, and slicing or
+    mapping over a split axis outside `shard_map` is a sharding type error.
+    The accessors gather such leaves first (`jax.sharding.reshard`, eagerly or
+    inside `jit`); other leaves, on one device or an auto mesh, are returned as
+    they are. The values do not change.
+    """
+
+    def one(x):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is not None and any(axis is not None for axis in spec):
+            whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            return jax.sharding.reshard(x, whole)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def params(state: State) -> Params:
-    """The auxiliary model `x_t` (THEORY.md section 1): what sequential SGD would hold."""
+    """The auxiliary model `x_t` (docs/theory.md section 1): what sequential SGD would hold.
+
+    Works on every state the library returns: on one device, split over a
+    mesh, or traced inside `jit`.
+    """
+    state = replicated(state)
     return state.shared.auxiliary(state.workers)
 
 
 def model(state: State) -> Params:
-    """The actual model `X_t`: what the system really holds."""
+    """The actual model `X_t`: what the system really holds (any placement, as `params`)."""
+    state = replicated(state)
     return state.shared.actual(state.workers)
 
 
@@ -400,8 +428,7 @@ def round_body(alg: Algorithm, grads_fn, shared, workers, batch, first_index, ga
     if loop == "auto":
         # Resolve from the first worker's view (its value is unused and dropped
         # by XLA); views and `local` follow the gradients when they are unrolled
-        # (measured faster on the small CNN: message passing 1.16x the floor
-        # unrolled, 1.58x with vmapped views and `local`).
+        # (faster on the small CNN, benchmarks/README.md).
         first = jax.tree.map(lambda x: x[0], (workers, batch))
         view = vary(alg.view(indices[0], first[0], shared))
         resolved = grads_fn.resolve(view, first[1], block)
@@ -442,7 +469,7 @@ def make_step(
       loss_fn: `(params, batch) -> scalar`, or `(scalar, aux)` with `has_aux`.
       has_aux: whether `loss_fn` returns `(loss, aux)`.
       checks: static; when True the step asserts, on the host, that every
-        deterministic elastic consistency bound holds (THEORY.md section 2,
+        deterministic elastic consistency bound holds (docs/theory.md section 2,
         with its rounding allowance) and that the state and metrics are finite,
         failing with the round number.
       mesh: None (one device) or a `jax.sharding.Mesh` with a `"workers"` axis
@@ -455,8 +482,8 @@ def make_step(
         the loss and backend (`resolve_worker_loop`: on CPU an unrolled loop
         for convolutional losses, else `vmap`); `"map"` compiles one loop body
         for every block size, so the result is bitwise the same on one device
-        and on any mesh (the other loops agree to rounding; on XLA:CPU it
-        costs ~20x for convolutions, which lose their fast lowering inside a
+        and on any mesh (the other loops agree to rounding; on XLA:CPU it is
+        much slower for convolutions, which lose their fast lowering inside a
         loop); `"unroll"`; `"vmap"`.
 
     Returns:
@@ -469,8 +496,7 @@ def make_step(
         raise ValueError(f"worker_loop: got {worker_loop!r}; expected one of {WORKER_LOOPS}")
     if mesh is None and worker_loop != "map":
         # One device, no bitwise promise to keep: the round without `shard_map`
-        # (its message gather is a collective even on one device: 1.4 ms of a
-        # 15 ms small-CNN round on XLA:CPU).
+        # (its message gather is a collective even on one device).
         grads_fn = _value_and_grads(loss_fn, has_aux, worker_loop,
                                     platform=jax.devices()[0].platform)
 
@@ -479,7 +505,7 @@ def make_step(
                               _identity, worker_loop)
     else:
         # With "map", one device runs the same program as a mesh: a one-device
-        # mesh (DESIGN.md, "Workers and devices": a plain jit let XLA fuse
+        # mesh (docs/design.md, "Workers and devices": a plain jit let XLA fuse
         # differently, changing last bits).
         mesh = parallel.make_mesh(1) if mesh is None else mesh
         grads_fn = _value_and_grads(loss_fn, has_aux, worker_loop,
@@ -510,10 +536,10 @@ def _validate_rounds(alg: Algorithm, state: State, rounds: int) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_step(alg, loss_fn, has_aux, checks, mesh, worker_loop):
+def _compiled_step(alg, loss_fn, has_aux, checks, mesh, worker_loop, donate):
     step = make_step(alg, loss_fn, has_aux=has_aux, checks=checks, mesh=mesh,
                      worker_loop=worker_loop)
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0 if donate else ())
 
 
 @functools.lru_cache(maxsize=64)
@@ -536,19 +562,25 @@ def _sample(batch_fn, round_, key, num_workers):
 
 
 # Rounds per program of `run(loop="chunks")`: the dispatch and the sampling are
-# amortised over the chunk (MLP sync, P = 8: 0.32 ms a round in chunks against
-# 0.56 ms in the Python loop, benchmarks/README.md); a chunk's batches are
+# amortised over the chunk (benchmarks/README.md); a chunk's batches are
 # sampled together, so their memory is `chunk` rounds' batches.
 CHUNK = 16
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop):
+def _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop, donate):
     """`(program, step)`: `program(state, batches, n)` runs `n <= chunk` rounds.
 
-    The rounds run in one `lax.while_loop` whose trip count `n` is an argument:
-    every round, whatever its place in a chunk, is the same compiled loop body,
-    so a run split into calls of any lengths gives bitwise the same result.
+    The rounds run in one `lax.scan` of fixed length `chunk` whose iterations
+    `i >= n` are skipped by a `lax.cond` (the state passes through unchanged:
+    no round counter, running maximum or key moves), so every round, whatever
+    its place in a chunk, is the same compiled loop body, a run split into
+    calls of any lengths gives bitwise the same result, and reverse-mode
+    `jax.grad` flows through the loop (a `while_loop` with a dynamic trip
+    count has no transpose). The skipped iterations read valid inputs (a
+    shorter chunk's batches are padded with copies of its last round), so
+    where the `cond` becomes a `select` (under `vmap`) the untaken branch
+    computes finite values and contributes zero, not NaN, to a gradient.
     With `batch_fn` the chunk's `chunk` batches are sampled first, vectorised
     over the rounds (`batches` is then None); metrics come back as `[chunk]`
     arrays of which the first `n` entries are the rounds'.
@@ -566,28 +598,27 @@ def _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker
         run_step = jax_core.jaxpr_as_fun(closed)
         state_def = jax.tree.structure(state)
         metrics_def = jax.tree.structure(metric_shapes)
-        buffers = jax.tree.map(lambda m: jnp.zeros((chunk,) + m.shape, m.dtype), metric_shapes)
 
-        def body(carry):
-            i, state, buffers = carry
-            batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
-                                 batches)
+        def real(state, batch):
             out = run_step(*jax.tree.leaves((state, batch)))
-            state = jax.tree.unflatten(state_def, out[:state_def.num_leaves])
-            metrics = jax.tree.unflatten(metrics_def, out[state_def.num_leaves:])
-            buffers = jax.tree.map(lambda b, m: jax.lax.dynamic_update_index_in_dim(b, m, i, 0),
-                                   buffers, metrics)
-            return i + 1, state, buffers
+            return (jax.tree.unflatten(state_def, out[:state_def.num_leaves]),
+                    jax.tree.unflatten(metrics_def, out[state_def.num_leaves:]))
 
-        _, state, buffers = jax.lax.while_loop(lambda c: c[0] < n, body,
-                                               (jnp.zeros((), jnp.int32), state, buffers))
-        return state, buffers
+        def skip(state, batch):
+            del batch
+            return state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
 
-    return jax.jit(program, donate_argnums=0), step
+        def body(state, xs):
+            i, batch = xs
+            return jax.lax.cond(i < n, real, skip, state, batch)
+
+        return jax.lax.scan(body, state, (jnp.arange(chunk, dtype=jnp.int32), batches))
+
+    return jax.jit(program, donate_argnums=0 if donate else ()), step
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker_loop):
+def _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker_loop, donate):
     step = make_step(alg, loss_fn, has_aux=has_aux, checks=checks, mesh=mesh,
                      worker_loop=worker_loop)
 
@@ -601,7 +632,24 @@ def _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker
     def loop(state, batches):
         return jax.lax.scan(body, state, batches, length=rounds)
 
-    return jax.jit(loop, donate_argnums=0)
+    return jax.jit(loop, donate_argnums=0 if donate else ())
+
+
+def _under_transformation() -> bool:
+    """Whether `run` is called inside a JAX transformation (`grad`, `vmap`, `jit`).
+
+    Reverse mode keeps each round's inputs as residuals for the backward pass,
+    so a round may then donate nothing, even when every leaf of the state is
+    concrete (a state that does not depend on the differentiated value). JAX
+    has no public query for this; where the internal one is missing, nothing
+    is donated (always correct, at the cost of a copy per round).
+    """
+    try:
+        from jax._src import core as jax_src_core
+
+        return not jax_src_core.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the JAX version
+        return True
 
 
 LOOPS = ("auto", "python", "chunks", "scan")
@@ -611,7 +659,8 @@ LOOPS = ("auto", "python", "chunks", "scan")
 _AUTO_LOOPS: dict = {}
 
 
-def _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop, state, xs):
+def _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop, donate, state,
+               xs):
     """`"python"` or `"chunks"` for `run(loop="auto")` (see `run`)."""
     if mesh is not None or worker_loop in ("map", "unroll"):
         return "python"
@@ -619,7 +668,7 @@ def _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop
     if worker_loop != "auto":
         return "python" if platform == "cpu" else "chunks"
     program, step = _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh,
-                                    worker_loop)
+                                    worker_loop, donate)
     leaves, treedef = jax.tree.flatten((state, xs))
     key = (program, treedef, tuple(jax.typeof(x) for x in leaves))
     if key not in _AUTO_LOOPS:
@@ -631,7 +680,7 @@ def _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop
             # callback without a vmap rule): the Python loop samples one round
             # at a time, and raises again whatever is a real error.
             return "python"
-        # XLA:CPU loses its fast convolution inside a loop body (DESIGN.md).
+        # XLA:CPU loses its fast convolution inside a loop body (docs/design.md, "Performance").
         unrolled = {"unroll", "groups"} & set(step.resolved_worker_loops)
         if len(_AUTO_LOOPS) >= _MAX_TRACES:
             _AUTO_LOOPS.pop(next(iter(_AUTO_LOOPS)))
@@ -640,13 +689,17 @@ def _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop
 
 
 def _chunk_batches(batches, start, n, chunk):
-    """Rounds `[start, start + n)` of `batches`, padded with zeros to `chunk` rounds."""
+    """Rounds `[start, start + n)` of `batches`, padded to `chunk` rounds with its last round.
+
+    The padding rounds are skipped (`_compiled_chunk`); they repeat a real batch
+    so that any computation on them is finite.
+    """
 
     def one(x):
         part = jnp.asarray(x[start:start + n])
         if n == chunk:
             return part
-        return jnp.concatenate([part, jnp.zeros((chunk - n,) + part.shape[1:], part.dtype)])
+        return jnp.concatenate([part, jnp.repeat(part[-1:], chunk - n, axis=0)])
 
     return jax.tree.map(one, batches)
 
@@ -678,22 +731,31 @@ def run(
     - `"python"`: a Python loop over one jitted round, the batch sampled by a
       program of its own;
     - `"chunks"`: a Python loop over one jitted program of `chunk` rounds (a
-      `lax.while_loop` with the number of rounds as an argument, so the last,
-      shorter chunk reuses it, and a run split into calls of any lengths is
-      bitwise the same); with `batch_fn` the chunk's batches are sampled in the
-      same program, vectorised over its rounds (so `chunk` rounds' batches are
-      in memory at once, and `batch_fn` must be vmappable);
+      `lax.scan` of `chunk` iterations whose tail is skipped by a `lax.cond`,
+      the number of rounds an argument, so the last, shorter chunk reuses it,
+      and a run split into calls of any lengths is bitwise the same); with
+      `batch_fn` the chunk's batches are sampled in the same program,
+      vectorised over its rounds (so `chunk` rounds' batches are in memory at
+      once, and `batch_fn` must be vmappable);
     - `"scan"`: the whole run as one `lax.scan` (compiled per `rounds`);
     - `"auto"` (the default): `"chunks"` unless the loss's gradients are unrolled
       over the workers (`worker_loop="auto"` resolved to it: a convolutional loss
-      on CPU, where XLA:CPU loses its fast convolution inside any loop body, a
-      small CNN's round measured ~26x slower), or `worker_loop` is `"map"` or
-      `"unroll"` (or, on CPU, any loop but `"auto"`: only `"auto"` inspects
-      the loss), or `mesh` is given, or the chunked program cannot be traced
-      (a `batch_fn` without a vmap rule); then `"python"`. Measured on the MLP
-      of `experiments/` (sync, P = 8, one process, interleaved): 0.32 ms a round
-      in chunks, 0.56 ms in the Python loop, the 8 gradients alone 0.21 ms
-      (benchmarks/README.md).
+      on CPU, where XLA:CPU loses its fast convolution inside any loop body),
+      or `worker_loop` is `"map"` or `"unroll"` (or, on CPU, any loop but
+      `"auto"`: only `"auto"` inspects the loss), or `mesh` is given, or the
+      chunked program cannot be traced (a `batch_fn` without a vmap rule);
+      then `"python"`. benchmarks/README.md has the measurements behind it.
+
+    Differentiation: every loop is reverse-mode differentiable, so
+    `jax.grad` of a function of the final state (or the metrics) with respect
+    to a hyperparameter the algorithm closes over, the initial parameters or
+    the batches flows through `run`; build the algorithm inside the
+    differentiated function. Reverse mode keeps what the backward pass needs
+    of every round (the state and the round's intermediate values: `O(R)`
+    states, e.g. every round's residuals and ring buffer), so memory grows
+    with `R`; for long runs use `ej.analysis.hypergradient`, which
+    rematerialises each round, or forward mode (`jax.jvp`). Under a
+    transformation nothing is donated.
 
     Every loop compiles its program once per configuration and caches it
     across calls. The loops agree to rounding, not bitwise (the batch is
@@ -735,7 +797,10 @@ def run(
     _validate_rounds(alg, state, rounds)
     # Place the state as the round returns it (so the second round does not
     # retrace for a new input sharding); this copies, and the compiled round
-    # donates its input, never the caller's buffers.
+    # donates its input, never the caller's buffers. Under a transformation
+    # (`jax.grad`, `jax.vmap` of `run`) nothing is donated: a concrete leaf of
+    # a traced state may be a constant the caller still holds.
+    donate = not _under_transformation()
     state = parallel.shard_state(jax.tree.map(jnp.copy, state),
                                  parallel.make_mesh(1) if mesh is None else mesh)
     if rounds == 0:
@@ -743,15 +808,16 @@ def run(
     if loop == "auto":
         probe = None if batches is None else _chunk_batches(batches, 0, min(chunk, rounds), chunk)
         loop = _auto_loop(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh, worker_loop,
-                          state, probe)
+                          donate, state, probe)
     if loop == "chunks":
         return _run_chunks(alg, loss_fn, has_aux, checks, batch_fn, batches, chunk, mesh,
-                           worker_loop, state, rounds)
+                           worker_loop, donate, state, rounds)
     if loop == "scan":
-        fn = _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker_loop)
+        fn = _compiled_scan(alg, loss_fn, has_aux, checks, batch_fn, rounds, mesh, worker_loop,
+                            donate)
         xs = None if batches is None else jax.tree.map(lambda x: x[:rounds], batches)
         return fn(state, xs)
-    fn = _compiled_step(alg, loss_fn, has_aux, checks, mesh, worker_loop)
+    fn = _compiled_step(alg, loss_fn, has_aux, checks, mesh, worker_loop, donate)
     sample = None if batch_fn is None else _compiled_batch(batch_fn, alg.num_workers)
     serialize = mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
     history = []
@@ -771,9 +837,9 @@ def run(
 
 
 def _run_chunks(alg, loss_fn, has_aux, checks, batch_fn, batches, chunk, mesh, worker_loop,
-                state, rounds):
+                donate, state, rounds):
     program, _ = _compiled_chunk(alg, loss_fn, has_aux, checks, batch_fn, chunk, mesh,
-                                 worker_loop)
+                                 worker_loop, donate)
     history = []
     for start in range(0, rounds, chunk):
         n = min(chunk, rounds - start)

@@ -1,6 +1,6 @@
 """Delay laws: how stale a read is, or how late a message arrives.
 
-A delay law draws each lag in `[min_lag, max_lag]` from a key (THEORY.md
+A delay law draws each lag in `[min_lag, max_lag]` from a key (docs/theory.md
 section 5): `fixed` (always `max_lag`, the worst case), `uniform`,
 `geometric(p)` (`min_lag + min(G, max_lag - min_lag)`, `G` geometric on
 `{0, 1, ...}` with success probability `p`), or a recorded `trace` of shape
@@ -75,8 +75,7 @@ def _bits16(key, shape):
     word `i` is `mix(mix(i * 0x9E3779B9 + s0) ^ s1)` with `mix` MurmurHash3's
     32-bit finaliser. Every key (worker, round, leaf) gets its own threefry
     words; within one draw the hash replaces threefry, which spends ~20 rounds
-    of add-rotate-xor on every 64 bits: 8 x 25,290 lags took 0.64 ms with
-    threefry words and 0.11 ms hashed on XLA:CPU (benchmarks/README.md).
+    of add-rotate-xor on every 64 bits (benchmarks/README.md compares them).
     """
     size = math.prod(shape)
     seed = jax.random.bits(key, (2,), jnp.uint32)
@@ -92,8 +91,8 @@ def uniform() -> DelayLaw:
     A lag is `min_lag + (b * n) >> 16` for 16 random bits `b` and `n = max_lag -
     min_lag + 1` values: each value has probability within `1 / 65536` of
     `1 / n` (a relative error below `n / 65536`, 1.4e-4 for `n = 9`), two
-    lags from each 32-bit word of a keyed counter hash (`_bits16`). It takes
-    6% of `jax.random.randint`'s time on XLA:CPU (measured), which matters for
+    lags from each 32-bit word of a keyed counter hash (`_bits16`). It is much
+    cheaper than `jax.random.randint` on XLA:CPU, which matters for
     per-coordinate reads (`P x d` lags a round; benchmarks/README.md). Spans
     above 65,536 lags use `randint`.
     """

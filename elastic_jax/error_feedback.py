@@ -1,6 +1,6 @@
 """Error feedback (EF14 residual memory) around a contractive compressor.
 
-THEORY.md section 4. A worker keeps a residual `e` (zero at the start) of what
+docs/theory.md section 4. A worker keeps a residual `e` (zero at the start) of what
 it has not sent yet:
 
     a     = e + update          # update = eta * g
@@ -149,7 +149,7 @@ def error_feedback(compressor: Compressor, beta=1.0) -> Compressor:
     Contraction gives `||e_new|| = beta ||a - C(a)|| <= beta q ||a||` at each step
     (`q = sqrt(1 - delta)`); with `||updates|| <= eta M`, induction on
     `||e_new|| <= beta q (||e|| + eta M)` gives `||e|| <= eta M rho` with
-    `rho = beta q / (1 - beta q)` (THEORY.md section 4). For `random_k`
+    `rho = beta q / (1 - beta q)` (docs/theory.md section 4). For `random_k`
     (unscaled) this holds in expectation only.
 
     Args:

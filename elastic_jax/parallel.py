@@ -1,7 +1,7 @@
 """The worker axis on one device, across a mesh of devices, or across hosts.
 
 Per-worker state and batches carry a leading worker axis of size `P`, the only
-axis ever split across devices (DESIGN.md, "Workers and devices"). On a mesh
+axis ever split across devices (docs/design.md, "Workers and devices"). On a mesh
 with a `"workers"` axis of `n` devices, each device runs `local` for its block
 of `P / n` workers under `jax.shard_map`, the messages are `all_gather`ed in
 global worker order, and every device runs the same `combine` on the same

@@ -1,7 +1,7 @@
 """Argument validation with one message form: `<argument>: got <value>; expected <range>`.
 
 Only concrete Python or NumPy values are checked; JAX tracers pass through, so
-factories can be built inside a differentiated function (DESIGN.md).
+factories can be built inside a differentiated function (docs/design.md, "The one abstraction").
 
 `FACTORY_ARGUMENTS` lists every argument of every public factory with its valid
 values, worded as the messages word them; `python -m experiments.arguments`

@@ -1,8 +1,8 @@
-r"""THEORY.md section 5, measured: every variant's elastic consistency constant against its bound.
+r"""docs/theory.md section 5, measured: every variant's elastic consistency constant vs its bound.
 
     python -m experiments.consistency_table --workdir=DIR [--smoke]
 
-For every row of THEORY.md section 5 (synchronous SGD, compressed with and
+For every row of docs/theory.md section 5 (synchronous SGD, compressed with and
 without error feedback; asynchronous SGD with consistent and inconsistent reads,
 compressed with and without error feedback; message passing with delays,
 compressed messages, crashes, retransmitted and permanent drops; elastic
@@ -13,16 +13,16 @@ the row's parameters, this runs the library's algorithm on a noisy quadratic
 
 from `x_0 = 0` for `--rounds` rounds and `--num_seeds` seeds, and reports the
 measured `max b_hat` (over seeds and rounds) and mean `b_rms` beside the bound
-the algorithm reports (`consistency/bound`, THEORY.md section 2), the same
+the algorithm reports (`consistency/bound`, docs/theory.md section 2), the same
 constant recomputed with `ej.bounds` from the measured `M` (the largest
 `grad_norm/max`), their ratio, and whether the bound held:
 
-- deterministic bounds: `b_hat <= bound` on every seed and round, with THEORY.md
+- deterministic bounds: `b_hat <= bound` on every seed and round, with docs/theory.md
   section 2's rounding allowance `4 eps ||x|| / eta` (`ej.checks.bound_holds`);
 - bounds in expectation (error feedback around unscaled random-k): the mean over
   seeds of `b_hat` at every round against the mean of the bound;
 - no bound (permanent drops): `bound = inf`; the report shows the drift of
-  `E b_hat^2` instead (THEORY.md: it grows linearly in `t`).
+  `E b_hat^2` instead (docs/theory.md: it grows linearly in `t`).
 
 Two expectation statements of section 5 are checked beside the table: elastic
 scheduling in variance mode with `delay="fixed"`, where `E ||x - v||^2 ~ eta^2 tau
@@ -142,9 +142,9 @@ def measure(alg: ej.Algorithm, s) -> Run:
 
 
 class Config(NamedTuple):
-    """One sweep point of one row of THEORY.md section 5."""
+    """One sweep point of one row of docs/theory.md section 5."""
 
-    row: str  # the row, as THEORY.md names it
+    row: str  # the row, as docs/theory.md names it
     formula: str  # its bound B
     params: str  # the swept parameters
     make: Callable[[], ej.Algorithm]
@@ -166,7 +166,7 @@ def _top_k(fraction: float, dim: int) -> tuple[ej.Compressor, str]:
 
 
 def configurations(s) -> list[Config]:
-    """Every row of THEORY.md section 5 with its sweep (the first `--points` of each)."""
+    """Every row of docs/theory.md section 5 with its sweep (the first `--points` of each)."""
     eta, p, d = s.learning_rate, s.num_workers, s.dim
     top = {f: _top_k(f, d) for f in (0.125, 0.25, 0.5)}  # fraction -> (compressor, label)
     rows: list[tuple[str, str, list[Config]]] = []
@@ -327,7 +327,7 @@ def _held_text(r: Result) -> str:
 
 
 def table_lines(results: list[Result]) -> list[str]:
-    header = ("#", "THEORY.md row", "B", "parameters", "bound kind", "max b_hat",
+    header = ("#", "docs/theory.md row", "B", "parameters", "bound kind", "max b_hat",
               "mean b_rms", "bound (max)", "ej.bounds(M)", "max b_hat / bound", "held")
     rows = []
     for i, r in enumerate(results, 1):
@@ -342,8 +342,8 @@ def table_lines(results: list[Result]) -> list[str]:
 
 
 def row_lines(results: list[Result]) -> list[str]:
-    """One line per THEORY.md row: its sweep's ratios and whether every bound held."""
-    header = ("THEORY.md row", "B", "configurations", "max b_hat / bound (min to max)",
+    """One line per docs/theory.md row: its sweep's ratios and whether every bound held."""
+    header = ("docs/theory.md row", "B", "configurations", "max b_hat / bound (min to max)",
               "held")
     rows = []
     for row in dict.fromkeys(r.config.row for r in results):
@@ -376,7 +376,7 @@ def expectation_checks(results: list[Result], s) -> list[str]:
             lines.append(f"- Elastic scheduling, variance mode, `{c.params}`: mean "
                          f"`b_rms^2` after round {warm} = {measured:.4g} against `tau sigma^2 "
                          f"(1 - 1/P)` = {predicted:.4g} (ratio {measured / predicted:.3f}; "
-                         "THEORY.md predicts about 1 for small `L eta`; here `L eta` = "
+                         "docs/theory.md predicts about 1 for small `L eta`; here `L eta` = "
                          f"{s.learning_rate:g}).")
         if c.row.startswith(("message passing, permanent", "message passing, drops")):
             slope, r2, level = drift_fit(r.run.b_hat)
@@ -426,7 +426,7 @@ def plot_ratios(results: list[Result], path: str) -> str:
     ax.set_xscale("log")
     ax.set_xlim(right=max(1.5, 1.2 * max(values, default=1.0)))
     ax.set_xlabel("max over seeds and rounds of b_hat / bound (1: tight; above 1: violated)")
-    ax.set_title("Measured B against THEORY.md section 5 (red: violated)")
+    ax.set_title("Measured B against docs/theory.md section 5 (red: violated)")
     ax.grid(alpha=0.3, axis="x")
     return studies.save_figure(fig, path)
 
@@ -482,7 +482,7 @@ def write(s, results: list[Result], seconds: float, invocation) -> str:
     held = [r for r in det if r.held]
     exp = [r for r in results if r.kind == "expectation"]
     ratios = [r for r in results if r.max_ratio is not None]
-    lines = studies.header("Elastic consistency: measured B against THEORY.md section 5",
+    lines = studies.header("Elastic consistency: measured B against docs/theory.md section 5",
                            MODULE, SPECS, s, invocation, seconds)
     lines += [
         "Problem: the noisy quadratic `f(x) = 0.5 ||x - 1||^2 + <n, x>` in "

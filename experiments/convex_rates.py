@@ -1,4 +1,4 @@
-r"""THEORY.md section 3 on convex problems: measured suboptimality against the rate bounds.
+r"""docs/theory.md section 3 on convex problems: measured suboptimality against the rate bounds.
 
     python -m experiments.convex_rates --workdir=DIR [--smoke]
 
@@ -7,7 +7,7 @@ which gives each problem's `L`, strong convexity `c`, `x*` and `f*` exactly, in
 float64), this trains a linear model from `x_0 = 0` with synchronous SGD,
 asynchronous SGD (consistent and inconsistent reads) and Top-k variants of both
 with and without error feedback, `P` workers on an IID split, `--num_seeds`
-seeds, and compares means over seeds with THEORY.md section 3, evaluated with
+seeds, and compares means over seeds with docs/theory.md section 3, evaluated with
 the measured `B` (the largest `consistency/b_hat` over seeds and rounds) and the
 measured `M` (the largest `grad_norm/max`, the running maximum of stochastic
 gradient norms, which bounds their second moment):
@@ -28,7 +28,7 @@ gradient norms, which bounds their second moment):
        (1/T) sum_t E ||grad f(x_t)||^2 <= (f(x_0) - f* + L M B + L M^2 / 2) / sqrt(T),
 
    with `f(x_0) - f*` and `L M^2 / 2` divided by `gamma = k/d` for Top-k without
-   error feedback (THEORY.md's assumption `<grad f(v), E C(g)> >= gamma
+   error feedback (docs/theory.md's assumption `<grad f(v), E C(g)> >= gamma
    ||grad f(v)||^2`, exact for the Top-k of a deterministic gradient). The left
    side is measured at the start of every round, i.e. at every `P`-th update
    for async (the round is the unit the state exposes).
@@ -220,7 +220,7 @@ class Row(NamedTuple):
 
 def strongly_convex_bound(c: float, lsmooth: float, eta: float, t, d0: float, m: float,
                           b: float):
-    """`(1 - c eta)^T d0 + eta M^2 / c + eta^2 L^2 B^2 / c^2` (THEORY.md section 3)."""
+    """`(1 - c eta)^T d0 + eta M^2 / c + eta^2 L^2 B^2 / c^2` (docs/theory.md section 3)."""
     return (1 - c * eta) ** np.asarray(t, np.float64) * d0 + eta * m**2 / c + (
         eta**2 * lsmooth**2 * b**2 / c**2)
 
@@ -361,7 +361,7 @@ def run(s, invocation=None) -> str:
 
 
 def write(s, rows: list[Row], seconds: float, invocation) -> str:
-    lines = studies.header("Convex rates: measured suboptimality against THEORY.md section 3",
+    lines = studies.header("Convex rates: measured suboptimality against docs/theory.md section 3",
                            MODULE, SPECS, s, invocation, seconds)
     lines += [
         f"Problems (float64, d = {s.dim}, n = {s.samples}, seed {s.seed}; `x_0 = 0`):"]

@@ -566,7 +566,7 @@ def make_batch_fn(
     Returns:
       `batch_fn(round, worker_keys) -> {"x": [P, batch_size, ...], "y": [P, batch_size]}`,
       where `worker_keys` is a typed PRNG key array of shape `[P]`. The batch depends
-      on the round only through the keys (DESIGN.md, "Randomness"), so `round` is
+      on the round only through the keys (docs/design.md, "Randomness"), so `round` is
       unused.
 
     Example:

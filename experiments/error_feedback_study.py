@@ -3,7 +3,7 @@ r"""Does error feedback help sparsified asynchronous SGD? Top-k async SGD with a
     python -m experiments.error_feedback_study --workdir=DIR [--smoke]
 
 Nadiradze et al. (arXiv:2001.05918) report that error feedback "may not
-necessarily help" Top-k sparsified *asynchronous* SGD; THEORY.md section 3 gives
+necessarily help" Top-k sparsified *asynchronous* SGD; docs/theory.md section 3 gives
 the reason: error feedback removes the compressor's bias but raises the elastic
 consistency constant `B` by a term of order `(d/k) M`, and neither effect
 dominates in theory. This study measures it. For every Top-k fraction
@@ -404,7 +404,7 @@ def finding(comparisons: list[Comparison]) -> list[str]:
     ratios = [np.mean(c.with_ef.max_b_hat) / np.mean(c.without.max_b_hat) for c in comparisons]
     lines.append(f"- Measured `B` (max `b_hat`, mean over seeds): higher with EF in "
                  f"{len(raised)} of {n} configurations (EF / no EF from {min(ratios):.2g} to "
-                 f"{max(ratios):.2g}); THEORY.md section 5 prices error feedback at "
+                 f"{max(ratios):.2g}); docs/theory.md section 5 prices error feedback at "
                  "`M (max_delay (1 + rho) + P rho)` against `max_delay mu` without it.")
     ks = ", ".join(f"{k:g}" for k in sorted({c.k for c in comparisons if c.verdict != "lower"}))
     if len(lower) == n:

@@ -94,7 +94,7 @@ def tree_norm(tree):
 
 
 def assert_bound_holds(metrics, norms):
-    """`b_hat <= bound` every round, with THEORY.md section 2's rounding allowance."""
+    """`b_hat <= bound` every round, with docs/theory.md section 2's rounding allowance."""
     b_hat = np.asarray(metrics["consistency/b_hat"])
     bound = np.asarray(metrics["consistency/bound"])
     eta = np.asarray(metrics["learning_rate"])

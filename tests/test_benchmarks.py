@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -12,8 +15,14 @@ import pytest
 from jax import lax
 
 import elastic_jax as ej
-from benchmarks import problems, proposal, timing, topk, torch_sim
+from benchmarks import problems, proposal, timing, topk, torch_sim, torch_worker
 from benchmarks import run as bench_run
+
+requires_torch = pytest.mark.skipif(not torch_sim.available()[0],
+                                    reason=torch_sim.NOT_INSTALLED)
+TORCH_ROWS = (torch_worker.ROW_DEFAULT, torch_worker.ROW_ONE_THREAD)
+TORCH_FIELDS = ("speedup_over_pytorch", "speedup_over_pytorch_default_loop",
+                "speedup_over_pytorch_1thread", "speedup_over_pytorch_1thread_default_loop")
 
 
 def test_run_quick_writes_tables_and_json(tmp_path):
@@ -34,11 +43,68 @@ def test_run_quick_writes_tables_and_json(tmp_path):
             assert 0 < q25 <= r["round_over_floor"][loop] <= q75
         assert len(r["load_average"]) == 2
         assert r["state_bytes"] >= r["param_bytes"] > 0
-        assert ("speedup_over_pytorch" in r) == torch_sim.available()[0]
     assert "topk_share_of_round" in report["results"][1]
     assert {t["variant"] for t in report["targets"]} == {"sync", "sync_topk"}
+    assert report["date"] and "commit" in report
+    assert set(report["load_average"]) == {"before", "after"}
     text = (tmp_path / "results.md").read_text()
-    assert "| variant |" in text and "## Targets" in text
+    assert "| variant |" in text and "## Targets" in text and "Measured " in text
+    if torch_sim.available()[0]:
+        _check_torch_rows(report, text)
+    else:
+        assert report["torch"].startswith(torch_sim.NOT_INSTALLED)
+        assert not any(key in r for r in report["results"] for key in TORCH_FIELDS)
+
+
+def _check_torch_rows(report, text):
+    """Both PyTorch rows measured, each in a process other than this one."""
+    procs = report["torch_processes"]
+    assert os.getpid() not in {procs[row]["pid"] for row in TORCH_ROWS}
+    assert procs[torch_worker.ROW_ONE_THREAD]["threads"] == 1
+    for r in report["results"]:
+        assert all(r["rounds_per_s"][row] > 0 for row in TORCH_ROWS)
+        assert all(r[key] > 0 for key in TORCH_FIELDS)
+    assert "own process, 1 thread" in text
+    assert f"own process, default {procs[torch_worker.ROW_DEFAULT]['threads']} threads" in text
+
+
+def _default_torch_threads() -> int:
+    """`torch.get_num_threads()` in a fresh Python process."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+@requires_torch
+def test_torch_process_answers_with_default_threads_in_another_process():
+    procs, why = torch_worker.start_rows()
+    try:
+        default, one = procs[torch_worker.ROW_DEFAULT], procs[torch_worker.ROW_ONE_THREAD]
+        assert len({os.getpid(), default.pid, one.pid}) == 3
+        assert default.threads == _default_torch_threads()
+        assert one.threads == 1
+        assert f"default ({default.threads} threads)" in why
+        problem = problems.make_problem("mlp", 2, batch_size=4)
+        for proc in (default, one):
+            proc.build("mlp", "async_topk_ef", problem.data, num_workers=2, max_delay=2,
+                       batch_size=4)
+            assert proc.time(2) > 0
+        with pytest.raises(RuntimeError, match="variant: got 'nope'"):
+            default.build("mlp", "nope", problem.data)
+        assert default.time(1) > 0  # still serving after a failed request
+    finally:
+        torch_worker.close_all(procs)
+    assert [p._proc.returncode for p in procs.values()] == [0, 0]
+
+
+def test_torch_rows_skip_with_the_reason_where_torch_is_missing(tmp_path, monkeypatch):
+    stub = tmp_path / "torch"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    paths = [str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    procs, why = torch_worker.start_rows()
+    assert procs == {} and why.startswith(torch_sim.NOT_INSTALLED)
 
 
 def test_background_load_runs_and_stops_its_processes():
@@ -56,6 +122,13 @@ def test_quartiles_bracket_the_median():
     q25, q75 = timing.quartiles(xs)
     assert q25 == 2.0 and q75 == 4.0
     assert timing.paired_min_ratios([2.0, 6.0], [1.0, 4.0], [4.0, 3.0]) == [2.0, 2.0]
+
+
+def test_measure_records_self_timed_seconds():
+    samples = timing.measure({"self": lambda: timing.SelfTimed(0.5), "wall": lambda: None},
+                             repeats=2)
+    assert samples["self"] == [0.5, 0.5]
+    assert all(0 <= s < 0.5 for s in samples["wall"])
 
 
 def test_ej_run_compiles_once_per_configuration():
@@ -99,9 +172,8 @@ def test_tree_bytes_counts_keys_and_shapes():
     assert timing.tree_bytes(tree) == 8 + 48 + 10
 
 
+@requires_torch
 def test_torch_simulation_runs_every_variant():
-    if not torch_sim.available()[0]:
-        pytest.skip(torch_sim.available()[1])
     problem = problems.make_problem("mlp", 4)
     for variant in torch_sim.SUPPORTED:
         sim = torch_sim.Simulation("mlp", variant, problem.data, num_workers=4, max_delay=4,

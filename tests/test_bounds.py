@@ -1,4 +1,4 @@
-"""The constants B of THEORY.md section 5 (sync and async rows)."""
+"""The constants B of docs/theory.md section 5 (sync and async rows)."""
 
 import math
 

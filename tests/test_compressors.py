@@ -1,4 +1,4 @@
-"""Tests for elastic_jax.compressors (THEORY.md section 6)."""
+"""Tests for elastic_jax.compressors (docs/theory.md section 6)."""
 
 import functools
 import math
@@ -203,7 +203,7 @@ def test_scaled_sign_contraction(tree_seed):
     assert C.compression_info(C.scaled_sign(), tree).delta == 1 / d
     assert err <= (1 - 1 / d) * norm2 * (1 + 1e-5)
     # The actual error: ||g - C(g)||^2 = ||g||^2 - ||g||_1^2 (2d - nnz) / d^2, which is
-    # ||g||^2 - ||g||_1^2 / d (THEORY.md's delta) when no entry is zero.
+    # ||g||^2 - ||g||_1^2 / d (docs/theory.md's delta) when no entry is zero.
     nnz = np.count_nonzero(flat(tree))
     expected = norm2 - l1**2 * (2 * d - nnz) / d**2
     np.testing.assert_allclose(err, expected, rtol=1e-4, atol=1e-6 * norm2)

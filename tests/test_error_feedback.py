@@ -1,4 +1,4 @@
-"""Tests for elastic_jax.error_feedback (THEORY.md section 4)."""
+"""Tests for elastic_jax.error_feedback (docs/theory.md section 4)."""
 
 import functools
 import importlib

@@ -39,22 +39,30 @@ def run(alg, mesh):
 _BATCH_FN = h.noise_batch_fn(h.params0())
 
 
-def assert_bitwise(a, b):
+def assert_bitwise(alg, a, b):
+    """Final auxiliary model, actual model, views and every metric, bitwise."""
     (sa, ma), (sb, mb) = a, b
-    for x, y in zip(jax.tree.leaves(ej.params(sa)), jax.tree.leaves(ej.params(sb)),
-                    strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for accessor in (ej.params, ej.model, alg.views, jax.jit(ej.params)):
+        for x, y in zip(jax.tree.leaves(accessor(sa)), jax.tree.leaves(accessor(sb)),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert set(ma) == set(mb)
     for k in ma:
         np.testing.assert_array_equal(np.asarray(ma[k]), np.asarray(mb[k]), err_msg=k)
 
 
-def check_bitwise(name: str, num_workers: int, device_counts) -> None:
-    """Runs `CONFIGS[name]` on one device and on each mesh; asserts bitwise equality."""
+def check_bitwise(name: str, num_workers: int, device_counts, explicit: bool = False) -> None:
+    """Runs `CONFIGS[name]` on one device and on each mesh; asserts bitwise equality.
+
+    `explicit` builds the meshes with `jax.make_mesh` (explicit axes, the
+    default in JAX 0.10), whose states carry their worker split in their type.
+    """
     alg = CONFIGS[name](num_workers)
     reference = run(alg, None)
     for n in device_counts:
-        assert_bitwise(reference, run(alg, ej.parallel.make_mesh(n)))
+        mesh = (jax.make_mesh((n,), ("workers",)) if explicit
+                else ej.parallel.make_mesh(n))
+        assert_bitwise(alg, reference, run(alg, mesh))
 
 
 CHECK = textwrap.dedent('''
@@ -66,11 +74,12 @@ CHECK = textwrap.dedent('''
     jax.config.update("jax_num_cpu_devices", 8)
     jax.config.update("jax_numpy_rank_promotion", "raise")
     from tests.test_parallel import check_bitwise
-    check_bitwise(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")])
+    check_bitwise(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")],
+                  explicit=sys.argv[4] == "explicit")
 ''')
 
 
-def in_fresh_process(name, num_workers, device_counts, tmp_path):
+def in_fresh_process(name, num_workers, device_counts, tmp_path, explicit=False):
     """`check_bitwise` in a fresh process.
 
     Eight fake CPU devices share two cores; after the rest of the suite has run
@@ -82,7 +91,7 @@ def in_fresh_process(name, num_workers, device_counts, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     proc = subprocess.run(
         [sys.executable, str(script), name, str(num_workers),
-         ",".join(map(str, device_counts))],
+         ",".join(map(str, device_counts)), "explicit" if explicit else "auto"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
@@ -94,6 +103,14 @@ def test_one_two_four_eight_devices_are_bitwise_identical(name, tmp_path):
 
 def test_sixteen_workers_on_eight_devices(tmp_path):
     in_fresh_process("async_inconsistent_top_k_ef", 16, (8,), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["sync_top_k_ef", "async_inconsistent_top_k_ef",
+                                  "message_passing_delays_crashes_top_k_ef"])
+def test_accessors_on_states_split_over_an_explicit_mesh(name, tmp_path):
+    # Two workers per device on four devices of `jax.make_mesh`, error-feedback
+    # residuals split over them: params, model and views equal the one-device run's.
+    in_fresh_process(name, 8, (4,), tmp_path, explicit=True)
 
 
 def test_bad_meshes_are_refused():

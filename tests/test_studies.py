@@ -189,7 +189,7 @@ def test_every_theory_row_is_measured_and_deterministic_bounds_hold(consistency)
     assert len(results) == len(configs) >= 17
     assert len({c.row for c in configs}) == len(configs)  # smoke: one point per row
     text = open(path).read()
-    _, per_row = _table(text, "THEORY.md row")
+    _, per_row = _table(text, "docs/theory.md row")
     assert len(per_row) == len({c.row for c in configs})
     _, rows = _table(text, "#")
     assert len(rows) == len(results)

@@ -131,7 +131,7 @@ def test_sync_topk_error_feedback_bound_holds_over_seeds():
                                     seeds=np.arange(8), rounds=60)
     h.assert_bound_holds(metrics, norms)
     assert np.max(metrics["consistency/b_hat"]) > 0
-    # Residual bound, THEORY.md section 4: ||e|| <= eta M rho.
+    # Residual bound, docs/theory.md section 4: ||e|| <= eta M rho.
     delta = ej.compression_info(ej.top_k(fraction=0.1), p).delta
     rho = ej.bounds.rho(1.0, delta)
     bound = 0.05 * metrics["grad_norm/max"] * rho

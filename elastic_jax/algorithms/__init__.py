@@ -1,1 +1,1 @@
-"""Distributed SGD variants, one module per family (THEORY.md section 5)."""
+"""Distributed SGD variants, one module per family (docs/theory.md section 5)."""

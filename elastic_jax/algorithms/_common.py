@@ -1,6 +1,6 @@
 """What every algorithm's worker does with its gradient: clip, scale, compress, feed back.
 
-THEORY.md sections 4 and 5: a worker turns its stochastic gradient `g` into
+docs/theory.md sections 4 and 5: a worker turns its stochastic gradient `g` into
 the update it sends or writes,
 
     uncompressed:               u = eta * g
@@ -154,7 +154,7 @@ def scale(eta, tree):
 
 
 def worker_update(rule: Rule, eta, grad, residual, key) -> WorkerUpdate:
-    """The update one worker sends for gradient `grad` (THEORY.md sections 4, 5)."""
+    """The update one worker sends for gradient `grad` (docs/theory.md sections 4, 5)."""
     grad, grad_norm = clip(grad, rule.clip_norm)
     step = scale(eta, grad)
     zero = jnp.zeros((), grad_norm.dtype)

@@ -1,6 +1,6 @@
 """Asynchronous shared-memory SGD with stale (consistent or inconsistent) reads.
 
-Round semantics (THEORY.md section 5): the `P` gradients of a round are
+Round semantics (docs/theory.md section 5): the `P` gradients of a round are
 computed in parallel from iterates that existed before the round, then applied
 one after another in worker order `0..P-1`, so the model advances `P` updates
 per round. The `i`-th update of round `r` is update `t = r P + i`; it reads
@@ -241,9 +241,8 @@ def async_sgd(
 
         # With error feedback each iterate is written into the ring inside the
         # loop; without, the iterates are stacked and scattered after it. Each is
-        # the faster of the two there (small CNN, P = 8, interleaved: in-loop
-        # writes 0.80x-0.89x the round time with Top-1% EF, 0.98x-1.10x without
-        # EF; benchmarks/README.md). The values are the same either way.
+        # the faster of the two there (benchmarks/README.md). The values are the
+        # same either way.
         (new_params, _, history), ys = jax.lax.scan(
             apply_one, (current, residual, shared.history if ef else None),
             (msg.update, views, msg.residual_old, msg.residual_new, positions),

@@ -1,6 +1,6 @@
 """Elastic scheduling: nodes proceed while at most `tau` round averages are in flight.
 
-The synchronization-avoiding scheme of the paper (THEORY.md section 5). Every
+The synchronization-avoiding scheme of the paper (docs/theory.md section 5). Every
 round each node computes its gradient at its view and the round's average
 `gbar_r = mean_p g_r^p` is broadcast; node `q` receives round `r`'s average
 after a delay drawn per (round, node) by the delay law in `[0, tau]` rounds

@@ -4,7 +4,7 @@ Each node `p` keeps its own model `v^p` and steps `v^p <- v^p - eta g^p`; after
 every round `r` with `(r + 1) % H == 0` all nodes take the average. The
 auxiliary model is the average of the local models, `x = mean_p v^p`, tracked
 as `x <- x - eta mean_p g^p` (equal in exact arithmetic); at a synchronisation
-every node takes `x` (THEORY.md section 5).
+every node takes `x` (docs/theory.md section 5).
 
 References:
   G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
@@ -98,6 +98,9 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, clip_norm=None) -
         metrics.update(_common.common_metrics(
             rule, stats, eta, msg, shared.params, params, rule.bits(shared.params),
             num_workers))
+        # Only the averaging round communicates (docs/theory.md section 7).
+        synced = (shared.round + 1) % period == 0
+        metrics["comm/bits"] = jnp.where(synced, metrics["comm/bits"], 0)
         return LocalShared(shared.round + 1, shared.key, params, stats), metrics
 
     views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)

@@ -1,6 +1,6 @@
 """Message-passing SGD: every node keeps its own view; messages are delayed, dropped, lost.
 
-Round semantics (THEORY.md section 5). In round `r` every live node `p`
+Round semantics (docs/theory.md section 5). In round `r` every live node `p`
 computes its gradient at its own view and broadcasts its update `u_r^p`. A node
 applies its own message at once; a message of round `s` with delay
 `k in [0, max_delay]` (drawn by the delay law per sender and receiver) is

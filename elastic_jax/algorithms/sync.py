@@ -1,7 +1,7 @@
 """Synchronous data-parallel SGD, optionally compressed, optionally with error feedback.
 
 Every worker computes its gradient at the current model and the round applies
-the mean of the workers' updates (THEORY.md section 5):
+the mean of the workers' updates (docs/theory.md section 5):
 
     x_{r+1} = x_r - (1/P) sum_p u_r^p,     u^p = eta_r g^p  or  C(eta_r g^p),
 
