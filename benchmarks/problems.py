@@ -10,6 +10,7 @@ configuration samples its batches on the device inside the compiled round, with
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ import elastic_jax as ej
 
 LEARNING_RATE = 0.05
 FRACTION = 0.01  # Top-1%
+CHUNK = inspect.signature(ej.run).parameters["chunk"].default  # rounds per chunk of `ej.run`
 
 
 class Problem(NamedTuple):
@@ -171,7 +173,7 @@ def data_keys(state: ej.State, num_workers: int):
         jnp.arange(num_workers))
 
 
-DATA_TAG = 3  # elastic_jax.core.TAG_DATA: per-worker batch sampling in `run(batch_fn=...)`
+DATA_TAG = 3  # elastic_jax.base.TAG_DATA: per-worker batch sampling in `run(batch_fn=...)`
 
 
 def sample_views_and_batch(alg: ej.Algorithm, problem: Problem, rounds: int = 3, seed: int = 0):
@@ -180,7 +182,7 @@ def sample_views_and_batch(alg: ej.Algorithm, problem: Problem, rounds: int = 3,
     if rounds:
         state, _ = ej.run(alg, problem.loss_fn, state, batch_fn=problem.batch_fn, rounds=rounds,
                           has_aux=True)
-    views = jax.jit(alg.views)(state)
+    views = jax.jit(functools.partial(ej.views, alg))(state)
     batch = jax.jit(problem.batch_fn)(0, data_keys(state, problem.num_workers))
     return state, views, batch
 

@@ -6,7 +6,7 @@ Two views of the same round (P = 8, batch 32 per worker, max_delay 8, Top-1%):
 
 1. *Parts*: each piece of the round jitted on its own and timed interleaved with
    the whole round (`ej.run`, for each `worker_loop`): batch sampling,
-   `alg.views`, the `P` gradients (`vmap`, unrolled, `lax.map`), `alg.update`
+   `ej.views`, the `P` gradients (`vmap`, unrolled, `lax.map`), `ej.update`
    (local + combine), the Top-k compression of `P` updates alone, the dispatch
    of a jitted call that takes the state and returns the metrics, a per-round
    fetch of the metrics, and `ej.run`'s final stacking of the per-round metrics.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import os
@@ -54,8 +55,8 @@ def _time_parts(model, variant_name, num_workers, max_delay, rounds, repeats, lo
     grads = grad_fns["vmap"](views, batch)[2]
     sample = jax.jit(lambda st: problem.batch_fn(st.shared.round,
                                                  problems.data_keys(st, num_workers)))
-    views_fn = jax.jit(alg.views)
-    update_fn = jax.jit(alg.update)
+    views_fn = jax.jit(functools.partial(ej.views, alg))
+    update_fn = jax.jit(functools.partial(ej.update, alg))
     _, metrics = update_fn(state, grads)
     names = sorted(metrics) + ["loss", "aux/accuracy"]
     dispatch = jax.jit(lambda st: {k: st.shared.round.astype(jnp.float32) for k in names})
@@ -77,11 +78,11 @@ def _time_parts(model, variant_name, num_workers, max_delay, rounds, repeats, lo
                                  rounds=rounds, has_aux=True, **_ej_kwargs(wl)))
     fns.update({
         "sample batch (keys + gather)": loop(sample, state),
-        "views (alg.views)": loop(views_fn, state),
+        "views (ej.views)": loop(views_fn, state),
         "grads: vmap": loop(grad_fns["vmap"], views, batch),
         "grads: unrolled": loop(grad_fns["unrolled"], views, batch),
         "grads: lax.map": loop(grad_fns["map"], views, batch),
-        "update (alg.update: local + combine)": loop(update_fn, state, grads),
+        "update (ej.update: local + combine)": loop(update_fn, state, grads),
         "dispatch of a jitted call (state in, metrics out)": loop(dispatch, state),
         "fetch one round's metrics to the host": loop(jax.device_get, metrics),
         "ej.run's final stacking of metrics": lambda: jax.tree.map(

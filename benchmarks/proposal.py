@@ -1,4 +1,4 @@
-"""Alternative round structures, built from the public API only (`alg.views`, `alg.update`).
+"""Alternative round structures, built from the public API only (`ej.views`, `ej.update`).
 
 `ej.make_step` evaluates the `P` per-worker gradients with one `jax.vmap` over
 the stacked views and `ej.run` loops in Python over one jitted round. This
@@ -104,11 +104,11 @@ def make_step(alg: ej.Algorithm, loss_fn: Callable, *, grads: str = "vmap", has_
     def step(state, batch):
         # The named scopes label the ops in profiles (benchmarks.profile_round).
         with jax.named_scope("views"):
-            views = alg.views(state)
+            views = ej.views(alg, state)
         with jax.named_scope("grads"):
             losses, aux, g = grads_fn(views, batch)
         with jax.named_scope("update"):
-            new_state, metrics = alg.update(state, g)
+            new_state, metrics = ej.update(alg, state, g)
         metrics = dict(metrics)
         metrics["loss"] = jnp.mean(losses)
         if isinstance(aux, Mapping):

@@ -62,8 +62,8 @@ TORCH_FIELDS = {torch_worker.ROW_DEFAULT: "speedup_over_pytorch",
 
 
 def worker_loops_supported() -> tuple[str, ...]:
-    """`ej.core.WORKER_LOOPS`, the default (`"auto"`) first."""
-    return tuple(ej.core.WORKER_LOOPS)
+    """`ej.workers.WORKER_LOOPS`, the default (`"auto"`) first."""
+    return tuple(ej.workers.WORKER_LOOPS)
 
 
 def run_configs() -> tuple[str, ...]:
@@ -73,7 +73,7 @@ def run_configs() -> tuple[str, ...]:
     `"chunks"` forces jitted chunks of rounds (`loop="chunks"`); `"map"`,
     `"unroll"` and `"vmap"` are the Python loop with that `worker_loop`.
     """
-    return ("auto", "chunks") + tuple(loop for loop in ej.core.WORKER_LOOPS if loop != "auto")
+    return ("auto", "chunks") + tuple(loop for loop in ej.workers.WORKER_LOOPS if loop != "auto")
 
 
 def _ej_run(alg, problem, state, rounds, spec):
@@ -439,7 +439,7 @@ def _rounds(args, model) -> int:
         return args.rounds
     if args.quick:
         return 3
-    return 2 * ej.core.CHUNK if model == "mlp" else 8
+    return 2 * problems.CHUNK if model == "mlp" else 8
 
 
 def _start_torch(args, stack):

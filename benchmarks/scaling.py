@@ -20,6 +20,7 @@ Writes `scaling.md`, `scaling.json` and one PNG per sweep to `--out`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -74,7 +75,7 @@ def point(model, variant_name, *, num_workers, max_delay, fraction=problems.FRAC
 
     timing.block(run())
     grads = jax.jit(proposal.value_and_grads(problem.loss_fn, num_workers, "vmap"))
-    views = jax.jit(alg.views)(state)
+    views = jax.jit(functools.partial(ej.views, alg))(state)
     batch = jax.jit(problem.batch_fn)(0, jax.random.split(key, num_workers))
     samples = timing.measure({
         "round": run,

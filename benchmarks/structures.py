@@ -13,7 +13,7 @@ A. The `P` per-worker gradients of one round, each worker at its own view,
 B. The loop over rounds: `ej.run()` with its defaults, `ej.run(loop="chunks")`,
    `ej.run(loop="python")` with each of core.py's
    `worker_loop`s, `ej.run(loop="scan")`, and rounds built here from
-   `alg.views` + unrolled gradients + `alg.update`: a Python loop over the
+   `ej.views` + unrolled gradients + `ej.update`: a Python loop over the
    jitted round with and without donated buffers, jitted chunks of `K` rounds
    (a `lax.scan`, or unrolled inside `jit`), and for sync SGD one `vmap` at the
    shared view; time per round, compile time, and the largest difference of the
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         for model in args.models.split(","):
             for variant in ("sync", "async_topk_ef"):
                 # The MLP's rounds are a multiple of ej.run's chunk (no partial chunk).
-                rounds = 2 * ej.core.CHUNK if model == "mlp" and not quick else 10
+                rounds = 2 * problems.CHUNK if model == "mlp" and not quick else 10
                 loop_rows += loop_structures(model, variant, rounds=rounds,
                                              repeats=3 if quick else 5,
                                              chunk=5 if quick else (16 if rounds == 32 else 10))

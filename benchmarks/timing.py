@@ -206,10 +206,10 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def git_commit() -> str | None:
-    """`git rev-parse --short HEAD` of the repository holding `benchmarks/` (None
-    where git or the repository is missing)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def git_commit(root: str | None = None) -> str | None:
+    """`git rev-parse --short HEAD` of the repository at `root` (default: the one
+    holding `benchmarks/`; None where git or the repository is missing)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10, check=True)

@@ -2,16 +2,28 @@
 
 A functional reference implementation of Nadiradze, Markov, Chatterjee,
 Kungurtsev and Alistarh, "Elastic Consistency" (arXiv:2001.05918, AAAI 2021).
-Every distributed SGD variant is an `Algorithm` of pure functions; the caller
-evaluates gradients at the algorithm's `views` and hands them to `update`.
+Every distributed SGD variant is an `Algorithm` of pure functions; each worker
+turns its gradient into an update by a chain of links (`ej.chain`); the caller
+evaluates gradients at `ej.views(alg, state)` and hands them to
+`ej.update(alg, state, grads)`, or lets `ej.run` do it for a loss.
 """
 
-from elastic_jax import analysis, bounds, checks, delays, parallel
+from elastic_jax import analysis, bounds, checks, delays, parallel, workers
 from elastic_jax.algorithms.asynchronous import async_sgd
 from elastic_jax.algorithms.elastic_scheduling import elastic_scheduling
 from elastic_jax.algorithms.local import local_sgd
 from elastic_jax.algorithms.message_passing import message_passing_sgd
 from elastic_jax.algorithms.sync import sync_sgd
+from elastic_jax.base import (
+    WORKER_AXIS,
+    Algorithm,
+    AlgorithmInfo,
+    State,
+    derive_key,
+    model,
+    params,
+)
+from elastic_jax.chain import Rule, chain
 from elastic_jax.compressors import (
     CompressionInfo,
     Compressor,
@@ -22,18 +34,11 @@ from elastic_jax.compressors import (
     scaled_sign,
     top_k,
 )
-from elastic_jax.core import (
-    WORKER_AXIS,
-    Algorithm,
-    AlgorithmInfo,
-    State,
-    derive_key,
-    make_step,
-    model,
-    params,
-    run,
-)
+from elastic_jax.drivers import make_step, run
+from elastic_jax.ef21 import ef21
 from elastic_jax.error_feedback import error_feedback
+from elastic_jax.links import Link, clip, sgd
+from elastic_jax.rounds import update, views
 
 __version__ = "0.1.0"
 
@@ -43,15 +48,20 @@ __all__ = [
     "AlgorithmInfo",
     "CompressionInfo",
     "Compressor",
+    "Link",
+    "Rule",
     "State",
     "analysis",
     "async_sgd",
     "bounds",
+    "chain",
     "checks",
+    "clip",
     "compression_info",
     "delays",
-    "elastic_scheduling",
     "derive_key",
+    "ef21",
+    "elastic_scheduling",
     "error_feedback",
     "identity",
     "local_sgd",
@@ -64,6 +74,10 @@ __all__ = [
     "random_k",
     "run",
     "scaled_sign",
+    "sgd",
     "sync_sgd",
     "top_k",
+    "update",
+    "views",
+    "workers",
 ]

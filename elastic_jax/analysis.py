@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax import core, validation
+from elastic_jax import base, drivers, validation
 
 OBJECTIVES = ("final_loss", "mean_loss", "final_b_hat")
 MODES = ("reverse", "forward", "auto")
@@ -125,13 +125,13 @@ def _value_fn(make_algorithm, loss_fn, has_aux, kind, objective_fn, remat, has_e
 
     def value(hp, params, batches, key, eval_batch, point):
         alg = make_algorithm(**hp)
-        step = core.make_step(alg, loss_fn, has_aux=has_aux)
+        step = drivers.make_step(alg, loss_fn, has_aux=has_aux)
 
         def body(state, batch):
             new_state, metrics = step(state, batch)
             if kind == "mean_loss":
                 if has_eval:
-                    out = scalar(core.params(new_state), eval_batch)
+                    out = scalar(base.params(new_state), eval_batch)
                 else:
                     out = metrics["loss"]
             elif kind == "final_b_hat":
@@ -147,7 +147,7 @@ def _value_fn(make_algorithm, loss_fn, has_aux, kind, objective_fn, remat, has_e
             return jnp.mean(per_round)
         if kind == "final_b_hat":
             return per_round[-1]
-        x = core.params(state)
+        x = base.params(state)
         if kind == "final_loss":
             if has_eval:
                 return scalar(x, eval_batch)
@@ -195,9 +195,9 @@ def _compiled(make_algorithm, loss_fn, has_aux, kind, objective_fn, remat, has_e
 
 
 def hypergradient(
-    make_algorithm: Callable[..., core.Algorithm],
+    make_algorithm: Callable[..., base.Algorithm],
     loss_fn: Callable,
-    params: core.Params,
+    params: base.Params,
     batches,
     hparams: Mapping[str, float],
     *,
@@ -289,7 +289,7 @@ def hypergradient(
                         "a pytree of float arrays")
     kind, objective_fn, point = _resolve_objective(objective, params)
     alg = make_algorithm(**values)
-    if not isinstance(alg, core.Algorithm):
+    if not isinstance(alg, base.Algorithm):
         validation.fail("make_algorithm", make_algorithm, "a callable returning an ej.Algorithm")
     rounds = _num_rounds(batches, alg.num_workers)
     if alg.info.max_rounds is not None and rounds > alg.info.max_rounds:
@@ -301,6 +301,6 @@ def hypergradient(
     fn = _compiled(make_algorithm, loss_fn, has_aux, kind, objective_fn,
                    remat and mode == "reverse", eval_batch is not None, mode, wrt_params,
                    tuple(values))
-    value, grads = fn(hp, params, batches, core.as_key(key), eval_batch, point)
+    value, grads = fn(hp, params, batches, base.as_key(key), eval_batch, point)
     order = tuple(values) + (("params",) if wrt_params else ())
     return value, {name: grads[name] for name in order}

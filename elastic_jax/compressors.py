@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -397,15 +398,22 @@ def qsgd(levels: int, *, key=0) -> Compressor:
         if not leaves:
             return tree
         dtype = _compute_dtype(leaves)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in leaves))
+        # Scaled by the largest magnitude first, so that the norm neither overflows
+        # (entries near 1e19 and above in float32) nor underflows (all below ~1e-23):
+        # `||g|| = scale ||g / scale||` and `1 <= ||g / scale|| <= sqrt(d)`.
+        scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(leaf.astype(dtype)),
+                                                        initial=0.0) for leaf in leaves])
+        safe_scale = jnp.where(scale > 0, scale, 1)
+        scaled = [leaf.astype(dtype) / safe_scale for leaf in leaves]
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in scaled))
         safe_norm = jnp.where(norm > 0, norm, 1)
         out = []
-        for leaf, leaf_key in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
-            x = leaf.astype(dtype)
+        for leaf, x, leaf_key in zip(leaves, scaled, jax.random.split(key, len(leaves)),
+                                     strict=True):
             r = jnp.clip(levels * jnp.abs(x) / safe_norm, 0, levels)
             low = jnp.floor(r)
             xi = low + (jax.random.uniform(leaf_key, x.shape, dtype) < r - low)
-            out.append((jnp.sign(x) * xi * (norm / levels)).astype(leaf.dtype))
+            out.append((jnp.sign(x) * xi * (norm / levels) * safe_scale).astype(leaf.dtype))
         return treedef.unflatten(out)
 
     spec = CompressorSpec("qsgd", True, "no", compress, lambda p: None, info)
@@ -413,13 +421,14 @@ def qsgd(levels: int, *, key=0) -> Compressor:
 
 
 def scaled_sign() -> Compressor:
-    """Scaled sign: `C(g) = (||g||_1 / d) sign(g)`, global over the pytree.
+    """Scaled sign: `C(g) = (||g||_1 / d) s(g)`, global over the pytree.
 
-    With `n` non-zero entries, `||g - C(g)||^2 = ||g||^2 - ||g||_1^2 (2d - n)/d^2
-    <= ||g||^2 - ||g||_1^2/d`: a deterministic contraction with
-    `delta = ||g||_1^2 / (d ||g||^2)`, which depends on `g`; `info` reports its
-    worst case `1/d` (`||g||_1 >= ||g||`). Sends `32 + d` bits (the scale, then
-    one sign bit per entry).
+    `s(g)_j` is `+1` for `g_j >= 0` and `-1` otherwise (a zero entry is sent as
+    `+1`: one sign bit per entry cannot encode three values). Since
+    `sum_j g_j s(g)_j = ||g||_1`, `||g - C(g)||^2 = ||g||^2 - ||g||_1^2/d`: a
+    deterministic contraction with `delta = ||g||_1^2 / (d ||g||^2)`, which
+    depends on `g`; `info` reports its worst case `1/d` (`||g||_1 >= ||g||`).
+    Sends `32 + d` bits (the scale, then one sign bit per entry).
 
     Returns:
       A deterministic `Compressor` with an empty state.
@@ -439,12 +448,37 @@ def scaled_sign() -> Compressor:
             return tree
         dtype = _compute_dtype(leaves)
         scale = sum(jnp.sum(jnp.abs(leaf.astype(dtype))) for leaf in leaves) / d
+        # A zero entry is sent as +1 (one sign bit cannot encode three values).
         return treedef.unflatten(
-            [(scale * jnp.sign(leaf.astype(dtype))).astype(leaf.dtype) for leaf in leaves]
-        )
+            [(scale * jnp.where(leaf >= 0, 1, -1).astype(dtype)).astype(leaf.dtype)
+             for leaf in leaves])
 
     spec = CompressorSpec("scaled_sign", False, "deterministic", compress, lambda p: None, info)
     return _make(spec, "scaled_sign()")
+
+
+_SUGGESTIONS = {
+    "random_k": "use random_k(..., scaled=False) or top_k",
+    "qsgd": "use top_k, random_k(..., scaled=False) or scaled_sign",
+}
+
+
+def check_contractive(compressor):
+    """Refuses anything but a bare contractive compressor (`ValueError` naming `compressor`)."""
+    if not isinstance(compressor, Compressor):
+        validation.fail("compressor", compressor, "a compressor such as top_k(k=10)")
+    if compressor.spec.name == "error_feedback":
+        raise ValueError(
+            f"compressor: got {compressor!r}; expected a bare compressor: "
+            "error feedback is already applied"
+        )
+    if compressor.spec.contractive == "no":
+        suggestion = _SUGGESTIONS.get(compressor.spec.name, "use top_k or scaled_sign")
+        raise ValueError(
+            f"compressor: got {compressor!r}, which is not contractive; error feedback "
+            f"needs a contractive compressor: {suggestion}"
+        )
+
 
 
 def compression_info(compressor: Compressor, params) -> CompressionInfo:

@@ -5,8 +5,8 @@ docs/theory.md section 2: at every round `r`,
     b_hat_r  = max_p ||x_t - v_t^p|| / eta_r
     b_rms_r  = sqrt(mean_p ||x_t - v_t^p||^2) / eta_r
     m_hat_r  = running max of ||g|| (including round r's gradients)
-    mu_hat_r = running max of ||C(eta g)|| / eta
-    bound_r  = B(m_hat_r or mu_hat_r, system) * etabar_r / eta_r
+    u_hat_r  = running max of ||u|| / eta over every update sent so far
+    bound_r  = B(U, R, system) * etabar_r / eta_r   (U, R from m_hat_r or u_hat_r)
 
 A round with `eta_r = 0` reports `b_hat = bound = 0`.
 
@@ -27,7 +27,7 @@ class ConsistencyState(NamedTuple):
     """Running maxima carried in the shared state (all scalars of the param dtype)."""
 
     m_hat: jax.Array  # [] max ||g|| over every gradient seen
-    mu_hat: jax.Array  # [] max ||C(eta g)|| / eta over every compressed update
+    u_hat: jax.Array  # [] max ||u|| / eta over every update sent
     eta_max: jax.Array  # [] max learning rate of every round so far
 
 
@@ -111,30 +111,37 @@ def _wide(x):
     return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
+def wide_dtype(dtype):
+    """Residuals and accumulators of 16-bit parameters are kept in float32."""
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
+def wide_zeros(params, leading: tuple[int, ...] = ()):
+    """Zeros shaped `leading + leaf.shape` for each leaf, in `wide_dtype` of its dtype."""
+    return jax.tree.map(
+        lambda x: jnp.zeros(leading + jnp.shape(x), wide_dtype(jnp.result_type(x))), params)
+
+
 def per_eta(value, eta):
     """`value / eta`, and 0 where `eta == 0` (docs/theory.md section 2)."""
     safe = jnp.where(eta > 0, eta, 1)
     return jnp.where(eta > 0, value / safe, jnp.zeros_like(value))
 
 
-def observe(
-    state: ConsistencyState, grad_norms, eta, update_norms=None
-) -> ConsistencyState:
+def observe(state: ConsistencyState, grad_norms, eta, update_norms) -> ConsistencyState:
     """Folds one round into the running maxima.
 
     Args:
       state: the running maxima before the round.
-      grad_norms: `[P]` norms of the round's (clipped) gradients.
+      grad_norms: `[P]` norms of the round's gradients.
       eta: the round's learning rate.
-      update_norms: `[P]` norms `||C(eta g)||` of compressed updates, or None.
+      update_norms: `[P]` norms `||u||` of the updates sent.
     """
     dtype = state.m_hat.dtype
     m_hat = jnp.maximum(state.m_hat, jnp.max(grad_norms).astype(dtype))
-    mu_hat = state.mu_hat
-    if update_norms is not None:
-        mu_hat = jnp.maximum(mu_hat, jnp.max(per_eta(update_norms, eta)).astype(dtype))
+    u_hat = jnp.maximum(state.u_hat, jnp.max(per_eta(update_norms, eta)).astype(dtype))
     eta_max = jnp.maximum(state.eta_max, jnp.asarray(eta, dtype))
-    return ConsistencyState(m_hat, mu_hat, eta_max)
+    return ConsistencyState(m_hat, u_hat, eta_max)
 
 
 def window_max(schedule, round_, rounds_back: int):

@@ -29,19 +29,19 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import validation
-from elastic_jax.compressors import Compressor, CompressorSpec
-
-_SUGGESTIONS = {
-    "random_k": "use random_k(..., scaled=False) or top_k",
-    "qsgd": "use top_k, random_k(..., scaled=False) or scaled_sign",
-}
+from elastic_jax import bounds, consistency, validation
+from elastic_jax.compressors import (
+    Compressor,
+    CompressorSpec,
+    check_contractive,
+    compression_info,
+)
+from elastic_jax.links import Facts, Link
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -51,28 +51,16 @@ class ErrorFeedbackState(NamedTuple):
     inner_state: Any  # the wrapped compressor's state
 
 
-def residual_dtype(dtype):
-    """Residuals of low-precision (16-bit) parameters are kept in float32."""
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
-
-
-def _is_python(value, target: float) -> bool:
-    """Whether `value` is a concrete Python/NumPy scalar equal to `target`."""
-    return not isinstance(value, jax.Array) and validation.concrete_number(value) == target
-
-
 def ef_step(residual, update, compress, key, beta):
     """One EF14 step: `a = e + update; u = C(a); e_new = beta (a - u)`.
 
     Pure. `a` is formed in the residual's dtype; `u` is returned in the update's
     dtype and the residual keeps what was not sent of `a`, so conservation
     `u + e_new == e + update` holds for `beta = 1` up to the rounding of `a - u`
-    (none for masking compressors). A concrete `beta` of exactly 1 skips the
-    multiplication (`e_new = a - u`); a concrete 0 is no error feedback, literally
-    `u = C(update)` with zero residual (the residual, zero in any run started from
-    `init`, is not read), so the output is bitwise the bare compressor's. Any
-    other `beta`, tracers included, multiplies, so `jax.grad` with respect to
-    `beta` works.
+    (none for masking compressors; a product with 1 is exact). With `beta = 0`
+    the residual stays zero and `u = C(update)` exactly (adding a zero residual
+    changes nothing). `beta` may be a tracer, so `jax.grad` with respect to it
+    works.
 
     Args:
       residual: `e`, a pytree like `update`.
@@ -84,49 +72,14 @@ def ef_step(residual, update, compress, key, beta):
     Returns:
       `(u, e_new)`: the compressed update and the new residual.
     """
-    if _is_python(beta, 0.0):  # no error feedback: C(update), literally
-        a = jax.tree.map(lambda e, g: jnp.asarray(g).astype(e.dtype), residual, update)
-        u = jax.tree.map(lambda ui, g: ui.astype(jnp.result_type(g)), compress(a, key), update)
-        return u, jax.tree.map(jnp.zeros_like, residual)
     a = jax.tree.map(lambda e, g: e + jnp.asarray(g).astype(e.dtype), residual, update)
     u = compress(a, key)
     u = jax.tree.map(lambda ui, g: ui.astype(jnp.result_type(g)), u, update)
-    if _is_python(beta, 1.0):
-        new_residual = jax.tree.map(lambda ai, ui: ai - ui.astype(ai.dtype), a, u)
-    else:
-        new_residual = jax.tree.map(
-            lambda ai, ui: (beta * (ai - ui.astype(ai.dtype))).astype(ai.dtype), a, u
-        )
-    return u, new_residual
 
+    def keep(ai, ui):
+        return (jnp.asarray(beta).astype(ai.dtype) * (ai - ui.astype(ai.dtype))).astype(ai.dtype)
 
-def _check_compressor(compressor):
-    if not isinstance(compressor, Compressor):
-        validation.fail("compressor", compressor, "a compressor such as top_k(k=10)")
-    if compressor.spec.name == "error_feedback":
-        raise ValueError(
-            f"compressor: got {compressor!r}; expected a bare compressor: "
-            "error feedback is already applied"
-        )
-    if compressor.spec.contractive == "no":
-        suggestion = _SUGGESTIONS.get(compressor.spec.name, "use top_k or scaled_sign")
-        raise ValueError(
-            f"compressor: got {compressor!r}, which is not contractive; error feedback "
-            f"needs a contractive compressor: {suggestion}"
-        )
-
-
-def _check_beta(beta):
-    if validation.is_traced(beta):
-        return
-    number = validation.concrete_number(beta)
-    if (
-        number is None
-        or isinstance(number, bool)
-        or not math.isfinite(number)
-        or not 0.0 <= number <= 1.0
-    ):
-        validation.fail("beta", beta, "a number in [0, 1] (1: EF14, 0: no error feedback)")
+    return u, jax.tree.map(keep, a, u)
 
 
 def _no_stateless_map(tree, key):
@@ -171,15 +124,13 @@ def error_feedback(compressor: Compressor, beta=1.0) -> Compressor:
     Example:
       >>> tx = optax.chain(optax.sgd(0.1), error_feedback(top_k(k=10), beta=1.0))
     """
-    _check_compressor(compressor)
-    _check_beta(beta)
+    check_contractive(compressor)
+    validation.check_real("beta", beta, lo=0.0, hi=1.0)
     inner = compressor
 
     def init_fn(params):
-        residual = jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p), residual_dtype(jnp.result_type(p))), params
-        )
-        return ErrorFeedbackState(residual=residual, inner_state=inner.init(params))
+        return ErrorFeedbackState(residual=consistency.wide_zeros(params),
+                                  inner_state=inner.init(params))
 
     def update_fn(updates, state, params=None, *, key=None, **extra_args):
         del params, extra_args
@@ -202,3 +153,37 @@ def error_feedback(compressor: Compressor, beta=1.0) -> Compressor:
     wrapped.inner = inner
     wrapped.beta = beta
     return wrapped
+
+
+def link(wrapped: Compressor) -> Link:
+    """The per-worker chain's EF14 link for an `error_feedback(compressor, beta)` value.
+
+    An update link whose state is the worker's residual `e` (float32 for
+    16-bit parameters). Its facts: it sends the inner compressor's bits; it
+    holds `e` back (the auxiliary model is the virtual iterate, the actual
+    model minus the residuals, averaged or summed as the variant applies
+    updates); with updates of norm at most `eta b`, `||e|| <= eta b rho` and
+    `||u|| <= eta b (1 + rho)`, `rho = beta q / (1 - beta q)`, in expectation
+    only around unscaled random-k.
+    """
+    inner, beta = wrapped.inner, wrapped.beta
+
+    def update(tree, residual, context):
+        # In the residual's dtype (float32 for 16-bit parameters): the update is
+        # formed, compressed and sent at that precision, so nothing is lost to
+        # rounding in between; the model casts it when applying it.
+        tree = jax.tree.map(lambda t, e: t.astype(e.dtype), tree, residual)
+        u, residual = ef_step(residual, tree, inner.spec.compress, context.key, beta)
+        return u, residual, {}
+
+    def rho(params):
+        return bounds.rho(beta, compression_info(inner, params).delta)
+
+    facts = Facts(
+        repr(wrapped), "update", stochastic=inner.spec.stochastic, compressor=inner,
+        out_bound=lambda b, params: None if b is None else b * (1.0 + rho(params)),
+        residual_bound=lambda b, params: None if b is None else b * rho(params),
+        pending=lambda residual: residual,
+        bound_kind="expectation" if inner.spec.contractive == "expectation" else "deterministic",
+    )
+    return Link(consistency.wide_zeros, update, facts)

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from elastic_jax import core
+from elastic_jax import base, rounds
 
-WORKER_AXIS = core.WORKER_AXIS
+WORKER_AXIS = base.WORKER_AXIS
 
 
 def make_mesh(num_devices: int | None = None, devices=None) -> Mesh:
@@ -77,8 +77,10 @@ def _vary(tree):
     return jax.tree.map(one, tree)
 
 
-def sharded_round(alg: core.Algorithm, grads_fn, mesh: Mesh, worker_loop: str = "map"):
+def sharded_round(alg: base.Algorithm, loss_fn, has_aux: bool, mesh: Mesh, loop: str = "map"):
     """The round body under `shard_map`: `(shared, workers, batch) -> (shared, workers, metrics)`.
+
+    `loop` is a resolved worker loop (`ej.workers`).
     """
     shards = check_mesh(mesh, alg.num_workers)
     block = alg.num_workers // shards
@@ -86,8 +88,8 @@ def sharded_round(alg: core.Algorithm, grads_fn, mesh: Mesh, worker_loop: str = 
 
     def per_device(shared, workers, batch):
         first = jax.lax.axis_index(WORKER_AXIS) * block
-        return core.round_body(alg, grads_fn, shared, workers, batch, first, _gather, _vary,
-                               worker_loop)
+        return rounds.round_body(alg, loss_fn, has_aux, shared, workers, batch, first, loop,
+                                _gather, _vary)
 
     mapped = jax.shard_map(
         per_device, mesh=mesh, in_specs=(replicated, split, split),
@@ -117,7 +119,7 @@ def _place(x, sharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_state(state: core.State, mesh: Mesh) -> core.State:
+def shard_state(state: base.State, mesh: Mesh) -> base.State:
     """Places `state`: shared arrays replicated, per-worker arrays split over `"workers"`.
 
     Every process passes the same full state (`alg.init` is deterministic);
@@ -128,9 +130,8 @@ def shard_state(state: core.State, mesh: Mesh) -> core.State:
         check_mesh(mesh, leaves[0].shape[0])
     replicated = NamedSharding(mesh, PartitionSpec())
     split = NamedSharding(mesh, PartitionSpec(WORKER_AXIS))
-    shared = jax.tree.map(lambda x: _place(x, replicated), state.shared)
-    workers = jax.tree.map(lambda x: _place(x, split), state.workers)
-    return core.State(shared, workers)
+    return state.replace(shared=jax.tree.map(lambda x: _place(x, replicated), state.shared),
+                         workers=jax.tree.map(lambda x: _place(x, split), state.workers))
 
 
 def shard_batches(batches, mesh: Mesh, *, worker_axis: int = 0):

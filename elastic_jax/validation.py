@@ -202,6 +202,14 @@ _COMPRESSOR = _text("compressor", "None (send the update as is) or a bare compre
                     "not ej.random_k(scaled=True)); never one wrapped by ej.error_feedback")
 _ERROR_FEEDBACK = _text("error_feedback", "False, True (beta = 1) or a float beta in [0, 1] "
                         "(a tracer passes)")
+_RULE = _text("rule", "None or a chain built by ej.chain(...): exactly one base optimizer "
+              "(ej.sgd()), gradient links (ej.clip, ej.ef21) before it, update links (a "
+              "compressor, ej.error_feedback) after it, at most one that compresses; "
+              "exclusive with compressor, error_feedback and clip_norm; ej.ef21 with "
+              "sync_sgd only")
+_UNCOMPRESSED_RULE = _text("rule", "None or a chain built by ej.chain(...) without a link "
+                           "that compresses or holds back (the updates are sent dense); "
+                           "exclusive with clip_norm")
 _CLIP_NORM = ArgumentSpec("clip_norm", "real", lo=0.0, lo_open=True,
                           note="or None (no clipping)")
 _STALENESS = ArgumentSpec("staleness", "real", lo=0.0, hi=1.0,
@@ -219,7 +227,8 @@ _KEY = _text("key", "an int seed or a jax.random key (standalone use; algorithms
 # tests/test_reliability.py checks it against the signatures and probes every
 # range, and `python -m experiments.arguments` prints it (docs/arguments.md).
 FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
-    "sync_sgd": (_LEARNING_RATE, _NUM_WORKERS, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM),
+    "sync_sgd": (_LEARNING_RATE, _NUM_WORKERS, _RULE, _COMPRESSOR, _ERROR_FEEDBACK,
+                 _CLIP_NORM),
     "async_sgd": (
         _LEARNING_RATE, _NUM_WORKERS,
         ArgumentSpec("max_delay", "int", lo=0, note="and >= num_workers - 1 (the i-th update "
@@ -228,7 +237,7 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
               "[rounds, num_workers] with worker p's lags in [p, max_delay]"),
         ArgumentSpec("reads", "choice", choices=("consistent", "inconsistent"),
                      note="a trace needs 'consistent'"),
-        _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
+        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
     ),
     "message_passing_sgd": (
         _LEARNING_RATE, _NUM_WORKERS,
@@ -241,18 +250,23 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
               "num_workers - 1 of them, rounds >= 0"),
         _text("crash_horizon", "None, or an integer in [2, inf] (required with a crash count: "
               "crash rounds are drawn in [1, crash_horizon))"),
-        _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
+        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
     ),
     "elastic_scheduling": (
         _LEARNING_RATE, _NUM_WORKERS,
         ArgumentSpec("max_outstanding", "int", lo=0, note="tau; 0 is synchronous SGD"),
         _DELAY_LAW,
         ArgumentSpec("mode", "choice", choices=("norm", "variance")),
-        _CLIP_NORM, _STALENESS,
+        _UNCOMPRESSED_RULE, _CLIP_NORM, _STALENESS,
     ),
     "local_sgd": (_LEARNING_RATE, _NUM_WORKERS,
                   ArgumentSpec("period", "int", lo=1, note="H; 1 is synchronous SGD"),
-                  _CLIP_NORM),
+                  _UNCOMPRESSED_RULE, _CLIP_NORM),
+    "clip": (ArgumentSpec("max_norm", "real", lo=0.0, lo_open=True,
+                          note="the global norm C gradients are clipped to"),),
+    "sgd": (),
+    "ef21": (_text("compressor", "a bare contractive compressor: ej.identity(), ej.top_k(...), "
+                   "ej.random_k(..., scaled=False), ej.scaled_sign()"),),
     "identity": (),
     "top_k": (_K, _FRACTION, ArgumentSpec("scope", "choice", choices=("global", "per_leaf"))),
     "random_k": (_K, _FRACTION, _text("scaled", "a bool (True: unbiased, not contractive)"),

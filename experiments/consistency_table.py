@@ -176,17 +176,18 @@ def configurations(s) -> list[Config]:
 
     add("sync SGD", "0", [
         (f"P={n}", lambda n=n: ej.sync_sgd(eta, n),
-         lambda m, n=n: ej.bounds.sync_sgd(m=m)) for n in (p, 2 * p)])
+         lambda m, n=n: ej.bounds.sync_sgd()) for n in (p, 2 * p)])
     add("sync + compressor, no EF", "0 (biased: section 3)", [
         (f"P={p}, {top[f][1]}", lambda f=f: ej.sync_sgd(eta, p, compressor=top[f][0]),
-         lambda m: ej.bounds.sync_sgd(m=m)) for f in (0.125, 0.5)] + [
+         lambda m: ej.bounds.sync_sgd()) for f in (0.125, 0.5)] + [
         (f"P={p}, scaled sign", lambda: ej.sync_sgd(eta, p, compressor=ej.scaled_sign()),
-         lambda m: ej.bounds.sync_sgd(m=m))])
+         lambda m: ej.bounds.sync_sgd())])
 
     def sync_ef(compressor, beta):
         delta = _delta(compressor, d)
         return (lambda: ej.sync_sgd(eta, p, compressor=compressor, error_feedback=beta),
-                lambda m: ej.bounds.sync_sgd(m=m, delta=delta, error_feedback=beta))
+                lambda m: ej.bounds.sync_sgd(
+                    residual=ej.bounds.error_feedback(m=m, delta=delta, beta=beta)[1]))
 
     add("sync + compressor + EF", "rho M", [
         (f"P={p}, {top[0.125][1]}, beta=1", *sync_ef(top[0.125][0], 1.0)),
@@ -207,8 +208,13 @@ def configurations(s) -> list[Config]:
                                     compressor=compressor, error_feedback=beta or False)
         if compressor is not None and not beta:
             return text, make, None  # needs mu, which the library tracks internally
-        return text, make, lambda m: ej.bounds.async_sgd(
-            max_delay=max_delay, num_workers=p, m=m, delta=delta, error_feedback=beta)
+        def bound(m):
+            update, residual = ((m, 0.0) if not beta
+                                else ej.bounds.error_feedback(m=m, delta=delta, beta=beta))
+            return ej.bounds.async_sgd(max_delay=max_delay, num_workers=p, update=update,
+                                       residual=residual)
+
+        return text, make, bound
 
     # With delay="fixed" every coordinate has the same lag: inconsistent reads are then
     # consistent ones, so the inconsistent row sweeps random lags only.
@@ -238,9 +244,14 @@ def configurations(s) -> list[Config]:
                                               error_feedback=beta or False, **crash_kw, **kw)
         if compressor is not None and not beta:
             return f"P={p}, {text}", make, None
-        return f"P={p}, {text}", make, lambda m: ej.bounds.message_passing_sgd(
-            max_delay=max_delay, num_workers=p, m=m, delta=delta, error_feedback=beta,
-            crashes=crashes, permanent_drops=permanent)
+        def bound(m):
+            update, residual = ((m, 0.0) if not beta
+                                else ej.bounds.error_feedback(m=m, delta=delta, beta=beta))
+            return ej.bounds.message_passing_sgd(
+                max_delay=max_delay, num_workers=p, update=update, residual=residual,
+                crashes=crashes, permanent_drops=permanent)
+
+        return f"P={p}, {text}", make, bound
 
     add("message passing, bounded delays", "max_delay M (1 - 1/P)", [
         mp_point("max_delay=1", max_delay=1), mp_point("max_delay=4", max_delay=4),
@@ -268,17 +279,18 @@ def configurations(s) -> list[Config]:
              lambda tau=tau, delay=delay, mode=mode: ej.elastic_scheduling(
                  eta, p, tau, delay=delay, mode=mode),
              lambda m, tau=tau, mode=mode: ej.bounds.elastic_scheduling(
-                 max_outstanding=tau, num_workers=p, m=m, mode=mode))
+                 max_outstanding=tau, num_workers=p, update=m, mode=mode))
             for tau, delay in ((1, "uniform"), (4, "uniform"), (4, "fixed"))])
     add("local SGD, period H", "2 (H - 1) M (1 - 1/P)", [
         (f"P={p}, H={h}", lambda h=h: ej.local_sgd(eta, p, h),
-         lambda m, h=h: ej.bounds.local_sgd(period=h, num_workers=p, m=m)) for h in (2, 4, 8)])
+         lambda m, h=h: ej.bounds.local_sgd(period=h, num_workers=p, update=m))
+        for h in (2, 4, 8)])
     add("unbiased compressor (scaled random-k, QSGD), sync", "0", [
         (f"P={p}, scaled random-k 0.25",
          lambda: ej.sync_sgd(eta, p, compressor=ej.random_k(fraction=0.25, scaled=True)),
-         lambda m: ej.bounds.sync_sgd(m=m)),
+         lambda m: ej.bounds.sync_sgd()),
         (f"P={p}, QSGD 4 levels", lambda: ej.sync_sgd(eta, p, compressor=ej.qsgd(4)),
-         lambda m: ej.bounds.sync_sgd(m=m))])
+         lambda m: ej.bounds.sync_sgd())])
 
     out = []
     for _, _, points in rows:

@@ -27,7 +27,7 @@ from experiments import models as models_lib
 from experiments import safety
 from experiments.config import Config, UsageError
 
-# The purpose tag of per-worker batch sampling: elastic_jax.core.TAG_DATA, which
+# The purpose tag of per-worker batch sampling: elastic_jax.base.TAG_DATA, which
 # the public API does not export; `ej.run(batch_fn=...)` derives the same keys.
 DATA_TAG = 3
 

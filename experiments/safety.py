@@ -96,7 +96,7 @@ def guard_step(step: Callable, on_nonfinite: str) -> Callable:
             code = jnp.where(failed[i], jnp.int32(i + 1), code)
         bad = code > 0
         if skip:
-            kept = state._replace(shared=state.shared._replace(round=new_state.shared.round))
+            kept = state.replace(shared=state.shared._replace(round=new_state.shared.round))
             new_state = jax.tree.map(
                 lambda old, new: new if jnp.issubdtype(new.dtype, jax.dtypes.prng_key)
                 else jnp.where(bad, old, new), kept, new_state)

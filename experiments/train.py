@@ -215,8 +215,9 @@ def _train_locked(cfg: Config, problem, init, compiled: list, abstract, mesh,
     if num_seeds == 1:
         placement = mesh or ej.parallel.make_mesh(1)
         state = ej.parallel.shard_state(state, placement)
-        # Replicated over the mesh like the shared state (a State with no workers).
-        guard = ej.parallel.shard_state(ej.State(guard, ()), placement).shared
+        # Replicated over the mesh like the shared state.
+        guard = jax.device_put(guard, jax.sharding.NamedSharding(
+            placement, jax.sharding.PartitionSpec()))
     model_fn = _MODEL_OF_SEEDS if num_seeds > 1 else _MODEL
     n_params = sum(x.size for x in jax.tree.leaves(
         jax.eval_shape(problem.init_params, jax.random.key(0))))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import elastic_jax as ej
-from elastic_jax import core
+from elastic_jax import base
 
 DIM_A, DIM_B = 12, (2, 4)  # a two-leaf model: 20 parameters
 
@@ -76,7 +76,7 @@ def run_seeds(alg, loss_fn, params, batch_fn, *, seeds, rounds):
 
     def body(state, _):
         shared = state.shared
-        keys = core.worker_keys(shared.key, core.TAG_DATA, shared.round, alg.num_workers)
+        keys = base.worker_keys(shared.key, base.TAG_DATA, shared.round, alg.num_workers)
         new_state, metrics = step(state, batch_fn(shared.round, keys))
         norm = jnp.maximum(tree_norm(ej.params(state)), tree_norm(ej.params(new_state)))
         return new_state, (metrics, norm)

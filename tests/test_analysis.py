@@ -123,8 +123,6 @@ def test_value_is_the_run_and_beta_zero_is_no_error_feedback(problem64):
             mode="reverse")
         np.testing.assert_allclose(float(traced), expected, rtol=1e-14)
         assert np.isfinite(float(grads["beta"])) and float(grads["beta"]) != 0.0
-        # (With concrete values, error_feedback=0.0 and staleness=1.0 take the literal
-        # paths of the algorithm without them: bitwise, tests/test_asynchronous.py.)
         # Zero residuals and zero gaps have zero (not NaN) derivatives in reverse mode.
         _, grads = hypergradient(make_message_passing,
                                  {"learning_rate": LR, "beta": 0.0, "staleness": 0.0},
@@ -166,7 +164,7 @@ def test_async_staleness_endpoints_and_blend():
     # the same draws (inconsistent reads: the b_hat test below).
     @jax.jit
     def views(state):
-        return [ej.async_sgd(0.1, 3, 5, staleness=s, **kw).views(state)
+        return [ej.views(ej.async_sgd(0.1, 3, 5, staleness=s, **kw), state)
                 for s in (jnp.asarray(0.25), jnp.asarray(1.0), 1.0)]
 
     quarter, one, delayed = views(fresh)
@@ -178,7 +176,7 @@ def test_async_staleness_endpoints_and_blend():
 
 
 def test_async_b_hat_uses_the_blended_view():
-    """b_hat = max_i ||x_t - v_t|| / eta with v_t the blended view `alg.views` returns.
+    """b_hat = max_i ||x_t - v_t|| / eta with v_t the blended view `ej.views` returns.
 
     (Inconsistent reads: the blend is per coordinate, after the per-coordinate draws.)
     """
@@ -190,7 +188,7 @@ def test_async_b_hat_uses_the_blended_view():
 
     @jax.jit
     def step_and_expected(state, batch):
-        views = alg.views(state)
+        views = ej.views(alg, state)
         grads = jax.vmap(jax.grad(h.noisy_quadratic))(views, batch)
         x, dists = ej.params(state), []
         for i in range(2):
@@ -225,7 +223,8 @@ def test_staleness_endpoints_of_message_passing_and_elastic_scheduling(family):
     # outstanding: x) is exactly s times the delayed one.
     @jax.jit
     def views(state):
-        return make(2, staleness=jnp.asarray(0.5)).views(state), make(2).views(state)
+        return (ej.views(make(2, staleness=jnp.asarray(0.5)), state),
+                ej.views(make(2), state))
 
     blended, delayed = views(zero)
     for vh, v, x in zip(jax.tree.leaves(blended), jax.tree.leaves(delayed),

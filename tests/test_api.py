@@ -3,11 +3,12 @@
 import elastic_jax as ej
 
 PUBLIC = {
-    "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "State",
-    "analysis", "async_sgd", "bounds", "elastic_scheduling", "local_sgd",
-    "message_passing_sgd", "checks", "compression_info", "delays", "derive_key",
-    "error_feedback", "identity", "make_step", "model", "parallel", "params", "qsgd",
-    "random_k", "run", "scaled_sign", "sync_sgd", "top_k",
+    "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "Link",
+    "Rule", "State", "analysis", "async_sgd", "bounds", "chain", "checks", "clip",
+    "compression_info", "delays", "derive_key", "ef21", "elastic_scheduling", "error_feedback",
+    "identity", "local_sgd", "make_step", "message_passing_sgd", "model", "parallel", "params",
+    "qsgd", "random_k", "run", "scaled_sign", "sgd", "sync_sgd", "top_k", "update", "views",
+    "workers",
 }
 
 
@@ -19,12 +20,16 @@ def test_public_surface():
     assert isinstance(ej.error_feedback(ej.top_k(k=1)), ej.Compressor)
     exported = {n for n in dir(ej) if not n.startswith("_")}
     # Submodules imported by the package are visible too; nothing else is.
-    assert exported - PUBLIC <= {"algorithms", "compressors", "consistency", "core",
-                                 "validation"}
+    assert exported - PUBLIC <= {"algorithms", "base", "compressors", "consistency", "drivers",
+                                 "links", "rounds", "validation"}
 
 
 def test_algorithm_is_a_namedtuple_of_functions():
     alg = ej.sync_sgd(0.1, 2)
     assert isinstance(alg, ej.Algorithm)
-    assert alg._fields == ("init", "views", "update", "local", "combine", "view", "info")
+    assert alg._fields == ("init", "view", "local", "combine", "auxiliary", "actual", "info")
     assert alg.num_workers == 2 and alg.info.name == "sync_sgd"
+    assert isinstance(alg.info.rule, ej.Rule)
+    # A state remembers the algorithm that made it (static, not a leaf).
+    state = alg.init({"w": [0.0, 0.0]}, 0)
+    assert state.algorithm is alg

@@ -82,7 +82,7 @@ def test_virtual_iterate_follows_uncompressed_sgd():
     grad = jax.jit(jax.vmap(jax.grad(h.noisy_quadratic)))
     for r in range(ROUNDS):
         batch = jax.tree.map(lambda x, r=r: x[r], batches)
-        g = grad(alg.views(state), batch)
+        g = grad(ej.views(alg, state), batch)
         expected = h.flat(ej.params(state)) - lr * h.flat(
             jax.tree.map(lambda x: jnp.sum(x, axis=0), g))
         state, _ = step(state, batch)
@@ -165,7 +165,7 @@ def test_recorded_trace_is_replayed_exactly():
     step = jax.jit(ej.make_step(alg, h.linear))
     batch = {"w": jnp.ones((num_workers, 2), jnp.float32)}
     for r in range(rounds):
-        views = np.asarray(alg.views(state)["w"])
+        views = np.asarray(ej.views(alg, state)["w"])
         t = r * num_workers + np.arange(num_workers)
         recovered = t + views[:, 0]  # view = X_{t - lag} = -(t - lag)
         np.testing.assert_array_equal(recovered, np.minimum(lags[r], t))
@@ -184,7 +184,7 @@ def test_lags_never_exceed_max_delay_for_inconsistent_reads():
     batch = {"w": jnp.ones((num_workers, 64), jnp.float32)}
     seen = set()
     for r in range(8):
-        views = np.asarray(alg.views(state)["w"])
+        views = np.asarray(ej.views(alg, state)["w"])
         t = (r * num_workers + np.arange(num_workers))[:, None]
         lag = t + views
         assert np.all(lag <= max_delay) and np.all(lag >= np.minimum(np.arange(4)[:, None], t))

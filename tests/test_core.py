@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import elastic_jax as ej
-from elastic_jax import core
+from elastic_jax import base
 from tests import helpers as h
 
 
@@ -17,7 +17,9 @@ def test_fifty_rounds_compile_once():
     p = h.params0()
     alg = ej.async_sgd(0.05, 4, 6, reads="inconsistent", compressor=ej.top_k(fraction=0.2),
                        error_feedback=True)
-    loss = chex.assert_max_traces(h.noisy_quadratic, n=1)
+    # Two traces of the loss: the loop rule reads its jaxpr once (shapes only),
+    # the compiled round is the other.
+    loss = chex.assert_max_traces(h.noisy_quadratic, n=2)
     batch_fn = h.noise_batch_fn(p)
     state, metrics = ej.run(alg, loss, alg.init(p, jax.random.key(0)), batch_fn=batch_fn,
                             rounds=50)
@@ -37,8 +39,8 @@ def test_state_is_stable_and_caller_state_is_not_donated():
     # The caller's state is still usable after run (its buffers were not donated).
     assert np.isfinite(h.flat(ej.params(state))).all()
     with pytest.raises(AssertionError):
-        ej.checks.assert_state_stable(state, new._replace(workers=new.workers._replace(
-            residual=jax.tree.map(lambda x: x.astype(jnp.float16), new.workers.residual))))
+        ej.checks.assert_state_stable(state, new.replace(workers=new.workers._replace(
+            rule=jax.tree.map(lambda x: x.astype(jnp.float16), new.workers.rule))))
 
 
 def test_scan_and_python_loops_agree():
@@ -62,11 +64,11 @@ def test_same_seed_same_trajectory_and_seeds_differ():
 
 
 def test_keys_are_derived_not_split():
-    base = jax.random.key(0)
-    a = core.derive_key(base, core.TAG_DELAY, 5, 3)
-    b = core.worker_keys(base, core.TAG_DELAY, 5, 8)[3]
+    root = jax.random.key(0)
+    a = ej.derive_key(root, base.TAG_DELAY, 5, 3)
+    b = base.worker_keys(root, base.TAG_DELAY, 5, 8)[3]
     np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
-    c = core.derive_key(base, core.TAG_DATA, 5, 3)
+    c = ej.derive_key(root, base.TAG_DATA, 5, 3)
     assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(c))
 
 
@@ -133,16 +135,23 @@ def test_checks_pass_on_a_correct_run_and_fail_with_the_round():
         metrics["consistency/b_hat"] = 2 * metrics["consistency/bound"] + 1
         return new_shared, metrics
 
-    views, update = core.compose_update(alg.local, broken_combine, alg.view, 2)
-    broken = alg._replace(update=update, views=views, combine=broken_combine)
-    step = jax.jit(ej.make_step(broken, h.noisy_quadratic, checks=True))
+    broken = alg._replace(combine=broken_combine)
     batch = h.noise_batch_fn(p)(0, jax.random.split(jax.random.key(0), 2))
+    # Called from Python, the step raises InvariantError itself.
+    step = ej.make_step(broken, h.noisy_quadratic, checks=True)
+    with pytest.raises(ej.checks.InvariantError, match="round 5: consistency/b_hat = "):
+        step(state, batch)
+    # Inside the user's own jit, JAX wraps it (documented).
     with pytest.raises(Exception, match="round 5: consistency/b_hat"):
-        jax.block_until_ready(step(state, batch))
+        jax.block_until_ready(jax.jit(step)(state, batch))
     nan_batch = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), batch)
-    good = jax.jit(ej.make_step(alg, h.noisy_quadratic, checks=True))
-    with pytest.raises(Exception, match="round 5: the state is not finite"):
-        jax.block_until_ready(good(state, nan_batch))
+    good = ej.make_step(alg, h.noisy_quadratic, checks=True)
+    with pytest.raises(ej.checks.InvariantError, match="round 5: the state is not finite"):
+        good(state, nan_batch)
+    # ej.run raises it unwrapped, catchable, naming the first failing round.
+    with pytest.raises(ej.checks.InvariantError, match="round 5: consistency/b_hat"):
+        ej.run(broken, h.noisy_quadratic, state, batch_fn=h.noise_batch_fn(p), rounds=3,
+               checks=True)
 
 
 def _conv_loss(params, batch):
@@ -157,29 +166,30 @@ def _conv_batch_fn(round_, keys):
     return jax.vmap(lambda k: jax.random.normal(k, (2, 5, 5, 1)))(keys)
 
 
-def _dense_jaxpr():
-    vg = jax.value_and_grad(h.noisy_quadratic)
-    return jax.make_jaxpr(vg)(h.params0(), h.params0())
-
-
-def _conv_jaxpr():
-    p = {"w": jnp.ones((3, 3, 1, 2))}
-    return jax.make_jaxpr(jax.value_and_grad(_conv_loss))(p, jnp.ones((2, 5, 5, 1)))
-
-
 def test_auto_worker_loop_resolves_by_loss_backend_and_block():
-    conv, dense = _conv_jaxpr(), _dense_jaxpr()
-    assert core.resolve_worker_loop("auto", conv, 8, "cpu") == "unroll"
-    assert core.resolve_worker_loop("auto", conv, 32, "cpu") == "unroll"
-    assert core.resolve_worker_loop("auto", conv, 33, "cpu") == "groups"
-    assert core.resolve_worker_loop("auto", conv, 8, "gpu") == "vmap"
-    assert core.resolve_worker_loop("auto", dense, 8, "cpu") == "vmap"
+    resolve = ej.workers.resolve
+    assert resolve("auto", convolutional=True, block=8, platform="cpu") == "unroll"
+    assert resolve("auto", convolutional=True, block=32, platform="cpu") == "unroll"
+    assert resolve("auto", convolutional=True, block=33, platform="cpu") == "groups"
+    assert resolve("auto", convolutional=True, block=8, platform="gpu") == "vmap"
+    assert resolve("auto", convolutional=False, block=8, platform="cpu") == "vmap"
     for loop in ("map", "unroll", "vmap"):
-        assert core.resolve_worker_loop(loop, conv, 8, "cpu") == loop
+        assert resolve(loop, convolutional=True, block=8, platform="cpu") == loop
+    p, batch = {"w": jnp.ones((3, 3, 1, 2))}, jnp.ones((2, 5, 5, 1))
+    assert ej.workers.is_convolutional(_conv_loss, False, p, batch)
+    assert not ej.workers.is_convolutional(h.noisy_quadratic, False, h.params0(), h.params0())
     # A convolution nested in a sub-jaxpr (here inside a `jax.checkpoint`) is found.
-    nested = jax.make_jaxpr(jax.value_and_grad(jax.checkpoint(_conv_loss)))(
-        {"w": jnp.ones((3, 3, 1, 2))}, jnp.ones((2, 5, 5, 1)))
-    assert core.resolve_worker_loop("auto", nested, 8, "cpu") == "unroll"
+    assert ej.workers.is_convolutional(jax.checkpoint(_conv_loss), False, p, batch)
+    # The rule of `run`: chunks for dense losses, the Python loop where the
+    # gradients are unrolled or mapped, or on a mesh.
+    choose = ej.drivers.choose_loops
+    kw = dict(mesh=None, platform="cpu", block=8)
+    assert choose("auto", "auto", convolutional=False, **kw) == ("chunks", "vmap")
+    assert choose("auto", "auto", convolutional=True, **kw) == ("python", "unroll")
+    assert choose("auto", "map", convolutional=False, **kw) == ("python", "map")
+    assert choose("auto", "vmap", convolutional=False, mesh=object(), platform="cpu",
+                  block=8) == ("python", "vmap")
+    assert choose("scan", "auto", convolutional=True, **kw) == ("scan", "unroll")
 
 
 @pytest.mark.parametrize("num_workers", [4, 40])
@@ -258,8 +268,10 @@ def test_chunks_with_stacked_batches_pad_the_last_chunk():
 
 def test_auto_loop_runs_chunks_for_dense_and_python_for_conv_losses_tracing_once():
     p = h.params0()
-    loss = chex.assert_max_traces(h.noisy_quadratic, n=1)
-    batch_fn = chex.assert_max_traces(h.noise_batch_fn(p), n=1)
+    # The loop rule reads the loss's jaxpr once more, and each call checks the
+    # shapes `batch_fn` returns (a trace, no compilation).
+    loss = chex.assert_max_traces(h.noisy_quadratic, n=2)
+    batch_fn = chex.assert_max_traces(h.noise_batch_fn(p), n=3)
     state = CHUNK_ALG.init(p, jax.random.key(5))
     auto, _ = ej.run(CHUNK_ALG, loss, state, batch_fn=batch_fn, rounds=4)
     auto, _ = ej.run(CHUNK_ALG, loss, auto, batch_fn=batch_fn, rounds=3)
@@ -269,14 +281,14 @@ def test_auto_loop_runs_chunks_for_dense_and_python_for_conv_losses_tracing_once
         np.testing.assert_array_equal(got, want)
 
     # A convolutional loss on CPU: the Python loop (convolutions are slow in loop
-    # bodies there), though the chunked program was traced to find that out.
-    conv = chex.assert_max_traces(_conv_loss, n=1)
-    conv_batch = chex.assert_max_traces(_conv_batch_fn, n=1)
+    # bodies there).
+    # Traced by the loop rule, then once per unrolled worker (2).
+    conv = chex.assert_max_traces(_conv_loss, n=3)
+    conv_batch = chex.assert_max_traces(_conv_batch_fn, n=3)
     alg = ej.async_sgd(0.1, 2, 2)
     state = alg.init({"w": 0.1 * jnp.ones((3, 3, 1, 2))}, 0)
     auto, m_auto = ej.run(alg, conv, state, batch_fn=conv_batch, rounds=3)
-    python, m_python = ej.run(alg, _conv_loss, state, batch_fn=_conv_batch_fn, rounds=3,
-                              loop="python")
+    python, m_python = ej.run(alg, conv, state, batch_fn=conv_batch, rounds=3, loop="python")
     if jax.devices()[0].platform == "cpu":
         for got, want in zip(_leaves(auto), _leaves(python), strict=True):
             np.testing.assert_array_equal(got, want)
@@ -284,7 +296,7 @@ def test_auto_loop_runs_chunks_for_dense_and_python_for_conv_losses_tracing_once
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"loop": "while"}, r"loop: got 'while'; expected one of \('auto', 'python'"),
+    ({"loop": "while"}, r"loop: got 'while'; expected one of 'auto', 'python'"),
     ({"chunk": 0}, r"chunk: got 0; expected an integer >= 1"),
     ({"chunk": 2.5}, r"chunk: got 2.5; expected an integer >= 1"),
     ({"worker_loop": "scan"}, r"worker_loop: got 'scan'; expected one of"),
@@ -297,7 +309,7 @@ def test_bad_loop_arguments_are_refused_before_compiling(kwargs, match):
         ej.run(alg, loss, alg.init(p, 0), batch_fn=h.noise_batch_fn(p), rounds=2, **kwargs)
 
 
-def test_auto_loop_falls_back_to_python_for_a_batch_fn_without_vmap_rule():
+def test_chunks_take_a_batch_fn_without_vmap_rule():
     p = h.params0()
     leaves, treedef = jax.tree.flatten(p)
 
@@ -315,10 +327,9 @@ def test_auto_loop_falls_back_to_python_for_a_batch_fn_without_vmap_rule():
     auto, m_auto = ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3)
     python, m_python = ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3,
                               loop="python")
-    np.testing.assert_array_equal(h.flat(ej.params(auto)), h.flat(ej.params(python)))
-    np.testing.assert_array_equal(m_auto["loss"], m_python["loss"])
-    with pytest.raises(NotImplementedError, match="vmap"):
-        ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3, loop="chunks")
+    # Each round samples its own batch inside the chunk: no vmap rule is needed.
+    np.testing.assert_allclose(h.flat(ej.params(auto)), h.flat(ej.params(python)), rtol=1e-6)
+    np.testing.assert_allclose(m_auto["loss"], m_python["loss"], rtol=1e-6)
 
 
 def test_chunks_on_a_mesh_agree_with_the_python_loop():

@@ -99,12 +99,17 @@ def test_error_feedback_around_identity_is_no_error_feedback():
 
 @pytest.mark.parametrize("compressor", [C.top_k(2), C.random_k(3), C.scaled_sign()], ids=repr)
 def test_beta_zero_is_the_bare_compressor(compressor):
+    """Bitwise for masking compressors; scaled sign's scale is a reduction, which XLA
+    may order differently once fused with the (zero) residual: within 2 ulp."""
     updates, key = updates_for(3), jax.random.key(3)
     history = run(EF.error_feedback(compressor, beta=0.0), updates, key=key)
     compress = jax.jit(compressor.spec.compress)
     for t, (_, u, e_new) in enumerate(history):
         bare = compress(at(updates, t), jax.random.fold_in(key, t))
-        np.testing.assert_array_equal(flat(u), flat(bare))
+        if compressor.spec.name == "scaled_sign":
+            np.testing.assert_array_max_ulp(flat(u), flat(bare), maxulp=2)
+        else:
+            np.testing.assert_array_equal(flat(u), flat(bare))
         np.testing.assert_array_equal(flat(e_new), 0.0)
 
 
@@ -161,7 +166,8 @@ def test_rejects_wrapped_and_foreign_compressors():
 
 @pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan"), float("inf"), True, "1", None])
 def test_beta_validation(beta):
-    with pytest.raises(ValueError, match=r"^beta: got .*; expected a number in \[0, 1\]"):
+    with pytest.raises(ValueError,
+                       match=r"^beta: got .*; expected a finite number in \[0.0, 1.0\]"):
         EF.error_feedback(C.top_k(1), beta)
 
 

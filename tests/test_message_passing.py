@@ -94,7 +94,7 @@ def test_each_message_is_applied_exactly_once_and_in_time():
     batches = one_hot_batches(num_workers, rounds, dim)
     applied_at = np.full((num_workers, dim), -1)
     for r in range(rounds):
-        views = -np.asarray(alg.views(state)["w"]) * num_workers  # 1 where applied
+        views = -np.asarray(ej.views(alg, state)["w"]) * num_workers  # 1 where applied
         assert set(np.unique(np.round(views, 5))) <= {0.0, 1.0}, "applied twice or partly"
         for q in range(num_workers):
             newly = (views[q] > 0.5) & (applied_at[q] < 0)
@@ -125,7 +125,7 @@ def test_crashed_node_sends_nothing_after_its_crash():
         state, metrics = step(state, {"w": batches["w"][r]})
         alive.append(int(metrics["faults/alive"]))
     assert alive == [4, 4, 4, 3, 3, 2, 2, 2]
-    views = np.asarray(alg.views(state)["w"])
+    views = np.asarray(ej.views(alg, state)["w"])
     aux = np.asarray(ej.params(state)["w"])
     sender_round = np.arange(dim) // num_workers
     sender = np.arange(dim) % num_workers

@@ -1,5 +1,6 @@
 """Workers across devices: bitwise placement independence, multi-process runs, bad meshes."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -12,22 +13,13 @@ import pytest
 
 import elastic_jax as ej
 from tests import helpers as h
+from tests.test_contract import ALGORITHMS
 
 ROUNDS = 20
 
-CONFIGS = {
-    "sync_top_k_ef": lambda p: ej.sync_sgd(0.1, p, compressor=ej.top_k(fraction=0.2),
-                                           error_feedback=True),
-    "async_consistent": lambda p: ej.async_sgd(0.1, p, p + 1),
-    "async_inconsistent_top_k_ef": lambda p: ej.async_sgd(
-        0.1, p, p + 1, reads="inconsistent", compressor=ej.top_k(fraction=0.2),
-        error_feedback=True),
-    "message_passing_delays_crashes_top_k_ef": lambda p: ej.message_passing_sgd(
-        0.1, p, max_delay=2, crashes=2, crash_horizon=10, drop_prob=0.2,
-        compressor=ej.top_k(fraction=0.2), error_feedback=True),
-    "elastic_scheduling": lambda p: ej.elastic_scheduling(0.1, p, 2, mode="variance"),
-    "local_sgd": lambda p: ej.local_sgd(0.1, p, 3),
-}
+# Every algorithm of the contract registry (tests/test_contract.py), at P = 8
+# for the meshes of 1, 2, 4 and 8 devices.
+CONFIGS = {name: functools.partial(make, 0.1) for name, make in ALGORITHMS.items()}
 
 
 def run(alg, mesh):
@@ -42,7 +34,7 @@ _BATCH_FN = h.noise_batch_fn(h.params0())
 def assert_bitwise(alg, a, b):
     """Final auxiliary model, actual model, views and every metric, bitwise."""
     (sa, ma), (sb, mb) = a, b
-    for accessor in (ej.params, ej.model, alg.views, jax.jit(ej.params)):
+    for accessor in (ej.params, ej.model, lambda s: ej.views(alg, s), jax.jit(ej.params)):
         for x, y in zip(jax.tree.leaves(accessor(sa)), jax.tree.leaves(accessor(sb)),
                         strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -51,17 +43,21 @@ def assert_bitwise(alg, a, b):
         np.testing.assert_array_equal(np.asarray(ma[k]), np.asarray(mb[k]), err_msg=k)
 
 
-def check_bitwise(name: str, num_workers: int, device_counts, explicit: bool = False) -> None:
+def check_bitwise(name: str, num_workers: int, device_counts) -> None:
     """Runs `CONFIGS[name]` on one device and on each mesh; asserts bitwise equality.
 
-    `explicit` builds the meshes with `jax.make_mesh` (explicit axes, the
-    default in JAX 0.10), whose states carry their worker split in their type.
+    The meshes are `ej.parallel.make_mesh(n)` for each count, and one built by
+    `jax.make_mesh` (explicit axes, the default in JAX 0.10) on the largest
+    count below 8, whose states carry their worker split in their type: the
+    accessors (params, model, views) must work on them.
     """
     alg = CONFIGS[name](num_workers)
     reference = run(alg, None)
-    for n in device_counts:
-        mesh = (jax.make_mesh((n,), ("workers",)) if explicit
-                else ej.parallel.make_mesh(n))
+    meshes = [ej.parallel.make_mesh(n) for n in device_counts]
+    explicit = [n for n in device_counts if n < 8]
+    if explicit:
+        meshes.append(jax.make_mesh((explicit[-1],), ("workers",)))
+    for mesh in meshes:
         assert_bitwise(alg, reference, run(alg, mesh))
 
 
@@ -74,12 +70,11 @@ CHECK = textwrap.dedent('''
     jax.config.update("jax_num_cpu_devices", 8)
     jax.config.update("jax_numpy_rank_promotion", "raise")
     from tests.test_parallel import check_bitwise
-    check_bitwise(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")],
-                  explicit=sys.argv[4] == "explicit")
+    check_bitwise(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")])
 ''')
 
 
-def in_fresh_process(name, num_workers, device_counts, tmp_path, explicit=False):
+def in_fresh_process(name, num_workers, device_counts, tmp_path):
     """`check_bitwise` in a fresh process.
 
     Eight fake CPU devices share two cores; after the rest of the suite has run
@@ -91,26 +86,20 @@ def in_fresh_process(name, num_workers, device_counts, tmp_path, explicit=False)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     proc = subprocess.run(
         [sys.executable, str(script), name, str(num_workers),
-         ",".join(map(str, device_counts)), "explicit" if explicit else "auto"],
+         ",".join(map(str, device_counts))],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_one_two_four_eight_devices_are_bitwise_identical(name, tmp_path):
+    # And the accessors on a state split over an explicit mesh of four devices
+    # (two workers each, the chains' residuals split over them).
     in_fresh_process(name, 8, (1, 2, 4, 8), tmp_path)
 
 
 def test_sixteen_workers_on_eight_devices(tmp_path):
     in_fresh_process("async_inconsistent_top_k_ef", 16, (8,), tmp_path)
-
-
-@pytest.mark.parametrize("name", ["sync_top_k_ef", "async_inconsistent_top_k_ef",
-                                  "message_passing_delays_crashes_top_k_ef"])
-def test_accessors_on_states_split_over_an_explicit_mesh(name, tmp_path):
-    # Two workers per device on four devices of `jax.make_mesh`, error-feedback
-    # residuals split over them: params, model and views equal the one-device run's.
-    in_fresh_process(name, 8, (4,), tmp_path, explicit=True)
 
 
 def test_bad_meshes_are_refused():
@@ -127,7 +116,7 @@ def test_bad_meshes_are_refused():
 
 
 def test_no_host_round_trips_without_checks():
-    alg = CONFIGS["message_passing_delays_crashes_top_k_ef"](4)
+    alg = CONFIGS["message_passing_faults_top_k_ef"](4)
     p = h.params0()
     state = alg.init(p, 0)
     batch = _BATCH_FN(0, jax.random.split(jax.random.key(0), 4))

@@ -94,7 +94,7 @@ def test_virtual_iterate_follows_uncompressed_sgd():
     grad = jax.jit(jax.vmap(jax.grad(h.noisy_quadratic)))
     for r in range(ROUNDS):
         batch = jax.tree.map(lambda x, r=r: x[r], batches)
-        g = grad(alg.views(state), batch)
+        g = grad(ej.views(alg, state), batch)
         expected = h.flat(ej.params(state)) - lr * h.flat(
             jax.tree.map(lambda x: jnp.mean(x, axis=0), g))
         state, _ = step(state, batch)
@@ -113,12 +113,12 @@ def test_error_feedback_conservation_in_local():
     local = jax.jit(alg.local)
     for r in range(4):
         batch = jax.tree.map(lambda x, r=r: x[r], batches)
-        g = jax.vmap(jax.grad(h.noisy_quadratic))(alg.views(state), batch)
+        g = jax.vmap(jax.grad(h.noisy_quadratic))(ej.views(alg, state), batch)
         g0 = jax.tree.map(lambda x: x[0], g)
-        e_old = jax.tree.map(lambda x: x[0], state.workers.residual)
+        e_old = jax.tree.map(lambda x: x[0], alg.info.rule.pending(state.workers.rule))
         worker = jax.tree.map(lambda x: x[0], state.workers)
         _, msg = local(0, worker, g0, jax.random.key(1), state.shared)
-        lhs = h.flat(jax.tree.map(jnp.add, msg.update, msg.residual_new))
+        lhs = h.flat(jax.tree.map(jnp.add, msg.update, msg.pending_after))
         rhs = h.flat(e_old) + np.float32(0.25) * h.flat(g0)
         np.testing.assert_array_equal(lhs, rhs.astype(np.float32))
         state, _ = step(state, batch)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import elastic_jax as ej
-from elastic_jax import core
+from elastic_jax import base
 from experiments import config, problem, registry, train, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +153,7 @@ def _host_leaves(state):
 def test_convex_run_is_ej_run_and_trains_a_linear_model(tmp_path):
     """With `--loop=python` a single-seed run follows `ej.run(..., loop="python")`
     bitwise; the default (`auto`: chunks for a linear model) agrees with it to rounding."""
-    assert problem.DATA_TAG == core.TAG_DATA
+    assert problem.DATA_TAG == base.TAG_DATA
     last = _run(tmp_path / "python", **CONVEX, loop="python")
     lines = _strict_records(tmp_path / "python" / "metrics.jsonl")
     assert "test/accuracy" not in last and "full/loss" in last

@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -95,3 +96,50 @@ MESSAGE_PASSING_CASES = [
 def test_message_passing_factories_refuse_bad_arguments(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# ----------------------------------------------- drivers: batches, states, chains
+
+_P4 = ej.sync_sgd(0.1, 4)
+_STATE = _P4.init(h.params0(), 0)
+
+
+def _batches(*leading):
+    return jax.tree.map(lambda x: jnp.zeros(leading + x.shape), h.params0())
+
+
+DRIVER_CASES = [
+    # Batches without the worker axis, or with another P.
+    (lambda: ej.run(_P4, h.noisy_quadratic, _STATE, _batches(3)),
+     r"^batches: got leading sizes .*; expected \[R, P=4, \.\.\.\] on every leaf$"),
+    (lambda: ej.run(_P4, h.noisy_quadratic, _STATE, _batches(3, 2)),
+     r"^batches: got leading sizes \(3, 2\); expected \[R, P=4, \.\.\.\] on every leaf$"),
+    (lambda: ej.make_step(_P4, h.noisy_quadratic)(_STATE, _batches(2)),
+     r"^batch: got leading sizes \(2,\); expected \[P=4, \.\.\.\] on every leaf$"),
+    (lambda: ej.run(_P4, h.noisy_quadratic, _STATE, batch_fn=lambda r, k: _batches(3),
+                    rounds=2),
+     r"^batch_fn: got leading sizes \(3,\); expected \[P=4, \.\.\.\] on every leaf$"),
+    # A state another algorithm made.
+    (lambda: ej.run(_P4, h.noisy_quadratic, ej.async_sgd(0.1, 4, 3).init(h.params0(), 0),
+                    _batches(2, 4)),
+     r"^state: got a state of async_sgd; expected one made by this algorithm's init"),
+    (lambda: ej.make_step(_P4, h.noisy_quadratic)(
+        ej.sync_sgd(0.1, 4, error_feedback=True).init(h.params0(), 0), _batches(4)),
+     r"^state: got a state of another sync_sgd configuration; expected one made by"),
+    # Chains.
+    (lambda: ej.sync_sgd(0.1, 2, rule=ej.chain(ej.top_k(k=1))),
+     r"^rule: got .*; expected exactly one base optimizer link"),
+    (lambda: ej.sync_sgd(0.1, 2, rule=ej.chain(ej.sgd()), clip_norm=1.0),
+     r"^clip_norm: got 1.0; expected the default with rule="),
+    (lambda: ej.local_sgd(0.1, 2, 2, rule=ej.chain(ej.sgd(), ej.top_k(k=1))),
+     r"^rule: got .*; expected an uncompressed chain"),
+    (lambda: ej.chain(ej.sgd(), ej.top_k(k=1), ej.error_feedback(ej.top_k(k=1))),
+     r"^rule: got .*; expected at most one link that compresses"),
+]
+
+
+@pytest.mark.parametrize("call,message", DRIVER_CASES)
+def test_drivers_and_chains_refuse_bad_input_in_one_line(call, message):
+    with pytest.raises(ValueError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)

@@ -1,85 +1,47 @@
-"""What every algorithm's worker does with its gradient: clip, scale, compress, feed back.
+"""What every algorithm shares: its counters, the running maxima, its common metrics.
 
-docs/theory.md sections 4 and 5: a worker turns its stochastic gradient `g` into
-the update it sends or writes,
-
-    uncompressed:               u = eta * g
-    compressed, no feedback:    u = C(eta * g)
-    error feedback (EF14):      a = e + eta * g;  u = C(a);  e <- beta * (a - u)
-
-optionally after clipping `g` to norm `clip_norm`.
+Each algorithm module defines its state (a shared `NamedTuple` with `round`,
+`key`, `stats` and its own fields; a per-worker `NamedTuple` with the chain's
+state) and its `view`, `local`, `combine`, `auxiliary` and `actual`; the
+pieces every one of them needs live here once.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import compressors as compressors_lib
-from elastic_jax import consistency, validation
-from elastic_jax.error_feedback import ef_step
-from elastic_jax.error_feedback import error_feedback as wrap_error_feedback
+from elastic_jax import base, consistency, validation
+from elastic_jax.chain import Rule, Sent
 
 
-class WorkerUpdate(NamedTuple):
-    """One worker's contribution to a round (fields absent are None)."""
-
-    update: Any  # pytree like params: u
-    residual_old: Any  # pytree or None: e before the round
-    residual_new: Any  # pytree or None: e after the round
-    grad_norm: jax.Array  # [] ||g|| after clipping
-    update_norm: jax.Array  # [] ||u||
-    residual_norm: jax.Array  # [] ||e_new|| (0 without error feedback)
+def setup(learning_rate, num_workers):
+    """The validated learning-rate schedule and number of workers of a factory."""
+    return (validation.as_schedule(learning_rate),
+            validation.check_int("num_workers", num_workers, lo=1))
 
 
-class Rule(NamedTuple):
-    """The static description of how workers form updates."""
-
-    compressor: Any  # a bare compressor, or None
-    beta: Any  # damping, or None for no error feedback
-    clip_norm: Any  # float or None
-
-    @property
-    def compressed(self) -> bool:
-        return self.compressor is not None and self.beta is None
-
-    def bound_kind(self) -> str:
-        if self.beta is not None and self.compressor.spec.contractive == "expectation":
-            return "expectation"
-        return "deterministic"
-
-    def delta(self, params) -> float:
-        return compressors_lib.compression_info(self.compressor, params).delta
-
-    def bits(self, params) -> int:
-        if self.compressor is None:
-            return 32 * sum(x.size for x in jax.tree.leaves(params))
-        return compressors_lib.compression_info(self.compressor, params).bits
-
-    def validate(self, params) -> None:
-        if self.compressor is not None:
-            self.compressor.spec.validate(params)
+def counters(params, key) -> dict:
+    """`round`, `key` and `stats` of a fresh shared state."""
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    return {"round": jnp.zeros((), jnp.int32), "key": base.as_key(key),
+            "stats": consistency.init(dtype)}
 
 
-def make_rule(compressor, error_feedback, clip_norm) -> Rule:
-    """Validates and normalises the update-rule arguments shared by every factory."""
-    beta = validation.check_beta(error_feedback)
-    validation.check_clip_norm(clip_norm)
-    if compressor is not None:
-        if not isinstance(compressor, compressors_lib.Compressor):
-            validation.fail("compressor", compressor, "a compressor such as ej.top_k(...)")
-        if compressor.spec.name == "error_feedback":
-            validation.fail(
-                "compressor", validation.Text("a compressor already wrapped by ej.error_feedback"),
-                "a bare compressor; pass error_feedback=True or a float beta instead",
-            )
-    if beta is not None:
-        if compressor is None:
-            compressor = compressors_lib.identity()
-        wrap_error_feedback(compressor, beta=1.0)  # refuses a non-contractive compressor
-    return Rule(compressor, beta, clip_norm)
+def copy_params(params):
+    return jax.tree.map(jnp.asarray, params)
+
+
+def stacked(params, size: int, dtype_of=lambda x: x.dtype):
+    """Zeros `[size, ...]` like each leaf of `params` (in `dtype_of(leaf)`)."""
+    return jax.tree.map(lambda x: jnp.zeros((size,) + jnp.shape(x), dtype_of(jnp.asarray(x))),
+                        params)
+
+
+def repeated(params, size: int):
+    """`size` copies of `params` stacked on a leading axis."""
+    return jax.tree.map(
+        lambda x: jnp.broadcast_to(jnp.asarray(x), (size,) + jnp.shape(x)).copy(), params)
 
 
 def check_staleness(staleness):
@@ -87,27 +49,13 @@ def check_staleness(staleness):
     return validation.check_real("staleness", staleness, lo=0.0, hi=1.0)
 
 
-def is_literal_one(value) -> bool:
-    """Whether `value` is a concrete Python or NumPy number equal to 1 (not a JAX array).
-
-    Factories take their old code path, literally, for such a `staleness`, so the
-    default stays bitwise what it was; any other value (a JAX array, a tracer)
-    takes the blended path, which `jax.grad` differentiates.
-    """
-    if isinstance(value, jax.Array | bool):
-        return False
-    return validation.concrete_number(value) == 1
-
-
 def scale_gap(staleness, gap):
-    """`staleness * gap`, leaf by leaf in each leaf's dtype (`gap` itself when literally 1).
+    """`staleness * gap`, leaf by leaf in each leaf's dtype.
 
     Where the freshest view is the auxiliary model `x` itself (message passing,
     elastic scheduling), the blended view `(1 - s) x + s (x + gap)` is
     `x + s gap`, and its distance to `x` is exactly `s` times the delayed one.
     """
-    if is_literal_one(staleness):
-        return gap
     return jax.tree.map(lambda g: jnp.asarray(staleness).astype(g.dtype) * g, gap)
 
 
@@ -125,75 +73,55 @@ def blend(staleness, freshest, delayed):
     return jax.tree.map(one, freshest, delayed)
 
 
-def residual_dtype(dtype):
-    """Residuals and accumulators of low-precision parameters are kept in float32."""
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-
-
-def init_residual(rule: Rule, params, num_workers: int):
-    if rule.beta is None:
-        return None
-    return jax.tree.map(
-        lambda x: jnp.zeros((num_workers,) + jnp.shape(x), residual_dtype(jnp.result_type(x))),
-        params,
-    )
-
-
-def clip(grad, clip_norm):
-    """Clips `grad` to global norm `clip_norm`; returns it and its (clipped) norm."""
-    norm = consistency.tree_norm(grad)
-    if clip_norm is None:
-        return grad, norm
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
-    clipped = jax.tree.map(lambda g: (g * scale.astype(g.dtype)).astype(g.dtype), grad)
-    return clipped, jnp.minimum(norm, clip_norm)
-
-
-def scale(eta, tree):
-    return jax.tree.map(lambda g: jnp.asarray(eta).astype(g.dtype) * g, tree)
-
-
-def worker_update(rule: Rule, eta, grad, residual, key) -> WorkerUpdate:
-    """The update one worker sends for gradient `grad` (docs/theory.md sections 4, 5)."""
-    grad, grad_norm = clip(grad, rule.clip_norm)
-    step = scale(eta, grad)
-    zero = jnp.zeros((), grad_norm.dtype)
-    if rule.beta is not None:
-        step = jax.tree.map(lambda s, e: s.astype(e.dtype), step, residual)
-        update, new_residual = ef_step(
-            residual, step, rule.compressor.spec.compress, key, rule.beta
-        )
-        return WorkerUpdate(
-            update, residual, new_residual, grad_norm,
-            consistency.tree_norm(update), consistency.tree_norm(new_residual),
-        )
-    if rule.compressor is not None:
-        step = rule.compressor.spec.compress(step, key)
-    return WorkerUpdate(step, None, None, grad_norm, consistency.tree_norm(step), zero)
-
-
 def apply(params, update):
     """`params - update`, in the parameters' dtype."""
     return jax.tree.map(lambda x, u: (x - u.astype(x.dtype)).astype(x.dtype), params, update)
 
 
-def gradient_bound(rule: Rule, stats: consistency.ConsistencyState):
-    """`M`: the clipping norm when clipping, else the running maximum `m_hat`."""
-    if rule.clip_norm is not None:
-        return jnp.asarray(rule.clip_norm, stats.m_hat.dtype)
-    return stats.m_hat
+def observe(stats: consistency.ConsistencyState, sent: Sent, eta, live=None):
+    """Folds the round's gradient and update norms (of live workers) into the running maxima."""
+    grad_norms, update_norms = sent.grad_norm, sent.update_norm
+    if live is not None:
+        grad_norms = jnp.where(live, grad_norms, 0)
+        update_norms = jnp.where(live, update_norms, 0)
+    return consistency.observe(stats, grad_norms, eta, update_norms)
 
 
-def common_metrics(rule, stats, eta, msg: WorkerUpdate, old, new, bits_per_worker, num_workers):
-    """`grad_norm/max`, `update_norm`, `comm/bits`, `learning_rate`, `ef/residual_norm`."""
+def bounds(rule: Rule, stats: consistency.ConsistencyState, params):
+    """`(U, R)`: the chain's bounds on `||u|| / eta` and `||pending|| / eta` (`Rule.bounds`)."""
+    update, residual = rule.bounds(stats.m_hat, stats.u_hat, params)
+    dtype = stats.m_hat.dtype
+    return jnp.asarray(update, dtype), jnp.asarray(residual, dtype)
+
+
+def metrics(rule: Rule, stats, eta, sent: Sent, old, new, senders, live=None) -> dict:
+    """`grad_norm/max`, `update_norm`, `comm/bits`, `learning_rate`, the links' metrics.
+
+    `grad_norm/max` is `m_hat`, the largest norm the base optimizer received
+    (after clipping, where the chain clips).
+
+    `comm/bits` is `senders` messages of the chain's bits (docs/theory.md
+    section 7); `update_norm` is `||new - old|| / eta`.
+    """
     dtype = stats.m_hat.dtype
     diff = jax.tree.map(lambda a, b: a - b, new, old)
-    metrics = {
+    out = {
         "grad_norm/max": stats.m_hat,
         "update_norm": consistency.per_eta(consistency.tree_norm(diff).astype(dtype), eta),
-        "comm/bits": jnp.asarray(float(bits_per_worker * num_workers), dtype),
+        "comm/bits": float(rule.bits(old)) * jnp.asarray(senders, dtype),
         "learning_rate": jnp.asarray(eta, dtype),
     }
-    if rule.beta is not None:
-        metrics["ef/residual_norm"] = jnp.max(msg.residual_norm).astype(dtype)
-    return metrics
+    if rule.holds_back:
+        norms = sent.pending_norm if live is None else jnp.where(live, sent.pending_norm, 0)
+        out["ef/residual_norm"] = jnp.max(norms).astype(dtype)
+    aux = sent.aux if live is None else {k: jnp.where(live, v, 0) for k, v in sent.aux.items()}
+    out.update({k: jnp.asarray(v, dtype) for k, v in rule.metrics(aux, old).items()})
+    return out
+
+
+def reduce_pending(rule: Rule, chain_state, reduce):
+    """`reduce` (a worker mean or sum) of what every worker's chain holds back, or None."""
+    pending = rule.pending(chain_state)
+    if pending is None:
+        return None
+    return jax.tree.map(reduce, pending)

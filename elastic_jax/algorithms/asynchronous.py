@@ -9,9 +9,10 @@ per round. The `i`-th update of round `r` is update `t = r P + i`; it reads
     inconsistent reads:   (v_t)_j = (X_{t - l_j})_j, one lag per coordinate
 
 from a ring buffer of the last `max_delay + 1` iterates (a lag reaching before
-update 0 reads `X_0`), and applies `X_{t+1} = X_t - u_t`. With error feedback
-each worker keeps its residual `e^p` and the auxiliary model is the virtual
-iterate `x = X - sum_p e^p`, which follows SGD with the uncompressed gradients.
+update 0 reads `X_0`), and applies `X_{t+1} = X_t - u_t`, `u_t` the writer's
+chain's output. With EF14 each worker keeps its residual `e^p` and the
+auxiliary model is the virtual iterate `x = X - sum_p e^p`, which follows SGD
+with the uncompressed gradients.
 
 A continuous `staleness` `s` in [0, 1] interpolates each read between the
 freshest one the round model allows (lag exactly `i`, i.e. `X_{rP}`, the
@@ -34,12 +35,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import bounds, consistency, core, delays, validation
+from elastic_jax import base, bounds, chain, consistency, delays, validation
 from elastic_jax.algorithms import _common
 
 
-class WorkerState(NamedTuple):
-    residual: Any  # pytree [P, ...] or None: error-feedback residuals e^p
+class AsyncWorkers(NamedTuple):
+    rule: Any  # the chain's state, stacked [P, ...]
 
 
 class AsyncShared(NamedTuple):
@@ -54,16 +55,11 @@ class AsyncShared(NamedTuple):
     views: Any = None
     view_lags: jax.Array | None = None
 
-    def actual(self, workers: WorkerState):
-        size = jax.tree.leaves(self.history)[0].shape[0]
-        return jax.tree.map(lambda h: h[self.updates % size], self.history)
 
-    def auxiliary(self, workers: WorkerState):
-        current = self.actual(workers)
-        if workers.residual is None:
-            return current
-        total = jax.tree.map(consistency.worker_sum, workers.residual)
-        return _common.apply(current, total)
+def _current(shared: AsyncShared):
+    """`X_t`, the newest iterate in the ring."""
+    size = jax.tree.leaves(shared.history)[0].shape[0]
+    return jax.tree.map(lambda h: h[shared.updates % size], shared.history)
 
 
 def async_sgd(
@@ -73,29 +69,34 @@ def async_sgd(
     *,
     delay="uniform",
     reads: str = "consistent",
+    rule=None,
     compressor=None,
     error_feedback=False,
     clip_norm=None,
     staleness=1.0,
-) -> core.Algorithm:
+) -> base.Algorithm:
     """Asynchronous shared-memory SGD with lags of at most `max_delay` updates.
 
     Update rule for update `t = r P + i` (worker `i` of round `r`):
 
         v_t = X_{t - l_t}  (per coordinate for inconsistent reads),  i <= l_t <= max_delay
-        X_{t+1} = X_t - u_t,   u_t = eta_r g(v_t), C(eta_r g(v_t)) or EF14's C(e + eta_r g)
+        X_{t+1} = X_t - u_t,   u_t the chain's output: eta_r g(v_t), C(eta_r g(v_t)), ...
 
-    Elastic consistency (`ej.bounds.async_sgd`): `B = max_delay M`, or
-    `max_delay mu` compressed without error feedback, or
-    `M (max_delay (1 + rho) + P rho)` with error feedback.
+    Elastic consistency (`ej.bounds.async_sgd`): `B = max_delay U + P R` with
+    the chain's bounds (`max_delay M` for plain SGD, `max_delay mu` compressed
+    without error feedback, `M (max_delay (1 + rho) + P rho)` with EF14).
 
     With `staleness = s < 1` the view is `(1 - s) X_{rP} + s X_{t - l_t}`;
     `consistency/b_hat` measures the auxiliary model against this blended view
-    (the one the gradient is taken at, `alg.views`). The bound stays valid:
+    (the one the gradient is taken at). The bound stays valid:
     `x_t - v_t = (1 - s)(x_t - X_{rP}) + s (x_t - X_{t - l_t})`, and both
     reads are allowed ones (lags `i` and `l_t`, each at most `max_delay`), so
     the norm is at most the larger of two distances the bound already covers.
     `delay/mean` reports the blended lag `(1 - s) i + s l_t`.
+
+    Why `reads="consistent"` is the default: it is the simplest semantics (one
+    lag per update) and the only one a recorded delay trace can replay; the
+    paper's Hogwild setting is `reads="inconsistent"`.
 
     Args:
       learning_rate: a non-negative float or an optax schedule of the round.
@@ -106,12 +107,15 @@ def async_sgd(
         `ej.delays` law, or an integer trace `[rounds, P]`).
       reads: `"consistent"` (one lag per update) or `"inconsistent"` (one lag
         per coordinate); a trace needs consistent reads.
-      compressor: a bare compressor applied to each update, or None.
-      error_feedback: False, True (`beta = 1`) or a float `beta` in [0, 1].
-      clip_norm: clip each gradient to this global norm (> 0).
+      rule: the per-worker chain (`ej.chain(...)`); exclusive with the
+        shorthands `compressor`, `error_feedback`, `clip_norm` (as in
+        `ej.sync_sgd`). EF21 is defined for synchronous SGD only.
+      compressor: shorthand: a bare compressor applied to each update.
+      error_feedback: shorthand: False, True (`beta = 1`) or a float `beta` in [0, 1].
+      clip_norm: shorthand: clip each gradient to this global norm (> 0).
       staleness: `s` in [0, 1], a float or a traced value: how far each read
         goes from the freshest allowed one (`s = 0`) to the delayed one
-        (`s = 1`, the default; the Python float 1.0 runs the unblended code).
+        (`s = 1`, the default).
 
     Returns:
       An `ej.Algorithm`.
@@ -120,8 +124,7 @@ def async_sgd(
       >>> alg = ej.async_sgd(0.05, num_workers=8, max_delay=8, reads="inconsistent",
       ...                    compressor=ej.top_k(fraction=0.01), error_feedback=True)
     """
-    schedule = validation.as_schedule(learning_rate)
-    num_workers = validation.check_int("num_workers", num_workers, lo=1)
+    schedule, num_workers = _common.setup(learning_rate, num_workers)
     max_delay = validation.check_int("max_delay", max_delay, lo=0)
     if max_delay < num_workers - 1:
         validation.fail(
@@ -135,27 +138,17 @@ def async_sgd(
         validation.fail("reads", reads, "'consistent': a recorded delay trace has one lag "
                         "per update, not per coordinate")
     delays.check_trace(law, num_workers, max_delay, min_lags=jnp.arange(num_workers)[None])
-    rule = _common.make_rule(compressor, error_feedback, clip_norm)
+    rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "async_sgd")
     _common.check_staleness(staleness)
-    blended = not _common.is_literal_one(staleness)
     size = max_delay + 1
     rounds_back = math.ceil(max_delay / num_workers)
 
-    def init_fn(params, key):
+    def init(params, key):
         rule.validate(params)
-        dtype = jnp.result_type(*jax.tree.leaves(params))
-        history = jax.tree.map(
-            lambda x: jnp.broadcast_to(jnp.asarray(x), (size,) + jnp.shape(x)).copy(), params
-        )
-        shared = AsyncShared(
-            round=jnp.zeros((), jnp.int32),
-            key=core.as_key(key),
-            updates=jnp.zeros((), jnp.int32),
-            history=history,
-            stats=consistency.init(dtype),
-        )
-        return core.State(shared._replace(**draw_views(shared)),
-                          WorkerState(_common.init_residual(rule, params, num_workers)))
+        shared = AsyncShared(**_common.counters(params, key),
+                             updates=jnp.zeros((), jnp.int32),
+                             history=_common.repeated(params, size))
+        return shared._replace(**draw_views(shared)), AsyncWorkers(rule.init(params, num_workers))
 
     def draw_views(shared):
         """`{views, view_lags}` of the round `shared` is at, for inconsistent reads.
@@ -170,19 +163,17 @@ def async_sgd(
         return {"views": views, "view_lags": lags}
 
     def read(index, shared):
-        """Worker `index`'s view and its mean effective lag (blended when `s != 1`)."""
+        """Worker `index`'s view and its mean effective lag, blended by `staleness`."""
         view, lag = read_delayed(index, shared)
-        if not blended:
-            return view, lag
         # The freshest allowed read has lag exactly `index`: X_{t - index} = X_{rP}.
-        view = _common.blend(staleness, shared.actual(None), view)
+        view = _common.blend(staleness, _current(shared), view)
         s = jnp.asarray(staleness).astype(lag.dtype)
         return view, (1 - s) * jnp.asarray(index).astype(lag.dtype) + s * lag
 
     def read_delayed(index, shared):
         """Worker `index`'s delayed view and its mean effective lag."""
         t = shared.updates + index
-        key = core.derive_key(shared.key, core.TAG_DELAY, shared.round, index)
+        key = base.derive_key(shared.key, base.TAG_DELAY, shared.round, index)
         if reads == "consistent":
             lag = law.sample(key, shared.round, index, index, max_delay, ())
             lag = jnp.minimum(lag, t)
@@ -201,87 +192,78 @@ def async_sgd(
             count += math.prod(h.shape[1:])
         return jax.tree.unflatten(treedef, view_leaves), lag_sum / max(count, 1)
 
-    def view_fn(index, worker, shared):
+    def view(index, worker, shared):
         del worker
         if reads == "inconsistent":
             return jax.tree.map(lambda v: v[index], shared.views)
         return read(index, shared)[0]
 
-    def local_fn(index, worker, grad, key, shared):
-        del index
-        eta = schedule(shared.round)
-        msg = _common.worker_update(rule, eta, grad, worker.residual, key)
-        return WorkerState(msg.residual_new), msg
+    def local(index, worker, grad, key, shared):
+        sent, state = rule.apply(grad, worker.rule, schedule(shared.round), key,
+                                 view(index, worker, shared))
+        return AsyncWorkers(state), sent
 
-    def combine_fn(shared, msg):
+    def combine(shared, sent):
         eta = schedule(shared.round)
         if reads == "inconsistent":
             views, lags = shared.views, shared.view_lags
         else:
             views, lags = jax.vmap(read, in_axes=(0, None))(jnp.arange(num_workers), shared)
-        current = shared.actual(None)
-        ef = rule.beta is not None
-        residual = jax.tree.map(consistency.worker_sum, msg.residual_old) if ef else None
-
+        current = _current(shared)
+        held = sent.pending is not None
+        held_sum = jax.tree.map(consistency.worker_sum, sent.pending) if held else None
         positions = (shared.updates + 1 + jnp.arange(num_workers)) % size
 
         def apply_one(carry, inputs):
-            x, s, history = carry
-            update, view, e_old, e_new, position = inputs
-            aux = _common.apply(x, s) if ef else x
-            sq = consistency.tree_sq_norm(jax.tree.map(lambda a, v: a - v, aux, view))
+            x, held_sum, history = carry
+            update, view_i, before, after, position = inputs
+            aux = _common.apply(x, held_sum) if held else x
+            sq = consistency.tree_sq_norm(jax.tree.map(lambda a, v: a - v, aux, view_i))
             x = _common.apply(x, update)
-            if ef:
-                s = jax.tree.map(lambda s_, o, n: s_ - o + n, s, e_old, e_new)
+            if held:
+                held_sum = jax.tree.map(lambda t, o, n: t - o + n, held_sum, before, after)
                 history = jax.tree.map(
                     lambda h, xi: jax.lax.dynamic_update_index_in_dim(h, xi, position, 0),
                     history, x)
-                return (x, s, history), sq
-            return (x, s, history), (x, sq)
+                return (x, held_sum, history), sq
+            return (x, held_sum, history), (x, sq)
 
         # With error feedback each iterate is written into the ring inside the
         # loop; without, the iterates are stacked and scattered after it. Each is
         # the faster of the two there (benchmarks/README.md). The values are the
         # same either way.
         (new_params, _, history), ys = jax.lax.scan(
-            apply_one, (current, residual, shared.history if ef else None),
-            (msg.update, views, msg.residual_old, msg.residual_new, positions),
+            apply_one, (current, held_sum, shared.history if held else None),
+            (sent.update, views, sent.pending, sent.pending_after, positions),
         )
-        if ef:
+        if held:
             sq_dists = ys
         else:
             iterates, sq_dists = ys
             history = jax.tree.map(lambda h, it: h.at[positions].set(it), shared.history,
                                    iterates)
-        stats = consistency.observe(
-            shared.stats, msg.grad_norm, eta, msg.update_norm if rule.compressed else None
-        )
+        stats = _common.observe(shared.stats, sent, eta)
         dtype = stats.m_hat.dtype
-        m = _common.gradient_bound(rule, stats)
-        if ef:
-            bound_b = bounds.async_sgd(
-                max_delay=max_delay, num_workers=num_workers, m=m,
-                delta=rule.delta(current), error_feedback=rule.beta,
-            )
-            etabar = stats.eta_max
-        else:
-            bound_b = bounds.async_sgd(
-                max_delay=max_delay, num_workers=num_workers, m=m,
-                mu=stats.mu_hat if rule.compressed else None,
-            )
-            etabar = consistency.window_max(schedule, shared.round, rounds_back)
+        update_b, residual_b = _common.bounds(rule, stats, current)
+        bound_b = bounds.async_sgd(max_delay=max_delay, num_workers=num_workers,
+                                   update=update_b, residual=residual_b)
+        etabar = stats.eta_max if held else consistency.window_max(schedule, shared.round,
+                                                                    rounds_back)
         metrics = consistency.metrics(sq_dists.astype(dtype), eta, bound_b, etabar)
-        metrics.update(
-            _common.common_metrics(
-                rule, stats, eta, msg, current, new_params, rule.bits(current), num_workers
-            )
-        )
+        metrics.update(_common.metrics(rule, stats, eta, sent, current, new_params,
+                                       num_workers))
         metrics["delay/mean"] = jnp.mean(lags).astype(dtype)
-        new_shared = AsyncShared(
-            shared.round + 1, shared.key, shared.updates + num_workers, history, stats
-        )
+        new_shared = AsyncShared(shared.round + 1, shared.key, shared.updates + num_workers,
+                                 history, stats)
         return new_shared._replace(**draw_views(new_shared)), metrics
 
-    views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)
-    info = core.AlgorithmInfo("async_sgd", num_workers, rule.bound_kind(), law.num_rounds)
-    return core.Algorithm(init_fn, views_fn, update_fn, local_fn, combine_fn, view_fn, info)
+    def actual(state):
+        return _current(state.shared)
+
+    def auxiliary(state):
+        total = _common.reduce_pending(rule, state.workers.rule, consistency.worker_sum)
+        return actual(state) if total is None else _common.apply(actual(state), total)
+
+    return base.algorithm("async_sgd", num_workers, rule.bound_kind, init=init, view=view,
+                          local=local, combine=combine, auxiliary=auxiliary, actual=actual,
+                          rule=rule,                           max_rounds=law.num_rounds)

@@ -44,16 +44,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax import bounds, consistency, core, delays, validation
+from elastic_jax import base, bounds, chain, consistency, delays, validation
 from elastic_jax.algorithms import _common
 
 NEVER = np.iinfo(np.int32).max  # crash round of a node that never crashes
 LOST = -1  # arrival of a counted message that will never reach its receiver
 
 
-class WorkerState(NamedTuple):
+class MessagePassingWorkers(NamedTuple):
     lost: Any  # pytree [P, ...] or None: L^q, counted messages q will never receive
-    residual: Any  # pytree [P, ...] or None: error-feedback residuals
+    rule: Any  # the chain's state, stacked [P, ...]
 
 
 class MessagePassingShared(NamedTuple):
@@ -67,40 +67,25 @@ class MessagePassingShared(NamedTuple):
     stats: consistency.ConsistencyState
     pending: Any  # pytree [P, ...]: pending^q of every node at this round (`pending_gaps`)
 
-    def live(self):
-        """`[P]` booleans: the nodes alive at the start of the current round."""
-        return self.crash_round >= self.round
 
-    def gap(self, index, workers_lost):
-        """`v^q - x = L^q + pending^q` for node `index` (its own `lost` row given)."""
-        gap = jax.tree.map(lambda g, x: g[index].astype(x.dtype), self.pending, self.params)
-        if workers_lost is not None:
-            gap = jax.tree.map(lambda g, lost: g + lost.astype(g.dtype), gap, workers_lost)
-        return gap
+def _live(shared: MessagePassingShared):
+    """`[P]` booleans: the nodes alive at the start of the current round."""
+    return shared.crash_round >= shared.round
 
-    def actual(self, workers: WorkerState):
-        """The mean of the live nodes' models."""
-        num = self.crash_round.shape[0]
-        lost = workers.lost
-        gaps = jax.vmap(self.gap)(jnp.arange(num), lost) if lost is not None else jax.vmap(
-            lambda q: self.gap(q, None))(jnp.arange(num))
-        live = self.live()
-        count = jnp.sum(live)
-        mean_gap = jax.tree.map(
-            lambda g: consistency.divide(
-                consistency.worker_sum(jnp.where(_expand(live, g.ndim), g, 0)), count), gaps)
-        return jax.tree.map(lambda x, g: x + g, self.params, mean_gap)
 
-    def auxiliary(self, workers: WorkerState):
-        if workers.residual is None:
-            return self.params
-        live = self.live()
-        count = jnp.maximum(jnp.sum(live), 1)
-        mean = jax.tree.map(
-            lambda e: consistency.divide(
-                consistency.worker_sum(jnp.where(_expand(live, e.ndim), e, 0)), count),
-            workers.residual)
-        return _common.apply(self.params, mean)
+def _gap(shared: MessagePassingShared, index, lost):
+    """`v^q - x = L^q + pending^q` for node `index` (its own `lost` row, or None)."""
+    gap = jax.tree.map(lambda g, x: g[index].astype(x.dtype), shared.pending, shared.params)
+    if lost is not None:
+        gap = jax.tree.map(lambda g, lost_: g + lost_.astype(g.dtype), gap, lost)
+    return gap
+
+
+def _live_mean(live, tree):
+    """The mean over live nodes of a `[P, ...]` pytree, as a bitwise-stable fold."""
+    count = jnp.maximum(jnp.sum(live), 1)
+    return jax.tree.map(lambda x: consistency.divide(
+        consistency.worker_sum(jnp.where(_expand(live, x.ndim), x, 0)), count), tree)
 
 
 def _expand(mask, ndim):
@@ -173,11 +158,12 @@ def message_passing_sgd(
     retransmit: bool = True,
     crashes=None,
     crash_horizon: int | None = None,
+    rule=None,
     compressor=None,
     error_feedback=False,
     clip_norm=None,
     staleness=1.0,
-) -> core.Algorithm:
+) -> base.Algorithm:
     """Message-passing SGD with bounded delays, drops and crash faults.
 
     Update rule (round `r`, node `q`, messages `u_s^p` as in `sync_sgd`):
@@ -185,13 +171,14 @@ def message_passing_sgd(
         v^q_{r+1} = v^q_r - u_r^q / n_r - sum_{(s, p) arriving before r + 1} u_s^p / n_s
         x_{r+1}   = x_r - (1 / n_r) sum_{p counted} u_r^p
 
-    Elastic consistency (`ej.bounds.message_passing_sgd`):
-    `B = max_delay (1 - 1/P) M_msg [+ rho M] + f M_msg / (P - f + 1)`; none
-    (`inf`) under permanent drops.
+    Elastic consistency (`ej.bounds.message_passing_sgd`), with the chain's
+    bounds `U` on a message and `R` on a residual:
+    `B = max_delay (1 - 1/P) U + R + f U / (P - f + 1)`; none (`inf`) under
+    permanent drops.
 
     With `staleness = s < 1` the views are `x + s (L^q + pending^q)` and
     `consistency/b_hat` measures the auxiliary model against them (the views
-    `alg.views` returns): without error feedback `||x - v^q||` is exactly `s`
+    `ej.views` returns): without error feedback `||x - v^q||` is exactly `s`
     times the delayed gap, with it `||s gap^q + mean_p e^p||` is at most
     `s ||gap^q|| + ||mean_p e^p||`, so the bound stays valid.
 
@@ -206,13 +193,15 @@ def message_passing_sgd(
       crashes: None, a count `f < P` (workers by a permutation from the key,
         rounds uniform in `[1, crash_horizon)`), or a list of `(worker, round)`.
       crash_horizon: required with a crash count.
-      compressor: a bare compressor applied to each message, or None.
-      error_feedback: False, True (`beta = 1`) or a float `beta` in [0, 1]
-        (each node keeps its own residual).
-      clip_norm: clip each gradient to this global norm (> 0).
+      rule: the per-worker chain (`ej.chain(...)`); exclusive with the
+        shorthands below (as in `ej.sync_sgd`; each node keeps its own chain
+        state, e.g. its residual).
+      compressor: shorthand: a bare compressor applied to each message.
+      error_feedback: shorthand: False, True (`beta = 1`) or a float `beta` in [0, 1].
+      clip_norm: shorthand: clip each gradient to this global norm (> 0).
       staleness: `s` in [0, 1], a float or a traced value: how far each view
         goes from `x` (`s = 0`, every message delivered) to the delayed view
-        (`s = 1`, the default; the Python float 1.0 runs the unblended code).
+        (`s = 1`, the default).
 
     Returns:
       An `ej.Algorithm`.
@@ -220,8 +209,7 @@ def message_passing_sgd(
     Example:
       >>> alg = ej.message_passing_sgd(0.1, 8, max_delay=4, crashes=2, crash_horizon=100)
     """
-    schedule = validation.as_schedule(learning_rate)
-    num_workers = validation.check_int("num_workers", num_workers, lo=1)
+    schedule, num_workers = _common.setup(learning_rate, num_workers)
     max_delay = validation.check_int("max_delay", max_delay, lo=0)
     law = delays.resolve(delay)
     if law.lags is not None:
@@ -232,7 +220,7 @@ def message_passing_sgd(
     if not isinstance(retransmit, bool):
         validation.fail("retransmit", retransmit, "a bool")
     num_crashes, explicit_rounds = _crash_table(crashes, crash_horizon, num_workers)
-    rule = _common.make_rule(compressor, error_feedback, clip_norm)
+    rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "message_passing_sgd")
     _common.check_staleness(staleness)
     drop_value = validation.concrete_number(drop_prob)
     may_drop = drop_value is None or drop_value > 0.0
@@ -240,14 +228,15 @@ def message_passing_sgd(
     may_lose = permanent or num_crashes > 0
     size = max_delay + 1
 
-    def init_fn(params, key):
+    def init(params, key):
         rule.validate(params)
-        key = core.as_key(key)
+        common = _common.counters(params, key)
+        key = common["key"]
         dtype = jnp.result_type(*jax.tree.leaves(params))
         if explicit_rounds is not None:
             crash_round = jnp.asarray(explicit_rounds)
         elif num_crashes > 0:
-            fault_key = core.derive_key(key, core.TAG_FAULT, 0, num_workers)
+            fault_key = base.derive_key(key, base.TAG_FAULT, 0, num_workers)
             order = jax.random.permutation(jax.random.fold_in(fault_key, 0), num_workers)
             rounds = jax.random.randint(jax.random.fold_in(fault_key, 1), (num_crashes,), 1,
                                         crash_horizon, jnp.int32)
@@ -256,42 +245,31 @@ def message_passing_sgd(
         else:
             crash_round = jnp.full((num_workers,), NEVER, jnp.int32)
         shared = MessagePassingShared(
-            round=jnp.zeros((), jnp.int32),
-            key=key,
-            params=jax.tree.map(jnp.asarray, params),
-            messages=jax.tree.map(
-                lambda x: jnp.zeros((size, num_workers) + jnp.shape(x),
-                                    _common.residual_dtype(jnp.result_type(x))), params),
+            params=_common.copy_params(params),
+            messages=consistency.wide_zeros(params, (size, num_workers)),
             arrival=jnp.zeros((size, num_workers, num_workers), jnp.int32),
             slot_alive=jnp.ones((size,), dtype),
             crash_round=crash_round,
-            stats=consistency.init(dtype),
-            pending=jax.tree.map(
-                lambda x: jnp.zeros((num_workers,) + jnp.shape(x),
-                                    _common.residual_dtype(jnp.result_type(x))), params),
+            pending=consistency.wide_zeros(params, (num_workers,)),
+            **common,
         )
-        lost = None
-        if may_lose:
-            lost = jax.tree.map(lambda x: jnp.zeros((num_workers,) + jnp.shape(x),
-                                                    _common.residual_dtype(jnp.result_type(x))),
-                                params)
-        residual = _common.init_residual(rule, params, num_workers)
-        return core.State(shared, WorkerState(lost, residual))
+        lost = consistency.wide_zeros(params, (num_workers,)) if may_lose else None
+        return shared, MessagePassingWorkers(lost, rule.init(params, num_workers))
 
-    def view_fn(index, worker, shared):
-        gap = _common.scale_gap(staleness, shared.gap(index, worker.lost))
+    def view(index, worker, shared):
+        gap = _common.scale_gap(staleness, _gap(shared, index, worker.lost))
         return jax.tree.map(lambda x, g: (x + g.astype(x.dtype)).astype(x.dtype),
                             shared.params, gap)
 
-    def local_fn(index, worker, grad, key, shared):
+    def local(index, worker, grad, key, shared):
         eta = schedule(shared.round)
         alive = shared.crash_round[index] >= shared.round
-        gap = _common.scale_gap(staleness, shared.gap(index, worker.lost))
-        msg = _common.worker_update(rule, eta, grad, worker.residual, key)
-        residual = None
-        if rule.beta is not None:
-            residual = jax.tree.map(lambda n, o: jnp.where(alive, n, o), msg.residual_new,
-                                    worker.residual)
+        gap = _common.scale_gap(staleness, _gap(shared, index, worker.lost))
+        own_view = jax.tree.map(lambda x, g: (x + g.astype(x.dtype)).astype(x.dtype),
+                                shared.params, gap)
+        sent, state = rule.apply(grad, worker.rule, eta, key, own_view)
+        # A crashed node computes and sends nothing: its chain keeps its state.
+        state = jax.tree.map(lambda n, o: jnp.where(alive, n, o), state, worker.rule)
         lost = worker.lost
         if lost is not None:
             # The slot the combine is about to overwrite leaves the window: its
@@ -306,28 +284,23 @@ def message_passing_sgd(
                     acc.dtype)
 
             lost = jax.tree.map(absorb, lost, shared.messages)
-        update = jax.tree.map(lambda u: jnp.where(alive, u, 0), msg.update)
-        out = _common.WorkerUpdate(
-            update=update,
-            residual_old=msg.residual_old,
-            residual_new=None,
-            grad_norm=jnp.where(alive, msg.grad_norm, 0),
-            update_norm=jnp.where(alive, msg.update_norm, 0),
-            residual_norm=jnp.where(alive, msg.residual_norm, 0),
+        sent = sent._replace(
+            update=jax.tree.map(lambda u: jnp.where(alive, u, 0), sent.update),
+            pending_after=None,
+            grad_norm=jnp.where(alive, sent.grad_norm, 0),
+            update_norm=jnp.where(alive, sent.update_norm, 0),
+            pending_norm=jnp.where(alive, sent.pending_norm, 0),
         )
-        if rule.beta is None:
-            extra = consistency.tree_sq_norm(gap)
-        else:
-            extra = gap
-        return WorkerState(lost, residual), (out, extra)
+        extra = consistency.tree_sq_norm(gap) if sent.pending is None else gap
+        return MessagePassingWorkers(lost, state), (sent, extra)
 
     def draws(shared):
         """The round's delays `[P, P]`, drops `[P, P]` and crash recipients `[P, P]`."""
         round_ = shared.round
 
         def per_sender(p):
-            delay_key = core.derive_key(shared.key, core.TAG_DELAY, round_, p)
-            fault_key = core.derive_key(shared.key, core.TAG_FAULT, round_, p)
+            delay_key = base.derive_key(shared.key, base.TAG_DELAY, round_, p)
+            fault_key = base.derive_key(shared.key, base.TAG_FAULT, round_, p)
             k = jax.vmap(lambda q: law.sample(jax.random.fold_in(delay_key, q), round_, p, 0,
                                               max_delay, ()))(jnp.arange(num_workers))
             dropped = jax.random.bernoulli(jax.random.fold_in(fault_key, 0), drop_prob,
@@ -337,12 +310,12 @@ def message_passing_sgd(
 
         return jax.vmap(per_sender)(jnp.arange(num_workers))
 
-    def combine_fn(shared, inputs):
-        msg, extra = inputs
+    def combine(shared, inputs):
+        sent, extra = inputs
         eta = schedule(shared.round)
         round_ = shared.round
         dtype = shared.stats.m_hat.dtype
-        live = shared.live()
+        live = _live(shared)
         n_alive = jnp.sum(live)
         crashing = shared.crash_round == round_
         survivors = shared.crash_round > round_
@@ -364,41 +337,35 @@ def message_passing_sgd(
         ).astype(jnp.int32)
         # Own messages are applied at once: never pending.
         total = jax.tree.map(
-            lambda u: consistency.worker_sum(jnp.where(_expand(counted, u.ndim), u, 0)), msg.update)
+            lambda u: consistency.worker_sum(jnp.where(_expand(counted, u.ndim), u, 0)),
+            sent.update)
         params = jax.tree.map(
             lambda x, t: (x - consistency.divide(t, n_alive).astype(x.dtype)).astype(x.dtype),
             shared.params, total)
         slot = round_ % size
         messages = jax.tree.map(
             lambda buf, u: buf.at[slot].set(jnp.where(_expand(live, u.ndim), u, 0).astype(
-                buf.dtype)), shared.messages, msg.update)
+                buf.dtype)), shared.messages, sent.update)
         new_arrival = shared.arrival.at[slot].set(arrival)
         slot_alive = shared.slot_alive.at[slot].set(n_alive.astype(shared.slot_alive.dtype))
-        stats = consistency.observe(shared.stats, msg.grad_norm, eta,
-                                    msg.update_norm if rule.compressed else None)
-        m = _common.gradient_bound(rule, stats)
-        if rule.beta is None:
+        stats = _common.observe(shared.stats, sent, eta, live)
+        if sent.pending is None:
             sq = extra
         else:
-            mean_residual = jax.tree.map(
-                lambda e: consistency.divide(
-                    consistency.worker_sum(jnp.where(_expand(live, e.ndim), e, 0)), n_alive),
-                msg.residual_old)
+            mean_held = _live_mean(live, sent.pending)
             sq = jax.lax.map(lambda g: consistency.tree_sq_norm(jax.tree.map(
-                lambda gi, e: gi + e.astype(gi.dtype), g, mean_residual)), extra)
+                lambda gi, e: gi + e.astype(gi.dtype), g, mean_held)), extra)
         if permanent:
             bound_b = jnp.asarray(jnp.inf, dtype)
         else:
-            bound_b = bounds._message_terms(
-                max_delay, num_workers, m, stats.mu_hat if rule.compressed else None,
-                rule.delta(shared.params) if rule.beta is not None else None,
-                rule.beta if rule.beta is not None else 0.0, num_crashes,
-                consistency.window_max(schedule, round_, max_delay), stats.eta_max,
-            )
+            update_b, residual_b = _common.bounds(rule, stats, shared.params)
+            window = consistency.window_max(schedule, round_, max_delay)
+            bound_b = bounds.message_terms(
+                max_delay, num_workers, update_b, residual_b, num_crashes,
+                stats.eta_max if rule.holds_back else window, stats.eta_max)
         metrics = consistency.metrics(sq.astype(dtype), eta, bound_b, 1.0, live=live)
-        metrics.update(_common.common_metrics(
-            rule, stats, eta, msg, shared.params, params, rule.bits(shared.params), 1))
-        metrics["comm/bits"] = metrics["comm/bits"] * n_alive.astype(dtype)
+        metrics.update(_common.metrics(rule, stats, eta, sent, shared.params, params, n_alive,
+                                       live=live))
         delivered_now = (new_arrival == round_ + 1) & survivors[None, None, :]
         metrics["comm/messages_delivered"] = jnp.sum(delivered_now).astype(dtype)
         sent_to = live[:, None] & receivers
@@ -412,7 +379,22 @@ def message_passing_sgd(
             pending_gaps(round_ + 1, messages, new_arrival, slot_alive))
         return new_shared, metrics
 
-    views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)
-    kind = "none" if permanent else rule.bound_kind()
-    info = core.AlgorithmInfo("message_passing_sgd", num_workers, kind)
-    return core.Algorithm(init_fn, views_fn, update_fn, local_fn, combine_fn, view_fn, info)
+    def actual(state):
+        """The mean of the live nodes' models."""
+        shared, lost = state.shared, state.workers.lost
+        gaps = jax.vmap(lambda q, row: _gap(shared, q, row))(
+            jnp.arange(num_workers), lost) if lost is not None else jax.vmap(
+            lambda q: _gap(shared, q, None))(jnp.arange(num_workers))
+        mean_gap = _live_mean(_live(shared), gaps)
+        return jax.tree.map(lambda x, g: x + g, shared.params, mean_gap)
+
+    def auxiliary(state):
+        held = rule.pending(state.workers.rule)
+        if held is None:
+            return state.shared.params
+        return _common.apply(state.shared.params, _live_mean(_live(state.shared), held))
+
+    kind = "none" if permanent else rule.bound_kind
+    return base.algorithm("message_passing_sgd", num_workers, kind, init=init, view=view,
+                          local=local, combine=combine, auxiliary=auxiliary, actual=actual,
+                          rule=rule)

@@ -1,12 +1,13 @@
-"""Synchronous data-parallel SGD, optionally compressed, optionally with error feedback.
+"""Synchronous data-parallel SGD with any per-worker chain.
 
 Every worker computes its gradient at the current model and the round applies
 the mean of the workers' updates (docs/theory.md section 5):
 
-    x_{r+1} = x_r - (1/P) sum_p u_r^p,     u^p = eta_r g^p  or  C(eta_r g^p),
+    X_{r+1} = X_r - (1/P) sum_p u_r^p,     u^p = the chain's output for g^p,
 
-and, with error feedback, the views are the actual model `X` while the
-auxiliary model is the virtual iterate `x = X - (1/P) sum_p e^p`.
+e.g. `eta g^p`, `C(eta g^p)`, EF14's `C(e^p + eta g^p)` or EF21's `eta g^p_est`.
+The views are the model `X`; the auxiliary model is `X` minus the mean of what
+the chains hold back (EF14's virtual iterate `x = X - (1/P) sum_p e^p`).
 
 References:
   G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
@@ -20,12 +21,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import bounds, consistency, core, validation
+from elastic_jax import base, bounds, chain, consistency
 from elastic_jax.algorithms import _common
 
 
-class WorkerState(NamedTuple):
-    residual: Any  # pytree [P, ...] or None: error-feedback residuals e^p
+class SyncWorkers(NamedTuple):
+    rule: Any  # the chain's state, stacked [P, ...]
 
 
 class SyncShared(NamedTuple):
@@ -34,42 +35,37 @@ class SyncShared(NamedTuple):
     params: Any  # the actual model X
     stats: consistency.ConsistencyState
 
-    def actual(self, workers: WorkerState):
-        return self.params
-
-    def auxiliary(self, workers: WorkerState):
-        if workers.residual is None:
-            return self.params
-        mean = jax.tree.map(consistency.worker_mean, workers.residual)
-        return _common.apply(self.params, mean)
-
 
 def sync_sgd(
     learning_rate,
     num_workers: int,
     *,
+    rule=None,
     compressor=None,
     error_feedback=False,
     clip_norm=None,
-) -> core.Algorithm:
+) -> base.Algorithm:
     """Synchronous SGD over `num_workers` workers.
 
-    Update rule (round `r`, `P` workers, `u^p` as in `_common.worker_update`):
+    Update rule (round `r`, `P` workers, `u^p` the chain's output):
 
         X_{r+1} = X_r - (1/P) sum_p u^p
 
-    Elastic consistency: `B = 0` without error feedback; `B = rho M` with it
-    (`ej.bounds.sync_sgd`).
+    Elastic consistency (`ej.bounds.sync_sgd`): `B = R`, the bound on the mean
+    of what the chains hold back: 0 without error feedback (compressed or not,
+    EF21 included), `rho M` with EF14.
 
     Args:
       learning_rate: a non-negative float or an optax schedule of the round.
       num_workers: `P >= 1`.
-      compressor: a bare compressor (`ej.top_k(...)`, ...) applied to each
-        worker's update, or None.
-      error_feedback: False, True (`beta = 1`) or a float `beta` in [0, 1];
-        without a compressor, error feedback wraps the identity.
-      clip_norm: clip each worker's gradient to this global norm (> 0); makes
-        `M = clip_norm` known before the run.
+      rule: the per-worker chain (`ej.chain(...)`); exclusive with the three
+        shorthands below. Default: `ej.chain(ej.sgd())`.
+      compressor: shorthand: a bare compressor (`ej.top_k(...)`, ...) applied
+        to each worker's update.
+      error_feedback: shorthand: False, True (`beta = 1`) or a float `beta` in
+        [0, 1]; without a compressor, error feedback wraps the identity.
+      clip_norm: shorthand: clip each worker's gradient to this global norm
+        (> 0); makes `M = clip_norm` known before the run.
 
     Returns:
       An `ej.Algorithm`.
@@ -78,62 +74,48 @@ def sync_sgd(
       >>> alg = ej.sync_sgd(0.1, num_workers=4, compressor=ej.top_k(fraction=0.1),
       ...                   error_feedback=True)
     """
-    schedule = validation.as_schedule(learning_rate)
-    num_workers = validation.check_int("num_workers", num_workers, lo=1)
-    rule = _common.make_rule(compressor, error_feedback, clip_norm)
+    schedule, num_workers = _common.setup(learning_rate, num_workers)
+    rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "sync_sgd")
 
-    def init_fn(params, key):
+    def init(params, key):
         rule.validate(params)
-        dtype = jnp.result_type(*jax.tree.leaves(params))
-        shared = SyncShared(
-            round=jnp.zeros((), jnp.int32),
-            key=core.as_key(key),
-            params=jax.tree.map(jnp.asarray, params),
-            stats=consistency.init(dtype),
-        )
-        return core.State(shared, WorkerState(_common.init_residual(rule, params, num_workers)))
+        shared = SyncShared(**_common.counters(params, key), params=_common.copy_params(params))
+        return shared, SyncWorkers(rule.init(params, num_workers))
 
-    def view_fn(index, worker, shared):
+    def view(index, worker, shared):
         del index, worker
         return shared.params
 
-    def local_fn(index, worker, grad, key, shared):
+    def local(index, worker, grad, key, shared):
         del index
-        eta = schedule(shared.round)
-        msg = _common.worker_update(rule, eta, grad, worker.residual, key)
-        return WorkerState(msg.residual_new), msg
+        sent, state = rule.apply(grad, worker.rule, schedule(shared.round), key, shared.params)
+        return SyncWorkers(state), sent
 
-    def combine_fn(shared, msg):
+    def combine(shared, sent):
         eta = schedule(shared.round)
-        mean_update = jax.tree.map(consistency.worker_mean, msg.update)
-        params = _common.apply(shared.params, mean_update)
-        stats = consistency.observe(
-            shared.stats, msg.grad_norm, eta, msg.update_norm if rule.compressed else None
-        )
+        params = _common.apply(shared.params, jax.tree.map(consistency.worker_mean, sent.update))
+        stats = _common.observe(shared.stats, sent, eta)
         dtype = stats.m_hat.dtype
-        if rule.beta is None:
+        if sent.pending is None:
             # Every view is the model itself.
-            sq_dists = jnp.zeros((1,), dtype)
-            bound_b, etabar = jnp.zeros((), dtype), eta
+            sq_dists, bound_b, etabar = jnp.zeros((1,), dtype), jnp.zeros((), dtype), eta
         else:
-            mean_residual = jax.tree.map(consistency.worker_mean, msg.residual_old)
-            sq_dists = consistency.tree_sq_norm(mean_residual).astype(dtype)[None]
-            bound_b = bounds.sync_sgd(
-                m=_common.gradient_bound(rule, stats),
-                delta=rule.delta(shared.params),
-                error_feedback=rule.beta,
-            )
-            etabar = stats.eta_max
+            mean_pending = jax.tree.map(consistency.worker_mean, sent.pending)
+            sq_dists = consistency.tree_sq_norm(mean_pending).astype(dtype)[None]
+            _, residual = _common.bounds(rule, stats, shared.params)
+            bound_b, etabar = bounds.sync_sgd(residual=residual), stats.eta_max
         metrics = consistency.metrics(sq_dists, eta, bound_b, etabar)
-        metrics.update(
-            _common.common_metrics(
-                rule, stats, eta, msg, shared.params, params, rule.bits(shared.params),
-                num_workers,
-            )
-        )
-        new_shared = SyncShared(shared.round + 1, shared.key, params, stats)
-        return new_shared, metrics
+        metrics.update(_common.metrics(rule, stats, eta, sent, shared.params, params,
+                                       num_workers))
+        return shared._replace(round=shared.round + 1, params=params, stats=stats), metrics
 
-    views_fn, update_fn = core.compose_update(local_fn, combine_fn, view_fn, num_workers)
-    info = core.AlgorithmInfo("sync_sgd", num_workers, rule.bound_kind())
-    return core.Algorithm(init_fn, views_fn, update_fn, local_fn, combine_fn, view_fn, info)
+    def actual(state):
+        return state.shared.params
+
+    def auxiliary(state):
+        mean = _common.reduce_pending(rule, state.workers.rule, consistency.worker_mean)
+        return actual(state) if mean is None else _common.apply(actual(state), mean)
+
+    return base.algorithm("sync_sgd", num_workers, rule.bound_kind, init=init, view=view,
+                          local=local, combine=combine, auxiliary=auxiliary, actual=actual,
+                          rule=rule)
