@@ -50,28 +50,26 @@ import jax.numpy as jnp
 import numpy as np
 
 import elastic_jax as ej
-from experiments import problem as problem_lib
 from experiments import studies
-from experiments.studies import Spec
+from experiments.flags import Flag, UsageError
 
 MODULE = "experiments.consistency_table"
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("path", "", "Directory for report.md and the PNGs (created if missing; "
-                    "required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 30, num_seeds 2, points 1, "
-                  "dim 8) unless those flags are given."),
-    "rounds": Spec("int", 1000, "Rounds of every run.", 1, 1_000_000),
-    "num_seeds": Spec("int", 16, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
-    "seed": Spec("int", 0, "First seed.", 0, 2**31 - 1),
-    "num_workers": Spec("int", 4, "P, the base worker count of the sweeps (some rows also "
-                        "run 2P).", 2, 256),
-    "dim": Spec("int", 16, "Dimension d of the quadratic.", 1, 1_000_000),
-    "noise": Spec("float", 1.0, "Standard deviation of each gradient coordinate's noise.",
-                  0.0, None),
-    "learning_rate": Spec("float", 0.05, "Constant learning rate eta.", 0.0, 10.0,
-                          lo_open=True),
-    "points": Spec("int", 0, "Sweep points per row (the first ones); 0: all.", 0, 1000),
-}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md and the PNGs (created if missing; "
+         "required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 30, num_seeds 2, points 1, dim 8) "
+         "unless those flags are given."),
+    Flag("rounds", "int", 1000, "Rounds of every run.", 1, 1_000_000),
+    Flag("num_seeds", "int", 16, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
+    Flag("seed", "int", 0, "First seed.", 0, 2**31 - 1),
+    Flag("num_workers", "int", 4, "P, the base worker count of the sweeps (some rows also run "
+         "2P).", 2, 256),
+    Flag("dim", "int", 16, "Dimension d of the quadratic.", 1, 1_000_000),
+    Flag("noise", "float", 1.0, "Standard deviation of each gradient coordinate's noise.", 0.0),
+    Flag("learning_rate", "float", 0.05, "Constant learning rate eta.", 0.0, 10.0,
+         lo_open=True),
+    Flag("points", "int", 0, "Sweep points per row (the first ones); 0: all.", 0, 1000),
+)
 SMOKE = {"rounds": 30, "num_seeds": 2, "points": 1, "dim": 8}
 
 
@@ -99,26 +97,24 @@ class Run(NamedTuple):
 def _runner(alg: ej.Algorithm, dim: int, noise: float, rounds: int) -> Callable:
     """`seed -> (metrics, x_norm)`: one compiled `lax.scan` over the rounds of one seed.
 
-    Worker `p`'s round-`r` noise uses `ej.derive_key(base, DATA_TAG, r, p)`, the key
-    `ej.run(batch_fn=...)` gives a batch function, so the data depend only on the
-    seed, the round and the worker.
+    Each round is `ej.run` of one round (so that `||x||` is measured after each),
+    whose `batch_fn` draws worker `p`'s round-`r` noise with the key the library
+    derives for it: the data depend only on the seed, the round and the worker.
     """
-    step = ej.make_step(alg, quadratic)
-    workers = jnp.arange(alg.num_workers)
+
+    def noise_fn(round_, keys):
+        del round_  # in the keys
+        return {"n": jax.vmap(lambda k: noise * jax.random.normal(k, (dim,)))(keys)}
 
     def norm(tree):
         return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
     def body(state, _):
-        shared = state.shared
-        keys = jax.vmap(lambda p: ej.derive_key(shared.key, problem_lib.DATA_TAG,
-                                                shared.round, p))(workers)
-        batch = {"n": jax.vmap(lambda k: noise * jax.random.normal(k, (dim,)))(keys)}
-        new, metrics = step(state, batch)
+        new, metrics = ej.run(alg, quadratic, state, batch_fn=noise_fn, rounds=1, loop="python")
         x_norm = jnp.maximum(norm(ej.params(state)), norm(ej.params(new)))
         keep = ("consistency/b_hat", "consistency/b_rms", "consistency/bound",
                 "grad_norm/max", "learning_rate", "loss")
-        return new, ({k: metrics[k] for k in keep}, x_norm)
+        return new, ({k: metrics[k][0] for k in keep}, x_norm)
 
     def one(seed):
         state = alg.init({"w": jnp.zeros((dim,), jnp.float32)}, jax.random.key(seed))
@@ -414,19 +410,20 @@ def drift_fit(b_hat: np.ndarray) -> tuple[float, float, float]:
 
 def plot_ratios(results: list[Result], path: str) -> str:
     shown = [(i, r) for i, r in enumerate(results, 1) if r.max_ratio is not None]
-    fig, axes = studies.figure(1, 1, (12.0, 0.24 * max(len(shown), 4) + 1.2))
+    fig, axes = studies.figure(1, 1, (14.0, 0.28 * max(len(shown), 4) + 1.4))
     ax = axes[0, 0]
     labels = [f"{i}. {r.config.row}: {r.config.params}" for i, r in shown]
     values = [r.max_ratio for _, r in shown]
     colors = ["tab:blue" if r.held else "tab:red" for _, r in shown]
     ax.barh(range(len(shown)), values, color=colors)
-    ax.set_yticks(range(len(shown)), labels, fontsize=6)
+    ax.set_yticks(range(len(shown)), labels, fontsize=9)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlim(right=max(1.5, 1.2 * max(values, default=1.0)))
-    ax.set_xlabel("max over seeds and rounds of b_hat / bound (1: tight; above 1: violated)")
-    ax.set_title("Measured B against docs/theory.md section 5 (red: violated)")
+    ax.set_xlabel("max over seeds and rounds of b_hat / bound\n(1: tight; blue: held in every "
+                  "round, red: violated)", fontsize=10)
+    ax.set_title("Measured B against its bound (docs/theory.md section 5)", fontsize=11)
     ax.grid(alpha=0.3, axis="x")
     return studies.save_figure(fig, path)
 
@@ -437,16 +434,18 @@ def plot_drift(results: list[Result], path: str) -> str | None:
               or r.config.row.startswith("message passing, drops retransmitted")]
     if not chosen:
         return None
-    fig, axes = studies.figure(1, 1, (6.5, 4.0))
+    fig, axes = studies.figure(1, 1, (8.0, 5.0))
     ax = axes[0, 0]
     for r in chosen:
         b2 = np.mean(r.run.b_hat**2, axis=0)
-        ax.plot(np.arange(1, b2.size + 1), b2, label=f"{r.config.row}: {r.config.params}")
+        kind = "permanent" if "permanent" in r.config.row else "retransmitted"
+        ax.plot(np.arange(1, b2.size + 1), b2, label=f"{kind} drops: {r.config.params}")
     ax.set_xlabel("round")
     ax.set_ylabel("mean over seeds of b_hat^2")
-    ax.set_title("E b_hat^2: permanent against retransmitted drops")
+    ax.set_title("E b_hat^2 in message passing: permanent against retransmitted drops")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+              frameon=False)
     return studies.save_figure(fig, path)
 
 
@@ -465,9 +464,13 @@ def measure_all(s) -> list[Result]:
         try:
             algorithms.append(c.make())
         except ValueError as e:  # e.g. a crash horizon too short for --rounds
-            raise studies.UsageError(f"{c.row} ({c.params}): {e}") from None
-    return [summarize(c, alg, measure(alg, s))
-            for c, alg in zip(configs, algorithms, strict=True)]
+            raise UsageError(f"{c.row} ({c.params}): {e}") from None
+    progress = studies.Progress(len(configs))
+    results = []
+    for c, alg in zip(configs, algorithms, strict=True):
+        results.append(summarize(c, alg, measure(alg, s)))
+        progress.step(f"{c.row}, {c.params}")
+    return results
 
 
 def run(s, invocation=None) -> str:
@@ -483,7 +486,7 @@ def write(s, results: list[Result], seconds: float, invocation) -> str:
     exp = [r for r in results if r.kind == "expectation"]
     ratios = [r for r in results if r.max_ratio is not None]
     lines = studies.header("Elastic consistency: measured B against docs/theory.md section 5",
-                           MODULE, SPECS, s, invocation, seconds)
+                           MODULE, FLAGS, s, invocation, seconds)
     lines += [
         "Problem: the noisy quadratic `f(x) = 0.5 ||x - 1||^2 + <n, x>` in "
         f"d = {s.dim} (float32), `n ~ N(0, {s.noise:g}^2 I)` drawn per worker and round, "
@@ -528,8 +531,7 @@ def write(s, results: list[Result], seconds: float, invocation) -> str:
 
 
 def main(argv: Any = None) -> None:
-    del argv
-    studies.launch(MODULE, SPECS, SMOKE, run)
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":

@@ -56,39 +56,37 @@ import numpy as np
 
 import elastic_jax as ej
 from experiments import data as data_lib
-from experiments import problem as problem_lib
 from experiments import studies
-from experiments.studies import Spec
+from experiments.flags import Flag, usage
 
 MODULE = "experiments.convex_rates"
 PROBLEMS = ("least_squares", "logistic")
 VARIANTS = ("sync", "sync_topk", "sync_topk_ef", "async_consistent", "async_inconsistent",
             "async_topk", "async_topk_ef")
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("path", "", "Directory for report.md and the PNG (created if missing; "
-                    "required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 60, num_seeds 2, samples 256, "
-                  "dim 8) unless those flags are given."),
-    "rounds": Spec("int", 4000, "Rounds R of every run.", 1, 10_000_000),
-    "num_seeds": Spec("int", 8, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
-    "seed": Spec("int", 0, "First seed; it also draws the problems and the split.", 0,
-                 2**31 - 1),
-    "num_workers": Spec("int", 4, "P, the number of workers.", 1, 1024),
-    "max_delay": Spec("int", 8, "Largest async lag in updates (at least P - 1).", 0, 100_000),
-    "k_fraction": Spec("float", 0.125, "Top-k fraction (k = max(1, floor(fraction d))).",
-                       0.0, 1.0, lo_open=True),
-    "dim": Spec("int", 32, "Dimension d of both problems.", 1, 100_000),
-    "samples": Spec("int", 2048, "Samples n of both problems.", 2, 10_000_000),
-    "batch_size": Spec("int", 8, "Samples per worker per round.", 1, 65_536),
-    "learning_rate": Spec("float", 0.0, "Constant learning rate; 0: 1/sqrt(T), T the run's "
-                          "number of updates (needed by the non-convex bound).", 0.0, 100.0),
-    "noise": Spec("float", 0.1, "Label noise of least squares (as experiments.train).", 0.0,
-                  None),
-    "logistic_reg": Spec("float", 0.1, "L2 regularisation of logistic regression (its "
-                         "strong convexity c).", 0.0, None, lo_open=True),
-    "problems": Spec("names", ",".join(PROBLEMS), "Problems to run.", choices=PROBLEMS),
-    "variants": Spec("names", ",".join(VARIANTS), "Variants to run.", choices=VARIANTS),
-}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md and the PNG (created if missing; "
+         "required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 60, num_seeds 2, samples 256, "
+         "dim 8) unless those flags are given."),
+    Flag("rounds", "int", 4000, "Rounds R of every run.", 1, 10_000_000),
+    Flag("num_seeds", "int", 8, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
+    Flag("seed", "int", 0, "First seed; it also draws the problems and the split.", 0,
+         2**31 - 1),
+    Flag("num_workers", "int", 4, "P, the number of workers.", 1, 1024),
+    Flag("max_delay", "int", 8, "Largest async lag in updates (at least P - 1).", 0, 100_000),
+    Flag("k_fraction", "float", 0.125, "Top-k fraction (k = max(1, floor(fraction d))).", 0.0,
+         1.0, lo_open=True),
+    Flag("dim", "int", 32, "Dimension d of both problems.", 1, 100_000),
+    Flag("samples", "int", 2048, "Samples n of both problems.", 2, 10_000_000),
+    Flag("batch_size", "int", 8, "Samples per worker per round.", 1, 65_536),
+    Flag("learning_rate", "float", 0.0, "Constant learning rate; 0: 1/sqrt(T), T the run's "
+         "number of updates (needed by the non-convex bound).", 0.0, 100.0),
+    Flag("noise", "float", 0.1, "Label noise of least squares (as experiments.train).", 0.0),
+    Flag("logistic_reg", "float", 0.1, "L2 regularisation of logistic regression (its strong "
+         "convexity c).", 0.0, lo_open=True),
+    Flag("problems", "names", ",".join(PROBLEMS), "Problems to run.", choices=PROBLEMS),
+    Flag("variants", "names", ",".join(VARIANTS), "Variants to run.", choices=VARIANTS),
+)
 SMOKE = {"rounds": 60, "num_seeds": 2, "samples": 256, "dim": 8}
 
 
@@ -160,21 +158,19 @@ class Curves(NamedTuple):
 
 
 def measure(problem: data_lib.ConvexProblem, alg: ej.Algorithm, s) -> Curves:
-    """One compiled `lax.scan` over the rounds, run once per seed (float64)."""
-    step = ej.make_step(alg, problem.loss_fn)
+    """One compiled `lax.scan` over the rounds (`ej.run` one round at a time, so that the
+    auxiliary model is measured after each), run once per seed (float64)."""
     sample = batch_fn(problem, s)
-    workers = jnp.arange(alg.num_workers)
     x_star = jnp.asarray(problem.x_star)
     f_star = problem.f_star
     grad_full = jax.grad(problem.full_loss)
 
     def body(state, _):
-        shared = state.shared
         x = ej.params(state)
         grad_sq = jnp.sum(jnp.square(grad_full(x)["w"]))
-        keys = jax.vmap(lambda p: ej.derive_key(shared.key, problem_lib.DATA_TAG,
-                                                shared.round, p))(workers)
-        new, metrics = step(state, sample(shared.round, keys))
+        new, metrics = ej.run(alg, problem.loss_fn, state, batch_fn=sample, rounds=1,
+                              loop="python")
+        metrics = {name: value[0] for name, value in metrics.items()}
         x_new = ej.params(new)
         return new, {
             "suboptimality": problem.full_loss(x_new) - f_star,
@@ -325,9 +321,9 @@ def plot(rows: list[Row], problems: list[str], path: str) -> str:
         ax.set_yscale("log")
         ax.set_xlabel("round")
         ax.set_ylabel("f(x_t) - f* (mean over seeds)")
-        ax.set_title(f"{name}: measured (solid), strongly convex bound (dotted)", fontsize=9)
+        ax.set_title(f"{name}: measured (solid), strongly convex bound (dotted)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     return studies.save_figure(fig, path)
 
 
@@ -338,11 +334,12 @@ def measure_all(s) -> list[Row]:
       UsageError: before compiling, for a combination the library refuses.
     """
     if s.max_delay < s.num_workers - 1:
-        raise studies.usage("max_delay", s.max_delay, f"an integer >= num_workers - 1 = "
-                            f"{s.num_workers - 1}")
+        raise usage("max_delay", s.max_delay, f"an integer >= num_workers - 1 = "
+                    f"{s.num_workers - 1}")
     if s.num_workers > s.samples:
-        raise studies.usage("num_workers", s.num_workers, f"at most --samples={s.samples}")
+        raise usage("num_workers", s.num_workers, f"at most --samples={s.samples}")
     variants = [variant(n) for n in s.variants]
+    progress = studies.Progress(len(s.problems) * len(variants))
     rows = []
     with jax.enable_x64(True):
         algorithms = [make_algorithm(s, v) for v in variants]  # validates; compiles nothing
@@ -350,6 +347,7 @@ def measure_all(s) -> list[Row]:
             problem = make_problem(name, s)
             for v, alg in zip(variants, algorithms, strict=True):
                 rows.append(evaluate(name, problem, v, measure(problem, alg, s), s))
+                progress.step(f"{name}, {v.label}")
     return rows
 
 
@@ -362,7 +360,7 @@ def run(s, invocation=None) -> str:
 
 def write(s, rows: list[Row], seconds: float, invocation) -> str:
     lines = studies.header("Convex rates: measured suboptimality against docs/theory.md section 3",
-                           MODULE, SPECS, s, invocation, seconds)
+                           MODULE, FLAGS, s, invocation, seconds)
     lines += [
         f"Problems (float64, d = {s.dim}, n = {s.samples}, seed {s.seed}; `x_0 = 0`):"]
     for name in s.problems:
@@ -430,8 +428,7 @@ def write(s, rows: list[Row], seconds: float, invocation) -> str:
 
 
 def main(argv: Any = None) -> None:
-    del argv
-    studies.launch(MODULE, SPECS, SMOKE, run)
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":

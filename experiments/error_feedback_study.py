@@ -51,51 +51,50 @@ from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import problem as problem_lib
 from experiments import studies
-from experiments.studies import Spec
+from experiments.flags import Flag, usage
 
 MODULE = "experiments.error_feedback_study"
 # The reference grid of the study: a run on another grid reports how it differs.
 REFERENCE_GRID = {"k_fractions": (0.001, 0.01, 0.1), "workers": (4, 8), "delays": "P-1,2P",
               "num_seeds": 3}
-WORKER_LOOPS = ("auto", "map", "unroll", "vmap")
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("path", "", "Directory for report.md and the PNGs (created if missing; "
-                    "required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 12, num_seeds 2, k_fractions "
-                  "0.01, workers 2, delays P-1, batch_size 8, eval_every 4) unless those "
-                  "flags are given."),
-    "rounds": Spec("int", 250, "Rounds of every run.", 1, 10_000_000),
-    "num_seeds": Spec("int", 3, "Seeds per configuration (seed, seed + 1, ...).", 1, 1024),
-    "seed": Spec("int", 0, "First seed; it also draws the data split.", 0, 2**31 - 1),
-    "k_fractions": Spec("floats", "0.001,0.01,0.1", "Top-k fractions of the grid.", 0.0, 1.0,
-                        lo_open=True),
-    "workers": Spec("ints", "4,8", "Worker counts P of the grid.", 1, 4096),
-    "delays": Spec("delays", "P-1,2P", "Largest staleness in updates, per P (async needs "
-                   ">= P - 1)."),
-    "learning_rate": Spec("float", 0.05, "Learning rate eta (constant).", 0.0, 100.0,
-                          lo_open=True),
-    "batch_size": Spec("int", 32, "Samples per worker per round.", 1, 65_536),
-    "reads": Spec("enum", "inconsistent", "Stale reads: one lag per update (consistent) or "
-                  "per coordinate (inconsistent, experiments.train's default).",
-                  choices=("consistent", "inconsistent")),
-    "delay": Spec("enum", "uniform", "Delay law of the lags (experiments.train's default: "
-                  "uniform).", choices=("fixed", "uniform", "geometric")),
-    "model": Spec("enum", "cnn", "Model on the digits (CIFAR-10 always uses resnet20).",
-                  choices=("cnn", "mlp")),
-    "target_loss": Spec("float", 0.1, "Training loss whose first crossing is reported.", 0.0,
-                        None, lo_open=True),
-    "eval_every": Spec("int", 10, "Rounds between training-loss evaluations.", 1, 1_000_000),
-    "train_eval_size": Spec("int", 10_000, "Training samples the training loss is measured "
-                            "on (the first ones).", 1, 10_000_000),
-    "data_dir": Spec("string", "", "A directory; when it holds cifar-10-batches-bin the "
-                     "grid also runs CIFAR-10 with ResNet-20."),
-    "compare_seed_batching": Spec("bool", False, "Also time the largest configuration's "
-                                  "seeds run one after another against the launcher's "
-                                  "vmapped --num_seeds batch (two extra compilations)."),
-    "worker_loop": Spec("enum", "auto", "How a round evaluates the workers' gradients "
-                        "(ej.make_step's worker_loop; auto: the library picks the fastest for "
-                        "the model and backend).", choices=WORKER_LOOPS),
-}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md and the PNGs (created if missing; "
+         "required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 12, num_seeds 2, k_fractions "
+         "0.01, workers 2, delays P-1, batch_size 8, eval_every 4) unless those flags are "
+         "given."),
+    Flag("rounds", "int", 250, "Rounds of every run.", 1, 10_000_000),
+    Flag("num_seeds", "int", 3, "Seeds per configuration (seed, seed + 1, ...).", 1, 1024),
+    Flag("seed", "int", 0, "First seed; it also draws the data split.", 0, 2**31 - 1),
+    Flag("k_fractions", "floats", "0.001,0.01,0.1", "Top-k fractions of the grid.", 0.0, 1.0,
+         lo_open=True),
+    Flag("workers", "ints", "4,8", "Worker counts P of the grid.", 1, 4096),
+    Flag("delays", "delays", "P-1,2P", "Largest staleness in updates, per P (async needs "
+         ">= P - 1 for every P of the grid)."),
+    Flag("learning_rate", "float", 0.05, "Learning rate eta (constant).", 0.0, 100.0,
+         lo_open=True),
+    Flag("batch_size", "int", 32, "Samples per worker per round.", 1, 65_536),
+    Flag("reads", "enum", "inconsistent", "Stale reads: one lag per update (consistent) or per "
+         "coordinate (inconsistent, experiments.train's default).",
+         choices=("consistent", "inconsistent")),
+    Flag("delay", "enum", "uniform", "Delay law of the lags (experiments.train's default: "
+         "uniform).", choices=("fixed", "uniform", "geometric")),
+    Flag("model", "enum", "cnn", "Model on the digits (CIFAR-10 always uses resnet20).",
+         choices=("cnn", "mlp")),
+    Flag("target_loss", "float", 0.1, "Training loss whose first crossing is reported.", 0.0,
+         lo_open=True),
+    Flag("eval_every", "int", 10, "Rounds between training-loss evaluations.", 1, 1_000_000),
+    Flag("train_eval_size", "int", 10_000, "Training samples the training loss is measured on "
+         "(the first ones).", 1, 10_000_000),
+    Flag("data_dir", "str", "", "A directory; when it holds cifar-10-batches-bin the grid also "
+         "runs CIFAR-10 with ResNet-20."),
+    Flag("compare_seed_batching", "bool", False, "Also time the largest configuration's seeds "
+         "run one after another against the launcher's vmapped --num_seeds batch (two extra "
+         "compilations)."),
+    Flag("worker_loop", "enum", "auto", "How a round evaluates the workers' gradients "
+         "(ej.make_step's worker_loop; auto: the library picks the fastest for the model and "
+         "backend).", choices=("auto", "map", "unroll", "vmap")),
+)
 SMOKE = {"rounds": 12, "num_seeds": 2, "k_fractions": "0.01", "workers": "2",
          "delays": "P-1", "batch_size": 8, "eval_every": 4}
 
@@ -137,12 +136,10 @@ def launcher_values(s, point: Point) -> dict[str, Any]:
         "delay": s.delay, "reads": s.reads, "compressor": "top_k", "k_fraction": point.k,
         "error_feedback": point.error_feedback, "learning_rate": s.learning_rate,
         "batch_size": s.batch_size, "rounds": s.rounds, "model": point.model,
-        "dataset": point.dataset, "data_dir": s.data_dir if point.dataset != "digits" else "",
-        "seed": s.seed, "workdir": s.workdir,
+        "dataset": point.dataset, "seed": s.seed, "workdir": s.workdir,
+        "worker_loop": s.worker_loop,
     }
-    if "worker_loop" in config_lib.SPECS:
-        values["worker_loop"] = s.worker_loop
-    return values
+    return values if point.dataset == "digits" else {**values, "data_dir": s.data_dir}
 
 
 def check(s) -> list[tuple[Point, config_lib.Config]]:
@@ -150,16 +147,9 @@ def check(s) -> list[tuple[Point, config_lib.Config]]:
     for delay in s.delays:
         for p in s.workers:
             if delay(p) < p - 1:
-                raise studies.usage("delays", str(delay), f"delays >= P - 1 for every P in "
-                                    f"--workers (P = {p} gives {delay(p)})")
-    out = []
-    for point in grid(s):
-        try:
-            cfg = config_lib.validate(launcher_values(s, point))
-        except config_lib.UsageError as e:
-            raise studies.UsageError(str(e)) from None
-        out.append((point, cfg))
-    return out
+                raise usage("delays", str(delay), f"delays >= P - 1 for every P in --workers "
+                            f"(P = {p} gives {delay(p)})")
+    return [(point, config_lib.validate(launcher_values(s, point))) for point in grid(s)]
 
 
 # ------------------------------------------------------------------------ runs
@@ -175,8 +165,7 @@ class Outcome(NamedTuple):
     max_b_hat: list[float]
     eval_rounds: list[int]
     curves: np.ndarray  # [seeds, evaluations] training loss
-    compile_s: float
-    run_s: float
+    seconds: float  # every seed, compilation included
 
 
 class Data(NamedTuple):
@@ -194,49 +183,42 @@ def load_data(dataset: str, model: str, s) -> Data:
     return Data(module, ds.x_train[:n], ds.y_train[:n])
 
 
+def _runner(cfg: config_lib.Config, problem: problem_lib.Problem, s, seeded: bool = False):
+    """`run(state, n) -> (state, metrics)`: `n` rounds through `ej.run` (vmapped over seeds)."""
+
+    def run(state, n):
+        return ej.run(cfg.algorithm, problem.loss_fn, state, batch_fn=problem.batch_fn,
+                      rounds=n, has_aux=True, worker_loop=s.worker_loop,
+                      loop=config_lib.resolve_loop(cfg.flags, jax.default_backend()))
+
+    return (lambda state, n: jax.vmap(lambda x: run(x, n))(state)) if seeded else run
+
+
 def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, data: Data,
               s) -> Outcome:
-    """Runs every seed of one configuration with one compiled round."""
-    alg = cfg.algorithm
-    alg_init = jax.jit(alg.init)
-    mesh = ej.parallel.make_mesh(1)
-
-    def init(seed):
-        base = jax.random.key(seed)
-        state = alg_init(problem.init_params(jax.random.fold_in(base, 0)),
-                         jax.random.fold_in(base, 1))
-        return ej.parallel.shard_state(jax.tree.map(jnp.copy, state), mesh)
-
-    def train_loss(state):
-        return models_lib.evaluate(data.module, ej.model(state), data.x, data.y)[0]
-
-    seeds = studies.seeds(s.seed, s.num_seeds)
-    t0 = time.perf_counter()
-    state = init(seeds[0])
-    sample, step = problem_lib.make_round(cfg, problem)
-    sample = jax.jit(sample).lower(state).compile()
-    step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
-    compile_s = time.perf_counter() - t0
+    """Runs every seed of one configuration, one after another."""
+    alg_init = jax.jit(cfg.algorithm.init)
+    run = _runner(cfg, problem, s)
     eval_rounds = [r for r in range(1, s.rounds + 1) if r % s.eval_every == 0 or r == s.rounds]
     final, accuracy, reached, b_max, curves = [], [], [], [], []
     t0 = time.perf_counter()
-    for i, seed in enumerate(seeds):
-        if i:
-            state = init(seed)
-        b_hats, curve = [], []
-        for r in range(1, s.rounds + 1):
-            state, metrics = step(state, sample(state))
-            b_hats.append(metrics["consistency/b_hat"])
-            if r in eval_rounds:
-                curve.append(train_loss(state))
+    for seed in studies.seeds(s.seed, s.num_seeds):
+        base = jax.random.key(seed)
+        state = alg_init(problem.init_params(jax.random.fold_in(base, 0)),
+                         jax.random.fold_in(base, 1))
+        r, b_hat, curve = 0, 0.0, []
+        for end in eval_rounds:
+            state, metrics = run(state, end - r)
+            r, b_hat = end, max(b_hat, float(jnp.max(metrics["consistency/b_hat"])))
+            curve.append(models_lib.evaluate(data.module, ej.model(state), data.x, data.y)[0])
         final.append(curve[-1])
         accuracy.append(problem.evaluate(ej.model(state))["test/accuracy"])
         hit = [r for r, loss in zip(eval_rounds, curve, strict=True) if loss <= s.target_loss]
         reached.append(hit[0] if hit else None)
-        b_max.append(float(jnp.max(jnp.stack(b_hats))))
+        b_max.append(b_hat)
         curves.append(curve)
     return Outcome(point, final, accuracy, reached, b_max, eval_rounds, np.asarray(curves),
-                   compile_s, time.perf_counter() - t0)
+                   time.perf_counter() - t0)
 
 
 class Batching(NamedTuple):
@@ -244,41 +226,27 @@ class Batching(NamedTuple):
 
     point: Point
     rounds: int
-    sequential_compile_s: float
+    sequential_compile_s: float  # the first round, compilation included
     sequential_ms: float  # per seed and round
     vmapped_compile_s: float
     vmapped_ms: float
 
 
-def _time_rounds(step, sample, state, rounds: int) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        state, _ = step(state, sample(state))
-    jax.block_until_ready(state)
-    return state, time.perf_counter() - t0
-
-
 def seed_batching(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, s,
                   rounds: int = 20) -> Batching:
-    """Times `rounds` rounds of every seed both ways (after one warm-up round each)."""
-    values = {**launcher_values(s, point), "num_seeds": s.num_seeds}
+    """Times `rounds` rounds of every seed both ways (after one first round each)."""
     timings = []
     for seeds in (1, s.num_seeds):
-        batch_cfg = config_lib.validate({**values, "num_seeds": seeds})
-        init = problem_lib.make_init(batch_cfg, problem)
+        batch_cfg = config_lib.validate({**launcher_values(s, point), "num_seeds": seeds})
+        run = _runner(batch_cfg, problem, s, seeded=seeds > 1)
+        state = problem_lib.make_init(batch_cfg, problem)()
         t0 = time.perf_counter()
-        state = init()
-        if seeds == 1:
-            state = ej.parallel.shard_state(state, ej.parallel.make_mesh(1))
-        sample, step = problem_lib.make_round(batch_cfg, problem)
-        sample = jax.jit(sample).lower(state).compile()
-        step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
-        compile_s = time.perf_counter() - t0
-        state, _ = _time_rounds(step, sample, state, 1)
-        total = 0.0
+        state = jax.block_until_ready(run(state, 1)[0])
+        compile_s, total = time.perf_counter() - t0, 0.0
         for _ in range(s.num_seeds if seeds == 1 else 1):  # the same state each time: timing
-            state, seconds = _time_rounds(step, sample, state, rounds)
-            total += seconds
+            t0 = time.perf_counter()
+            state = jax.block_until_ready(run(state, rounds)[0])
+            total += time.perf_counter() - t0
         timings += [compile_s, 1000 * total / (rounds * s.num_seeds)]
     return Batching(point, rounds, *timings)
 
@@ -287,18 +255,18 @@ def run_grid(s) -> list[Outcome]:
     configs = check(s)
     problems: dict[tuple, problem_lib.Problem] = {}
     loaded: dict[tuple[str, str], Data] = {}
+    progress = studies.Progress(len(configs))
     outcomes = []
     for point, cfg in configs:
         key = (point.dataset, point.model, point.num_workers)
         if key not in problems:  # The data split depends on P only, not on the algorithm.
-            try:
-                problems[key] = problem_lib.load_problem(cfg.flags)
-            except config_lib.UsageError as e:
-                raise studies.UsageError(str(e)) from None
+            problems[key] = problem_lib.load_problem(cfg.flags)
         if (point.dataset, point.model) not in loaded:
             loaded[point.dataset, point.model] = load_data(point.dataset, point.model, s)
         outcomes.append(run_point(point, cfg, problems[key], loaded[point.dataset, point.model],
                                   s))
+        progress.step(f"{point.dataset}, k={point.k:g}, P={point.num_workers}, max_delay="
+                      f"{point.max_delay}, {'EF' if point.error_feedback else 'no EF'}")
     return outcomes
 
 
@@ -441,7 +409,7 @@ def finding(comparisons: list[Comparison]) -> list[str]:
 def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
     sel = [o for o in outcomes if o.point.dataset == dataset]
     workers = sorted({o.point.num_workers for o in sel})
-    fig, axes = studies.figure(len(workers), len(s.delays), (5.0, 3.6))
+    fig, axes = studies.figure(len(workers), len(s.delays), (6.0, 4.4))
     colors = {k: f"C{i}" for i, k in enumerate(s.k_fractions)}
     for i, p in enumerate(workers):
         for j, delay in enumerate(s.delays):
@@ -455,14 +423,15 @@ def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
                 ax.plot(o.eval_rounds, mean, style, color=colors[o.point.k], label=label)
                 if o.curves.shape[0] > 1:  # min to max over seeds (positive: log scale)
                     ax.fill_between(o.eval_rounds, o.curves.min(0), o.curves.max(0),
-                                    color=colors[o.point.k], alpha=0.15)
-            ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":")
+                                    color=colors[o.point.k], alpha=0.15, label=f"{label}: "
+                                    "min to max over seeds")
+            ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":", label="target loss")
             ax.set_yscale("log")
-            ax.set_title(f"{dataset}: P={p}, max_delay={delay(p)} ({delay})", fontsize=9)
+            ax.set_title(f"{dataset}: P={p}, max_delay={delay(p)} ({delay})", fontsize=10)
             ax.set_xlabel("round")
-            ax.set_ylabel("training loss (mean; band: seeds' range)")
+            ax.set_ylabel("training loss of the actual model (mean over seeds)", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=7, ncol=2)
     return studies.save_figure(fig, path)
 
 
@@ -474,9 +443,10 @@ def plot_final(comparisons: list[Comparison], dataset: str, path: str) -> str:
     for offset, attr, label in ((-0.2, "without", "no EF"), (0.2, "with_ef", "EF")):
         means = [np.mean(getattr(c, attr).final_loss) for c in sel]
         stds = [np.std(getattr(c, attr).final_loss) for c in sel]
-        ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, label=label)
+        ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3,
+               label=f"{label} (bar: mean over seeds; line: ± 1 std)")
     ax.set_xticks(x, [f"k={c.k:g}\nP={c.num_workers}\nD={c.max_delay}" for c in sel],
-                  fontsize=7)
+                  fontsize=9)
     ax.set_yscale("log")
     ax.set_ylabel("final training loss (mean ± std)")
     ax.set_title(f"{dataset}: async Top-k SGD with and without error feedback")
@@ -518,7 +488,7 @@ def run(s, invocation=None) -> str:
 def write(s, outcomes: list[Outcome], seconds: float, invocation,
           batching: Batching | None = None) -> str:
     comparisons = compare(outcomes)
-    lines = studies.header("Error feedback in sparsified asynchronous SGD", MODULE, SPECS, s,
+    lines = studies.header("Error feedback in sparsified asynchronous SGD", MODULE, FLAGS, s,
                            invocation, seconds)
     names = ", ".join(f"{d} ({m})" for d, m in datasets(s))
     lines += [
@@ -548,20 +518,19 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
                                                               f"final_loss_{dataset}.png"))
         lines += [f"![training loss, {dataset}]({os.path.basename(curves)})", "",
                   f"![final loss, {dataset}]({os.path.basename(final)})", ""]
-    compile_s = sum(o.compile_s for o in outcomes)
-    run_s = sum(o.run_s for o in outcomes)
     lines += [
         "## Cost",
         "",
-        f"{len(outcomes)} compiled configurations: compilation {compile_s:.0f} s in all, "
-        f"training and evaluation {run_s:.0f} s ({s.num_seeds} seeds each).",
+        f"{len(outcomes)} configurations, {s.num_seeds} seeds each: "
+        f"{sum(o.seconds for o in outcomes):.0f} s of compilation, training and evaluation.",
     ]
     if batching is not None:
         b = batching.point
         lines += [
             "",
             f"Seed batching, timed on k = {b.k:g}, P = {b.num_workers}, max_delay = "
-            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after a warm-up round): "
+            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after a first round, "
+            "whose time, compilation included, is given apart): "
             f"seeds one after another {batching.sequential_ms:.1f} ms per seed and round "
             f"(compilation {batching.sequential_compile_s:.1f} s); the launcher's vmapped "
             f"`--num_seeds={s.num_seeds}` batch {batching.vmapped_ms:.1f} ms per seed and "
@@ -572,8 +541,7 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
 
 
 def main(argv: Any = None) -> None:
-    del argv
-    studies.launch(MODULE, SPECS, SMOKE, run)
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":

@@ -34,161 +34,39 @@ Flags are validated before anything is compiled; a bad value prints one line,
 from __future__ import annotations
 
 import json
-import logging as std_logging
-import math
 import os
-import re
-import sys
 import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
-from absl import app, flags
 
 import elastic_jax as ej
 from experiments import data as data_lib
 from experiments import models as models_lib
+from experiments import studies, workdir
+from experiments.flags import Flag
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-
-FLAGS = flags.FLAGS
-
-
-class Spec(NamedTuple):
-    """One flag: kind (`"int"`, `"float"`, `"bool"`, `"string"`), default, help, range."""
-
-    kind: str
-    default: Any
-    help: str
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-
-    @property
-    def expected(self) -> str:
-        if self.kind == "bool":
-            return "true or false"
-        if self.kind == "string":
-            return "a non-empty path"
-        if self.kind == "fractions":
-            return "comma-separated distinct numbers in (0, 1]"
-        what = "an integer" if self.kind == "int" else "a finite number"
-        left = "(" if self.lo_open else "["
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
-        return f"{what} in {left}{self.lo:g}, {hi}]"
-
-
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("string", "", "Directory for report.md, results.json and the PNGs "
-                    "(created if missing; required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 3, num_workers 2, batch_size 8, "
-                  "beta_points 3, staleness_points 2, k_fractions 0.01) unless those flags "
-                  "are given."),
-    "rounds": Spec("int", 200, "Rounds R of every run.", 1, 100_000),
-    "num_workers": Spec("int", 8, "Workers P (async delays are P - 1 and 2P updates).", 2,
-                        1024),
-    "batch_size": Spec("int", 32, "Samples per worker per round.", 1, 4096),
-    "learning_rate": Spec("float", 0.05, "Learning rate eta of every update.", 0.0, 10.0,
-                          lo_open=True),
-    "beta_points": Spec("int", 11, "Grid points of beta in [0, 1].", 2, 1001),
-    "staleness_points": Spec("int", 5, "Grid points of staleness in [0, 1].", 2, 1001),
-    "k_fractions": Spec("fractions", "0.01,0.1", "Top-k fractions of the beta grid; the "
-                        "staleness grid uses the first."),
-    "seed": Spec("int", 0, "Seed of the initial parameters, the split and the batches.", 0,
-                 2**31 - 1),
-}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md, results.json and the PNGs (created "
+         "if missing; required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 3, num_workers 2, batch_size 8, "
+         "beta_points 3, staleness_points 2, k_fractions 0.01) unless those flags are given."),
+    Flag("rounds", "int", 200, "Rounds R of every run.", 1, 100_000),
+    Flag("num_workers", "int", 8, "Workers P (async delays are P - 1 and 2P updates).", 2, 1024),
+    Flag("batch_size", "int", 32, "Samples per worker per round.", 1, 4096),
+    Flag("learning_rate", "float", 0.05, "Learning rate eta of every update.", 0.0, 10.0,
+         lo_open=True),
+    Flag("beta_points", "int", 11, "Grid points of beta in [0, 1].", 2, 1001),
+    Flag("staleness_points", "int", 5, "Grid points of staleness in [0, 1].", 2, 1001),
+    Flag("k_fractions", "floats", "0.01,0.1", "Top-k fractions of the beta grid; the staleness "
+         "grid uses the first.", 0.0, 1.0, lo_open=True),
+    Flag("seed", "int", 0, "Seed of the initial parameters, the split and the batches.", 0,
+         2**31 - 1),
+)
 SMOKE = {"rounds": 3, "num_workers": 2, "batch_size": 8, "beta_points": 3,
          "staleness_points": 2, "k_fractions": "0.01"}
-
-
-class UsageError(ValueError):
-    """A bad command line: the message is one line naming the flag."""
-
-
-class Settings(NamedTuple):
-    workdir: str
-    smoke: bool
-    rounds: int
-    num_workers: int
-    batch_size: int
-    learning_rate: float
-    beta_points: int
-    staleness_points: int
-    k_fractions: tuple[float, ...]
-    seed: int
-
-
-def _define_flags() -> None:
-    for name, spec in SPECS.items():
-        text = f"{spec.help} Range: {spec.expected}."
-        define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
-                  "bool": flags.DEFINE_bool, "string": flags.DEFINE_string,
-                  "fractions": flags.DEFINE_string}[spec.kind]
-        define(name, spec.default, text)
-
-
-def validate(values: dict[str, Any], given: frozenset = frozenset()) -> Settings:
-    """Checks every flag value against its range; applies `--smoke` sizes.
-
-    Args:
-      values: flag name -> value (missing names take their defaults).
-      given: the flags given explicitly (they win over the smoke sizes).
-
-    Raises:
-      UsageError: `--<flag>: got <value>; expected <range>`.
-    """
-    out = {name: values.get(name, spec.default) for name, spec in SPECS.items()}
-    unknown = sorted(set(values) - set(SPECS))
-    if unknown:
-        raise UsageError(f"--{unknown[0]}: got an unknown flag; expected one of "
-                         f"{', '.join('--' + n for n in SPECS)}")
-    for name, spec in SPECS.items():
-        value = out[name]
-        bad = False
-        if spec.kind == "bool":
-            bad = not isinstance(value, bool)
-        elif spec.kind == "string":
-            bad = not isinstance(value, str) or not value.strip()
-        elif spec.kind == "fractions":
-            bad = _fractions(value) is None
-        elif spec.kind == "int":
-            bad = isinstance(value, bool) or not isinstance(value, int)
-        else:
-            bad = isinstance(value, bool) or not isinstance(value, int | float) or not (
-                math.isfinite(value))
-        if not bad and spec.lo is not None:
-            bad = value < spec.lo or (spec.lo_open and value == spec.lo) or (
-                spec.hi is not None and value > spec.hi)
-        if bad:
-            raise UsageError(f"--{name}: got {value!r}; expected {spec.expected}")
-    if os.path.exists(out["workdir"]) and not os.path.isdir(out["workdir"]):
-        raise UsageError(f"--workdir: got {out['workdir']!r}; expected a directory (it is a "
-                         "file)")
-    if out["smoke"]:
-        for name, value in SMOKE.items():
-            if name not in given:
-                out[name] = value
-    out["learning_rate"] = float(out["learning_rate"])
-    out["k_fractions"] = _fractions(out["k_fractions"])
-    return Settings(**out)
-
-
-def _fractions(text) -> tuple[float, ...] | None:
-    """`"0.01,0.1"` as `(0.01, 0.1)`; None unless distinct numbers in (0, 1]."""
-    if isinstance(text, tuple | list):
-        text = ",".join(map(str, text))
-    try:
-        values = tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        return None
-    if not all(0.0 < v <= 1.0 for v in values) or len(set(values)) != len(values):
-        return None
-    return values
 
 
 # --------------------------------------------------------------------- problem
@@ -203,7 +81,7 @@ class Problem(NamedTuple):
     num_train: int
 
 
-def make_problem(s: Settings) -> Problem:
+def make_problem(s) -> Problem:
     """Digits, an IID split over workers, every round's batches drawn up front.
 
     Worker `p`'s batch of round `r` is `batch_size` samples drawn uniformly with
@@ -225,7 +103,7 @@ def make_problem(s: Settings) -> Problem:
                    models_lib.num_params(params), int(data.y_train.shape[0]))
 
 
-def _hypergradient(problem: Problem, s: Settings, make, hparams):
+def _hypergradient(problem: Problem, s, make, hparams):
     # Forward mode: one tangent per hyperparameter, memory independent of R.
     value, grads = ej.analysis.hypergradient(
         make, problem.loss_fn, problem.params, problem.batches, hparams, key=s.seed,
@@ -233,13 +111,13 @@ def _hypergradient(problem: Problem, s: Settings, make, hparams):
     return float(value), {name: float(g) for name, g in grads.items()}
 
 
-def _algorithms(s: Settings) -> list[tuple[str, int | None]]:
+def _algorithms(s) -> list[tuple[str, int | None]]:
     """`(label, max_delay or None for sync)`."""
     p = s.num_workers
     return [("sync", None), (f"async D={p - 1}", p - 1), (f"async D={2 * p}", 2 * p)]
 
 
-def _maker(s: Settings, fraction: float, max_delay: int | None):
+def _maker(s, fraction: float, max_delay: int | None):
     """`make(learning_rate, beta[, staleness])`: Top-k `fraction` with error feedback `beta`.
 
     One function per configuration, so every grid point reuses one compiled run.
@@ -267,7 +145,7 @@ def _row(problem, s, make, label, fraction, beta, staleness):
             "dloss_dstaleness": grads.get("staleness")}
 
 
-def sweeps(problem: Problem, s: Settings):
+def sweeps(problem: Problem, s):
     """The beta grid for every (k, algorithm); the staleness grid at the first k, beta = 1.
 
     Every point gives the final loss and its derivatives with respect to
@@ -275,6 +153,7 @@ def sweeps(problem: Problem, s: Settings):
     beta grid). Returns `(beta_rows, staleness_rows)`.
     """
     beta_rows, stale_rows = [], []
+    progress = studies.Progress(len(s.k_fractions) * len(_algorithms(s)))
     for fraction in s.k_fractions:
         for label, max_delay in _algorithms(s):
             make = _maker(s, fraction, max_delay)
@@ -282,28 +161,20 @@ def sweeps(problem: Problem, s: Settings):
             for beta in np.linspace(0.0, 1.0, s.beta_points):
                 beta_rows.append(_row(problem, s, make, label, fraction, float(beta),
                                       staleness))
-            if fraction != s.k_fractions[0]:
-                continue
-            if max_delay is None:
+            if fraction == s.k_fractions[0] and max_delay is None:
                 stale_rows.append(beta_rows[-1])  # beta = 1
-                continue
-            for staleness in np.linspace(0.0, 1.0, s.staleness_points):
-                stale_rows.append(_row(problem, s, make, label, fraction, 1.0,
-                                       float(staleness)))
+            elif fraction == s.k_fractions[0]:
+                stale_rows += [_row(problem, s, make, label, fraction, 1.0, float(staleness))
+                               for staleness in np.linspace(0.0, 1.0, s.staleness_points)]
+            progress.step(f"Top-k {fraction:.0%}, {label}")
     return beta_rows, stale_rows
 
 
 # ---------------------------------------------------------------------- report
 
 
-def _save(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-
-
 def plot_beta(rows, fraction: float, path: str) -> None:
-    fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, ((ax_loss, ax_grad),) = studies.figure(1, 2, (5.5, 4.2))
     for label in dict.fromkeys(r["algorithm"] for r in rows):
         sel = [r for r in rows if r["algorithm"] == label and r["k_fraction"] == fraction]
         beta = np.asarray([r["beta"] for r in sel])
@@ -322,11 +193,11 @@ def plot_beta(rows, fraction: float, path: str) -> None:
     for ax in (ax_loss, ax_grad):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    studies.save_figure(fig, path)
 
 
 def plot_staleness(rows, path: str) -> None:
-    fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, ((ax_loss, ax_grad),) = studies.figure(1, 2, (5.5, 4.2))
     for r in rows:
         if r["staleness"] is None:
             ax_loss.axhline(r["loss"], ls="--", color="grey", label=f"{r['algorithm']}")
@@ -343,7 +214,7 @@ def plot_staleness(rows, path: str) -> None:
     for ax in (ax_loss, ax_grad):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    studies.save_figure(fig, path)
 
 
 def answer(rows, fraction: float, label: str) -> str:
@@ -384,7 +255,7 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) -> str:
+def write_report(s, problem: Problem, beta_rows, stale_rows, seconds) -> str:
     os.makedirs(s.workdir, exist_ok=True)
     pngs = []
     for fraction in s.k_fractions:
@@ -392,12 +263,7 @@ def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) 
         plot_beta(beta_rows, fraction, os.path.join(s.workdir, name))
         pngs.append((fraction, name))
     plot_staleness(stale_rows, os.path.join(s.workdir, "staleness.png"))
-    def flag(name):
-        value = getattr(s, name)
-        return ",".join(f"{v:g}" for v in value) if name == "k_fractions" else value
-
-    command = "python -m experiments.hypergradients " + " ".join(
-        f"--{n}={flag(n)}" for n in SPECS if n not in ("workdir", "smoke"))
+    command = studies.command("experiments.hypergradients", FLAGS, s)
     lines = [
         "# Hypergradients of the final loss",
         "",
@@ -411,7 +277,7 @@ def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) 
         "(`delay=\"fixed\"`); async applies the `P` updates of a round one after another, "
         "sync averages them.",
         "",
-        f"Reproduce: `{command} --workdir=...`" + (" (smoke sizes)" if s.smoke else ""),
+        f"Reproduce: `{command}`" + (" (smoke sizes)" if s.smoke else ""),
         "",
         "The Top-k indices are discrete, so `d loss / d beta` is the derivative with the "
         "selection held fixed; the secant slopes of the grid (x in the plots) include the "
@@ -450,17 +316,15 @@ def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) 
     lines += ["", "![staleness](staleness.png)", "",
               f"Wall time of the sweeps: {seconds:.1f} s, compilation included "
               f"({len(s.k_fractions) * len(_algorithms(s))} compiled runs).", ""]
-    path = os.path.join(s.workdir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(s.workdir, "results.json"), "w") as f:
+    with workdir.atomic_open(os.path.join(s.workdir, "results.json")) as f:
         json.dump({"settings": s._asdict(), "beta": beta_rows, "staleness": stale_rows,
                    "seconds": seconds}, f, indent=1)
-    return path
+    return studies.write_report(s.workdir, lines)
 
 
-def run(s: Settings) -> str:
+def run(s, invocation=None) -> str:
     """Runs both sweeps and writes the report; returns its path."""
+    del invocation
     problem = make_problem(s)
     start = time.perf_counter()
     beta_rows, stale_rows = sweeps(problem, s)
@@ -468,45 +332,9 @@ def run(s: Settings) -> str:
     return write_report(s, problem, beta_rows, stale_rows, seconds)
 
 
-# ---------------------------------------------------------------------- launcher
-
-
-def _exit_usage(line: str) -> None:
-    print(line, file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing whose errors are one line on stderr and exit status 2."""
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        message = " ".join(str(e).split())
-        match = re.match(r"^flag --(\w+)=(.*?): ", message)
-        if match and match.group(1) in SPECS:
-            name, value = match.groups()
-            message = f"--{name}: got {value!r}; expected {SPECS[name].expected}"
-        match = re.match(r"^Unknown command line flag '(\w+)'", message)
-        if match:
-            message = (f"--{match.group(1)}: got an unknown flag; expected one of "
-                       f"{', '.join('--' + n for n in SPECS)}")
-        _exit_usage(message)
-    if len(rest) > 1:
-        _exit_usage(f"argv: got {rest[1:]!r}; expected no positional arguments")
-    return rest
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    std_logging.getLogger("jax").setLevel(std_logging.WARNING)
-    given = frozenset(n for n in SPECS if FLAGS[n].present)
-    try:
-        settings = validate({n: FLAGS[n].value for n in SPECS}, given)
-    except UsageError as e:
-        _exit_usage(str(e))
-    print(run(settings))
+def main(argv: Any = None) -> None:
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    main()

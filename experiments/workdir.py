@@ -2,20 +2,24 @@
 
 Layout of a workdir:
 
-    config.json      every flag of the run (rewritten on resume: only --rounds and the
-                     other non-semantic flags may change)
+    config.json      the effective configuration: every flag that applies to the run
+                     (rewritten on resume: only --rounds and the other non-semantic
+                     flags may change)
     metrics.jsonl    one strict-JSON line per logged round; deterministic given the
                      config (non-finite values are written as null)
     timing.jsonl     wall-clock facts (rounds/s, elapsed time), kept apart from the
                      deterministic record so that runs can be compared exactly
     checkpoint.npz   the latest state: its leaves as `leaf_<i>` arrays (typed PRNG
-                     keys as their raw key data) and a JSON `meta` entry
+                     keys as their raw key data) and a JSON `meta` entry (the round,
+                     and the launcher's running records: skipped rounds, b_hat peaks)
     *.png            plots, redrawn at the end of every run
 
 Every whole-file write goes to a temporary file in the same directory, is flushed
 and fsynced, then `os.replace`d over the target, so a crash leaves either the
 old file or the new one. A checkpoint is written only after the metrics lines up
-to its round are fsynced.
+to its round are fsynced. A write that the operating system refuses (no space, a
+read-only file system, a path through a file) raises `IOFailure`, one line naming
+the file and the reason; the temporary file is removed, the old file kept.
 
 `check_workdir` decides, before anything is written, where a run starts: a fresh
 workdir starts at round 0; one that holds a run is refused unless `--resume`,
@@ -29,10 +33,12 @@ operating system drops the lock when its process dies, however it dies, so a
 killed run never blocks its resumption. Under the lock, temporary files that a
 killed writer left behind are removed.
 
-Test hook: an environment variable that only the tests set.
-`EJ_TEST_KILL_IN_CHECKPOINT=r` makes the process SIGKILL itself while saving the
-round-`r` checkpoint, after the temporary file is written and fsynced and before
-it is renamed over the last checkpoint.
+Test hooks: `EJ_TEST_KILL_IN_CHECKPOINT=r` (an environment variable that only
+the tests set) makes the process SIGKILL itself while saving the round-`r`
+checkpoint, after the temporary file is written and fsynced and before it is
+renamed over the last checkpoint; `before_write(path)`, called with the target
+of every write once its temporary file exists, is where the tests raise
+`OSError`s such as `ENOSPC` and `EROFS`.
 """
 
 from __future__ import annotations
@@ -51,10 +57,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from experiments import config as config_lib
-from experiments.config import Config, UsageError
+from experiments.config import Config
+from experiments.flags import IOFailure, UsageError, log, usage
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -65,6 +71,21 @@ KILL_HOOK = "EJ_TEST_KILL_IN_CHECKPOINT"  # the test hook (module docstring)
 
 
 # ------------------------------------------------------------------------ files
+
+
+def before_write(path: str) -> None:
+    """Called before every write into a workdir (the tests' seam for failing writes)."""
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Turns an `OSError` while writing `path` into a one-line `IOFailure`."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, IOFailure):
+            raise
+        raise IOFailure(f"{path}: {e.strerror or e}") from None
 
 
 def _fsync_dir(path: str) -> None:
@@ -83,18 +104,22 @@ def atomic_open(path: str, mode: str = "w", before_replace=None):
     `before_replace(tmp_path)`, when given, runs after the fsync and before the rename.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=directory)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what `open` would have given.
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what `open` would have given.
+            with os.fdopen(fd, mode) as f:
+                before_write(path)
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace(tmp)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -188,18 +213,23 @@ class JsonlWriter:
 
     def __init__(self, path: str):
         self.path = path
-        drop_torn_tail(path)
-        self._file = open(path, "a")  # noqa: SIM115 (closed in `close`)
+        with writing(path):
+            drop_torn_tail(path)
+            self._file = open(path, "a")  # noqa: SIM115 (closed in `close`)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(dumps(record) + "\n")
-        self._file.flush()
+        with writing(self.path):
+            before_write(self.path)
+            self._file.write(dumps(record) + "\n")
+            self._file.flush()
 
     def sync(self) -> None:
-        os.fsync(self._file.fileno())
+        with writing(self.path):
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # A failed flush was reported by `write`.
+            self._file.close()
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -209,13 +239,12 @@ def _is_key(leaf) -> bool:
     return jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def save_checkpoint(path: str, state, round_: int, *, guard=None) -> None:
+def save_checkpoint(path: str, state, round_: int, *, records=None) -> None:
     """Saves `state`'s leaves and its round to `path` (`.npz`), atomically.
 
     Typed PRNG keys are stored as `jax.random.key_data`; `restore_checkpoint` wraps
     them back with the default key implementation (the one `jax.random.key` uses).
-    `guard`, the launcher's divergence-guard record (small integers), is kept in
-    the JSON `meta` entry (`checkpoint_guard` reads it back).
+    `records`, the launcher's running records (JSON), go into the `meta` entry.
     """
     leaves, treedef = jax.tree.flatten(state)
     leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
@@ -232,8 +261,8 @@ def save_checkpoint(path: str, state, round_: int, *, guard=None) -> None:
         "keys": [i for i, x in enumerate(jax.tree.leaves(state)) if _is_key(x)],
         "treedef": str(treedef),
     }
-    if guard is not None:
-        meta["guard"] = np.asarray(jax.device_get(guard)).tolist()
+    if records is not None:
+        meta["records"] = records
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
     arrays["meta"] = np.asarray(json.dumps(meta))
     with atomic_open(path, "wb", before_replace=_kill_hook(round_)) as f:
@@ -251,13 +280,6 @@ def _kill_hook(round_: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
     return kill
-
-
-def checkpoint_guard(path: str):
-    """The divergence-guard record saved with the checkpoint at `path`, or None."""
-    if not os.path.exists(path):
-        return None
-    return _read_checkpoint(path)[0].get("guard")
 
 
 def checkpoint_round(path: str) -> int | None:
@@ -320,12 +342,12 @@ def _restore(path: str, template):
 
 
 class Start(NamedTuple):
-    """Where a run starts: its state (None: fresh) and round, and the records kept."""
+    """Where a run starts: its state (None: fresh) and round, and what a resume keeps."""
 
     state: Any
     round: int
     records: list  # metrics records to keep (resume), else []
-    guard: Any = None  # the checkpoint's divergence-guard record, else None
+    running: dict = {}  # the checkpoint's running records (`save_checkpoint`)
 
 
 # ------------------------------------------------------------------------- lock
@@ -352,15 +374,17 @@ def lock_workdir(wd: str) -> WorkdirLock:
 
     Raises:
       UsageError: `wd` is a file, or another running process holds the lock.
+      IOFailure: `wd` cannot be created (one line naming the path and the reason).
     """
     if os.path.exists(wd) and not os.path.isdir(wd):
-        raise config_lib.usage("workdir", wd, "a directory (this is a file)")
+        raise usage("workdir", wd, "a directory (this is a file)")
+    with writing(wd):
+        os.makedirs(wd, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # No flock (Windows): run unlocked.
-        logging.warning("cannot lock %s on this platform; do not launch twice on it", wd)
+        log.warning("cannot lock %s on this platform; do not launch twice on it", wd)
         return WorkdirLock(None)
-    os.makedirs(wd, exist_ok=True)
     fd = None
     for target, flags in ((wd, os.O_RDONLY), (os.path.join(wd, ".lock"), os.O_RDWR | os.O_CREAT)):
         fd = os.open(target, flags, 0o666)
@@ -370,11 +394,11 @@ def lock_workdir(wd: str) -> WorkdirLock:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise config_lib.usage(
+                raise usage(
                     "workdir", wd, "a workdir no running process is using (another "
                     "experiments.train is running in it; wait for it to stop, then --resume)"
                 ) from None
-    logging.warning("cannot lock %s on this file system; do not launch twice on it", wd)
+    log.warning("cannot lock %s on this file system; do not launch twice on it", wd)
     return WorkdirLock(None)
 
 
@@ -409,42 +433,38 @@ def check_workdir(cfg: Config, abstract_state) -> Start:
     f = cfg.flags
     wd = f["workdir"]
     if os.path.exists(wd) and not os.path.isdir(wd):
-        raise config_lib.usage("workdir", wd, "a directory (this is a file)")
+        raise usage("workdir", wd, "a directory (this is a file)")
     existing = [n for n in RUN_FILES if os.path.exists(os.path.join(wd, n))]
     if not f["resume"]:
         if existing:
-            raise config_lib.usage("workdir", wd, f"a directory without a run (it holds "
-                                   f"{existing[0]}); pass --resume to continue it")
+            raise usage("workdir", wd, f"a directory without a run (it holds {existing[0]}); "
+                        "pass --resume to continue it")
         return Start(None, 0, [])
     config_path = os.path.join(wd, CONFIG)
     if not os.path.exists(config_path):
         if existing:
-            raise UsageError(f"{os.path.join(wd, existing[0])}: a run without "
-                             f"{CONFIG}; expected a workdir written by "
-                             "experiments.train")
-        logging.info("--resume: %s holds no run yet; starting from round 0", wd)
+            raise UsageError(f"{os.path.join(wd, existing[0])}: a run without {CONFIG}; "
+                             "expected a workdir written by experiments.train")
+        log.info("--resume: %s holds no run yet; starting from round 0", wd)
         return Start(None, 0, [])
-    saved = config_lib.with_legacy_values(read_json(config_path))
-    diffs = config_lib.semantic_differences(saved, f)
+    diffs = config_lib.semantic_differences(read_json(config_path), f)
     if diffs:
-        name = diffs[0]
-        if name not in saved:
-            raise UsageError(f"{config_path}: records no --{name}; expected a config "
-                             "written by this version of experiments.train")
-        raise config_lib.usage(name, f[name], f"{saved[name]!r}, the value saved in "
-                               f"{config_path} (a resumed run keeps its config)")
+        name, saved, current = diffs[0]
+        if saved is None:
+            raise usage(name, current, f"no --{name}: the run saved in {config_path} does "
+                        "not use it (a resumed run keeps its config)")
+        raise usage(name, current, f"{saved!r}, the value saved in {config_path} (a resumed "
+                    "run keeps its config)")
     checkpoint = os.path.join(wd, CHECKPOINT)
     if not os.path.exists(checkpoint):
-        logging.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
+        log.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
         return Start(None, 0, [])
     state, meta = _restore(checkpoint, abstract_state)
-    round_, guard = int(meta["round"]), meta.get("guard")
+    round_ = int(meta["round"])
     if round_ > f["rounds"]:
-        raise config_lib.usage("rounds", f["rounds"], f"an integer >= {round_}, the round "
-                               f"of {checkpoint}")
-    records = read_jsonl(os.path.join(wd, METRICS))
-    keep = [r for r in records
+        raise usage("rounds", f["rounds"], f"an integer >= {round_}, the round of {checkpoint}")
+    keep = [r for r in read_jsonl(os.path.join(wd, METRICS))
             if r.get("round", math.inf) <= round_
             and (on_grid(r["round"], f) or r["round"] == f["rounds"])]
-    logging.info("--resume: continuing %s from round %d", wd, round_)
-    return Start(state, round_, keep, guard)
+    log.info("--resume: continuing %s from round %d", wd, round_)
+    return Start(state, round_, keep, meta.get("records", {}))
