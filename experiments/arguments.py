@@ -2,14 +2,11 @@
 
     python -m experiments.arguments > docs/arguments.md
 
-The programs' flags come from their tables (`experiments.flags.Flag`: the parser,
-the validation and `--help` are built from the same tables; the launcher's is
-`experiments.config.FLAGS`, with its `EXIT_STATUS`); the library's from
-`elastic_jax.validation.FACTORY_ARGUMENTS`, with each default read from the
-factory's signature. `tests/test_reliability.py` checks that the committed
-`docs/arguments.md` is this program's output, that the library table names
-exactly the arguments of each factory's signature, and that every range in it
-is the one the factory enforces.
+The programs' flags come from their tables (`experiments.flags.Flag`, from which
+their parsers, validation and `--help` are built too), the library's from
+`elastic_jax.validation.FACTORY_ARGUMENTS` with each default read from the
+factory's signature. `tests/test_reliability.py` checks that the committed file is
+this output and that the library's ranges are the ones its factories enforce.
 """
 
 from __future__ import annotations

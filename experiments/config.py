@@ -1,11 +1,9 @@
 """The flags of `python -m experiments.train` (one table) and the algorithm they build.
 
-`FLAGS` declares every flag once (`experiments.flags.Flag`: kind, default, help,
-range, and `when` it applies); `validate` checks the flags given, every cross-flag
-constraint, and builds the algorithm with the library's factories, which compile
-nothing. The factories' own errors (`max_delay: got 3; expected ...`) come back
-with the flag's name (`--max_delay: got 3; ...`). Adding an algorithm is one
-entry in `ALGORITHMS` and the `when` of the flags it reads.
+`validate` checks the flags given (`experiments.flags`), every cross-flag constraint,
+and builds the algorithm with the library's factories (which compile nothing),
+renaming their arguments in their errors to the flags (`--max_delay: got 3; ...`).
+Adding an algorithm is one entry in `ALGORITHMS` and the `when` of its flags.
 """
 
 from __future__ import annotations
@@ -24,24 +22,21 @@ MAX_INT = 10**9  # the upper end of the open-ended integer ranges
 CHUNK = 16  # rounds per ej.run call at most: the loop looks at signals between calls
 EXIT_NONFINITE = 3
 EXIT_SIGNAL = 128  # plus the signal number
-EXIT_STATUS: tuple[tuple[str, str], ...] = (
-    ("0", "the run finished (with --on_nonfinite=skip_round, possibly with skipped rounds; "
-     "the log and nonfinite/skipped_rounds say how many)"),
+EXIT_STATUS = (  # (status, meaning), for docs/arguments.md
+    ("0", "the run finished (with --on_nonfinite=skip_round, possibly with skipped rounds: "
+     "nonfinite/skipped_rounds)"),
     ("2", "usage error: a bad flag or combination, a missing or corrupt data file, a workdir "
-     "that cannot be created or written (the line names the path and the OS reason), that "
-     "holds a run (without --resume) or that another running process is using; one line on "
-     "stderr, nothing compiled"),
-    (str(EXIT_NONFINITE), "--on_nonfinite=stop met a non-finite loss, gradient norm or state; "
-     "one line on stderr names the round and the quantity; the last checkpoint (all finite) "
-     "is kept and --resume continues from it"),
+     "that cannot be created or written (the line names the path and the OS reason), holds a "
+     "run (without --resume) or is in use; one line on stderr, nothing compiled"),
+    (str(EXIT_NONFINITE), "--on_nonfinite=stop met a non-finite loss, gradient norm or state: "
+     "one line names the round and the quantity; the last checkpoint (all finite) is kept"),
     (str(flags.EXIT_IO), "a write into the workdir failed during the run (no space left, a "
      "read-only file system, ...): one line names the file and the OS reason; the last "
-     "checkpoint is intact and --resume continues from it"),
+     "checkpoint is intact"),
     (f"{EXIT_SIGNAL + 2}, {EXIT_SIGNAL + 15}", "SIGINT, SIGTERM (128 + the signal number): "
-     "a final checkpoint at the current round was written after the metrics up to it; "
-     "--resume continues exactly"),
-    ("killed (-9)", "SIGKILL or a crash: nothing more is written; --resume continues exactly "
-     "from the last checkpoint"),
+     "a final checkpoint at the current round was written after the metrics up to it"),
+    ("killed (-9)", "SIGKILL or a crash: nothing more is written; after any of these, --resume "
+     "continues exactly from the last checkpoint"),
 )
 
 UPDATE_RULE = ("sync", "async", "message_passing")  # the algorithms with a compressor and EF
@@ -52,7 +47,6 @@ SCHEDULES = ("constant", "cosine", "linear", "exponential")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
 CONVEX_DATASETS = ("least_squares", "logistic")
 CONV_MODELS = ("cnn", "resnet20")  # their loss convolves: a Python loop on the CPU
-LOOPS = ("auto", "python", "chunks")
 
 ALGORITHMS = {  # name -> (flags, learning rate, shared keyword arguments) -> ej.Algorithm
     "sync": lambda f, lr, kw: ej.sync_sgd(lr, f["num_workers"], **kw),
@@ -176,7 +170,8 @@ FLAGS: tuple[Flag, ...] = (
          f"time; chunks: up to {CHUNK} rounds in one compiled program; auto: chunks, except a "
          "Python loop for the convolutional models (cnn, resnet20) on the CPU, where XLA:CPU "
          "runs a convolution inside a loop body many times slower, and with --num_devices. "
-         "The two agree to rounding; a resume must use the run's loop.", choices=LOOPS),
+         "The two agree to rounding; a resume must use the run's loop.",
+         choices=("auto", "python", "chunks")),
     # Placement: the result is bitwise the same however the workers are placed.
     Flag("num_devices", "int", 0, "Devices the workers are split over (a 'workers' mesh over "
          "every process's devices); 0: one device. Must divide --num_workers.", 0, 65_536,
@@ -193,12 +188,8 @@ DEFAULTS = {f.name: f.default for f in FLAGS}
 
 
 class Config(NamedTuple):
-    """A validated configuration.
-
-    Attributes:
-      flags: every flag's value (defaults filled in; those that do not apply unused).
-      algorithm: the `ej.Algorithm` they describe.
-    """
+    """Every flag's value (defaults filled in; those that do not apply unused) and the
+    `ej.Algorithm` they describe."""
 
     flags: dict[str, Any]
     algorithm: ej.Algorithm
@@ -207,10 +198,6 @@ class Config(NamedTuple):
     def saved(self) -> dict[str, Any]:
         """The effective configuration, as `config.json` holds it: the flags that apply."""
         return flags.effective(FLAGS, self.flags)
-
-    @property
-    def convex(self) -> bool:
-        return self.flags["dataset"] in CONVEX_DATASETS
 
 
 # Library argument names -> the flag that sets them.

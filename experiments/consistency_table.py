@@ -2,40 +2,25 @@ r"""docs/theory.md section 5, measured: every variant's elastic consistency cons
 
     python -m experiments.consistency_table --workdir=DIR [--smoke]
 
-For every row of docs/theory.md section 5 (synchronous SGD, compressed with and
-without error feedback; asynchronous SGD with consistent and inconsistent reads,
-compressed with and without error feedback; message passing with delays,
-compressed messages, crashes, retransmitted and permanent drops; elastic
-scheduling in both modes; local SGD; unbiased compressors) and a small sweep of
-the row's parameters, this runs the library's algorithm on a noisy quadratic
+For every row of section 5 (sync SGD with and without compression and error
+feedback; async SGD with consistent and inconsistent reads, compressed with and
+without EF; message passing with delays, compression, crashes, retransmitted and
+permanent drops; elastic scheduling in both modes; local SGD; unbiased
+compressors) and a small sweep of its parameters, this runs the algorithm on the
+noisy quadratic `f(x) = E 0.5 ||x - 1||^2 + <n, x>`, `n ~ N(0, noise^2 I_d)` per
+worker and round, from `x_0 = 0`, and reports the largest `b_hat` and mean
+`b_rms` over seeds and rounds beside the bound the run reports, the same constant
+from `ej.bounds` at the measured `M`, their ratio and whether the bound held:
+deterministic bounds on every seed and round with section 2's rounding allowance
+(`ej.checks.bound_holds`), bounds in expectation (EF around unscaled random-k)
+for the seed mean; permanent drops have no bound (`inf`), and the report gives the
+slope of `E b_hat^2` after the first quarter of the rounds instead (it grows
+linearly; with retransmission it levels off), and, for elastic scheduling in
+variance mode with fixed delays, `E b_rms^2` against `tau sigma^2 (1 - 1/P)`.
 
-    f(x) = E 0.5 ||x - 1||^2 + <n, x>,   n ~ N(0, noise^2 I_d) per worker and round,
-
-from `x_0 = 0` for `--rounds` rounds and `--num_seeds` seeds, and reports the
-measured `max b_hat` (over seeds and rounds) and mean `b_rms` beside the bound
-the algorithm reports (`consistency/bound`, docs/theory.md section 2), the same
-constant recomputed with `ej.bounds` from the measured `M` (the largest
-`grad_norm/max`), their ratio, and whether the bound held:
-
-- deterministic bounds: `b_hat <= bound` on every seed and round, with docs/theory.md
-  section 2's rounding allowance `4 eps ||x|| / eta` (`ej.checks.bound_holds`);
-- bounds in expectation (error feedback around unscaled random-k): the mean over
-  seeds of `b_hat` at every round against the mean of the bound;
-- no bound (permanent drops): `bound = inf`; the report shows the drift of
-  `E b_hat^2` instead (docs/theory.md: it grows linearly in `t`).
-
-Two expectation statements of section 5 are checked beside the table: elastic
-scheduling in variance mode with `delay="fixed"`, where `E ||x - v||^2 ~ eta^2 tau
-sigma^2 (1 - 1/P)` (`sigma^2 = d noise^2`), and the linear growth of `E b_hat^2`
-under permanent drops (beside retransmitted drops, where it levels off). From
-`x_0 = 0` the early rounds, whose gradients share the direction `x_0 - 1`, leave
-a fixed offset in a view that misses them forever, so the growth is read off the
-slope after the first quarter of the rounds, not off a ratio of levels.
-
-Each configuration compiles one `lax.scan` over rounds (one seed per call: a
-`vmap` over seeds compiled about five times slower here), so the full table
-takes a few minutes on two CPU cores; `--smoke` runs the first sweep point of
-every row for a few rounds.
+Each configuration is one compiled `lax.scan` over rounds, run per seed (a `vmap`
+over seeds compiled about five times slower); `--smoke` runs the first sweep
+point of every row for a few rounds.
 """
 
 from __future__ import annotations
@@ -73,17 +58,18 @@ FLAGS = (
 SMOKE = {"rounds": 30, "num_seeds": 2, "points": 1, "dim": 8}
 
 
-# ------------------------------------------------------------------ the problem
-
-
 def quadratic(params, batch):
     """`0.5 ||x - 1||^2 + <n, x>`: gradient `x - 1 + n`, the noise `n` from the batch."""
     x = params["w"]
     return 0.5 * jnp.sum(jnp.square(x - 1.0)) + jnp.sum(batch["n"] * x)
 
 
+KEPT = ("consistency/b_hat", "consistency/b_rms", "consistency/bound", "grad_norm/max",
+        "learning_rate")
+
+
 class Run(NamedTuple):
-    """One configuration's measurements over seeds: arrays `[seeds, rounds]`."""
+    """One configuration's measurements (the metrics `KEPT`), arrays `[seeds, rounds]`."""
 
     b_hat: np.ndarray
     b_rms: np.ndarray
@@ -91,20 +77,15 @@ class Run(NamedTuple):
     m_hat: np.ndarray
     eta: np.ndarray
     x_norm: np.ndarray  # max(||x_r||, ||x_{r+1}||) for the rounding allowance
-    loss: np.ndarray
 
 
-def _runner(alg: ej.Algorithm, dim: int, noise: float, rounds: int) -> Callable:
-    """`seed -> (metrics, x_norm)`: one compiled `lax.scan` over the rounds of one seed.
-
-    Each round is `ej.run` of one round (so that `||x||` is measured after each),
-    whose `batch_fn` draws worker `p`'s round-`r` noise with the key the library
-    derives for it: the data depend only on the seed, the round and the worker.
-    """
+def measure(alg: ej.Algorithm, s) -> Run:
+    """Every seed of one configuration: one compiled `lax.scan` over rounds, each round
+    `ej.run` of one round (its `batch_fn` draws the noise with the keys the library
+    derives from the seed, the round and the worker), `||x||` measured after each."""
 
     def noise_fn(round_, keys):
-        del round_  # in the keys
-        return {"n": jax.vmap(lambda k: noise * jax.random.normal(k, (dim,)))(keys)}
+        return {"n": jax.vmap(lambda k: s.noise * jax.random.normal(k, (s.dim,)))(keys)}
 
     def norm(tree):
         return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
@@ -112,29 +93,16 @@ def _runner(alg: ej.Algorithm, dim: int, noise: float, rounds: int) -> Callable:
     def body(state, _):
         new, metrics = ej.run(alg, quadratic, state, batch_fn=noise_fn, rounds=1, loop="python")
         x_norm = jnp.maximum(norm(ej.params(state)), norm(ej.params(new)))
-        keep = ("consistency/b_hat", "consistency/b_rms", "consistency/bound",
-                "grad_norm/max", "learning_rate", "loss")
-        return new, ({k: metrics[k][0] for k in keep}, x_norm)
+        return new, [metrics[k][0] for k in KEPT] + [x_norm]
 
+    @jax.jit
     def one(seed):
-        state = alg.init({"w": jnp.zeros((dim,), jnp.float32)}, jax.random.key(seed))
-        return jax.lax.scan(body, state, None, length=rounds)[1]
+        state = alg.init({"w": jnp.zeros((s.dim,), jnp.float32)}, jax.random.key(seed))
+        return jax.lax.scan(body, state, None, length=s.rounds)[1]
 
-    return jax.jit(one)
-
-
-def measure(alg: ej.Algorithm, s) -> Run:
-    """Runs every seed of one configuration (one compilation)."""
-    run = _runner(alg, s.dim, s.noise, s.rounds)
-    per_seed = [jax.device_get(run(jnp.asarray(seed, jnp.int32)))
+    per_seed = [jax.device_get(one(jnp.asarray(seed, jnp.int32)))
                 for seed in studies.seeds(s.seed, s.num_seeds)]
-    stack = lambda name: np.stack([np.asarray(m[name], np.float64) for m, _ in per_seed])
-    return Run(stack("consistency/b_hat"), stack("consistency/b_rms"),
-               stack("consistency/bound"), stack("grad_norm/max"), stack("learning_rate"),
-               np.stack([np.asarray(x, np.float64) for _, x in per_seed]), stack("loss"))
-
-
-# ------------------------------------------------------------------- the rows
+    return Run(*(np.asarray(column, np.float64) for column in zip(*per_seed, strict=True)))
 
 
 class Config(NamedTuple):
@@ -282,9 +250,6 @@ def configurations(s) -> list[Config]:
     return out
 
 
-# ---------------------------------------------------------------------- summary
-
-
 class Result(NamedTuple):
     config: Config
     kind: str  # deterministic / expectation / none
@@ -385,14 +350,9 @@ def expectation_checks(results: list[Result], s) -> list[str]:
 
 
 def drift_fit(b_hat: np.ndarray) -> tuple[float, float, float]:
-    """How `E b_hat^2` grows after the first quarter of the rounds.
-
-    Returns the slope and R^2 of a least-squares line through the seed mean of
-    `b_hat^2` against the round, over the last three quarters of the rounds, and
-    the line's value where it starts. Linear growth: a positive slope with R^2
-    near 1; levelled off: a slope near 0 (and R^2 near 0, the line explaining
-    nothing but noise).
-    """
+    """Slope, R^2 and starting value of a least-squares line through the seed mean of
+    `b_hat^2` over the last three quarters of the rounds (linear growth: a positive slope,
+    R^2 near 1; levelled off: a slope and R^2 near 0)."""
     b2 = np.mean(b_hat**2, axis=0)
     rounds = np.arange(1, b2.size + 1, dtype=np.float64)
     start = b2.size // 4
@@ -403,9 +363,6 @@ def drift_fit(b_hat: np.ndarray) -> tuple[float, float, float]:
     total = np.sum((b2[start:] - b2[start:].mean()) ** 2)
     r2 = 1.0 - np.sum((b2[start:] - fitted) ** 2) / total if total > 0 else 0.0
     return float(slope), float(r2), float(fitted[0])
-
-
-# ------------------------------------------------------------------------ plots
 
 
 def plot_ratios(results: list[Result], path: str) -> str:
@@ -447,9 +404,6 @@ def plot_drift(results: list[Result], path: str) -> str | None:
     ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
               frameon=False)
     return studies.save_figure(fig, path)
-
-
-# ------------------------------------------------------------------------- run
 
 
 def measure_all(s) -> list[Result]:

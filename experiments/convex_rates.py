@@ -2,44 +2,25 @@ r"""docs/theory.md section 3 on convex problems: measured suboptimality against 
 
     python -m experiments.convex_rates --workdir=DIR [--smoke]
 
-On least squares and L2-regularised logistic regression (`experiments.data`,
-which gives each problem's `L`, strong convexity `c`, `x*` and `f*` exactly, in
-float64), this trains a linear model from `x_0 = 0` with synchronous SGD,
-asynchronous SGD (consistent and inconsistent reads) and Top-k variants of both
-with and without error feedback, `P` workers on an IID split, `--num_seeds`
-seeds, and compares means over seeds with docs/theory.md section 3, evaluated with
-the measured `B` (the largest `consistency/b_hat` over seeds and rounds) and the
-measured `M` (the largest `grad_norm/max`, the running maximum of stochastic
-gradient norms, which bounds their second moment):
+On least squares and L2-regularised logistic regression (`experiments.data`: `L`,
+strong convexity `c`, `x*` and `f*` exact, float64), a linear model is trained
+from `x_0 = 0` by sync SGD, async SGD (consistent and inconsistent reads) and
+Top-k variants of both with and without error feedback, `P` workers on an IID
+split, over `--num_seeds` seeds. Means over seeds are compared with section 3,
+evaluated at the measured `B` (largest `b_hat`) and `M` (largest `grad_norm/max`):
 
-1. strongly convex (constant `eta <= 1/c`; `T` counts updates: rounds for sync,
-   `P` per round for async):
+1. strongly convex (constant `eta <= 1/c`; `T` updates: rounds for sync, `P` per
+   round for async): `E ||x_T - x*||^2 <= (1 - c eta)^T ||x_0 - x*||^2 + eta M^2 / c
+   + eta^2 L^2 B^2 / c^2`, and `f(x_T) - f* <= (L/2) ||x_T - x*||^2`. It covers the
+   variants whose auxiliary model is SGD with gradients at views (not Top-k without
+   error feedback, which applies `C(eta g)`: n/a);
+2. non-convex (`eta = 1/sqrt(T)`): `(1/T) sum_t E ||grad f(x_t)||^2 <= (f(x_0) - f*
+   + L M B + L M^2 / 2) / sqrt(T)`, the first and last terms over `gamma = k/d` for
+   Top-k without error feedback; measured at the start of every round.
 
-       E ||x_T - x*||^2 <= (1 - c eta)^T ||x_0 - x*||^2 + eta M^2 / c + eta^2 L^2 B^2 / c^2,
-
-   and `f(x_T) - f* <= (L/2) ||x_T - x*||^2` (L-smoothness, `grad f(x*) = 0`)
-   turns it into a bound on the suboptimality. It covers every variant whose
-   auxiliary model is SGD with gradients taken at views: the uncompressed ones,
-   and Top-k with error feedback, where `x_t` is the virtual iterate. Top-k
-   without error feedback applies `C(eta g)`, not `eta g`, so this theorem does
-   not cover it (n/a in the table);
-2. the non-convex form (`eta = 1/sqrt(T)`):
-
-       (1/T) sum_t E ||grad f(x_t)||^2 <= (f(x_0) - f* + L M B + L M^2 / 2) / sqrt(T),
-
-   with `f(x_0) - f*` and `L M^2 / 2` divided by `gamma = k/d` for Top-k without
-   error feedback (docs/theory.md's assumption `<grad f(v), E C(g)> >= gamma
-   ||grad f(v)||^2`, exact for the Top-k of a deterministic gradient). The left
-   side is measured at the start of every round, i.e. at every `P`-th update
-   for async (the round is the unit the state exposes).
-
-By default `eta = 1/sqrt(T)`, which satisfies both theorems (`eta <= 1/c`
-here); `--learning_rate` sets a constant instead, and then table 2 is n/a. The
-suboptimality is that of the auxiliary model `x_T` (the theorems' iterate; the
-virtual iterate under error feedback); the report also gives the actual model's.
-
-It writes `report.md` and `suboptimality.png` into `--workdir`. `--smoke` runs a
-tiny version for CI.
+By default `eta = 1/sqrt(T)` (it satisfies both); `--learning_rate` sets a constant
+and makes table 2 n/a. The suboptimality is the auxiliary model's (the virtual
+iterate under error feedback); the report also gives the actual model's.
 """
 
 from __future__ import annotations
@@ -130,9 +111,6 @@ def make_algorithm(s, v: Variant) -> ej.Algorithm:
                        error_feedback=v.error_feedback)
 
 
-# -------------------------------------------------------------------- problems
-
-
 def make_problem(name: str, s) -> data_lib.ConvexProblem:
     if name == "least_squares":
         return data_lib.least_squares(s.samples, s.dim, noise=s.noise, seed=s.seed)
@@ -193,9 +171,6 @@ def measure(problem: data_lib.ConvexProblem, alg: ej.Algorithm, s) -> Curves:
                     for name in Curves._fields))
 
 
-# ---------------------------------------------------------------------- bounds
-
-
 class Row(NamedTuple):
     problem: str
     variant: Variant
@@ -245,9 +220,6 @@ def evaluate(name: str, problem: data_lib.ConvexProblem, v: Variant, curves: Cur
     nc = None if s.learning_rate else nonconvex_bound(f0_gap, lsmooth, m, b, t, gamma)
     return Row(name, v, t, eta, m, b, gamma, curves, f0_gap, d0, lsmooth, c, subopt_bound,
                distance_bound, nc)
-
-
-# ---------------------------------------------------------------------- report
 
 
 def _held(measured: float, bound: float | None) -> str:
@@ -301,29 +273,24 @@ def summary_table(rows: list[Row]) -> list[str]:
 
 
 def plot(rows: list[Row], problems: list[str], path: str) -> str:
-    fig, axes = studies.figure(1, len(problems), (6.0, 4.4))
-    colors = dict(zip(VARIANTS, [f"C{i}" for i in range(len(VARIANTS))], strict=True))
-    names = {variant(n).label: n for n in VARIANTS}
+    fig, axes = studies.figure(1, len(problems), (6.5, 5.6))
+    colors = {variant(n).label: f"C{i}" for i, n in enumerate(VARIANTS)}
     for ax, name in zip(axes[0], problems, strict=True):
-        for r in rows:
-            if r.problem != name:
-                continue
-            color = colors[names[r.variant.label]]
+        for r in (r for r in rows if r.problem == name):
             rounds = np.arange(1, r.curves.suboptimality.shape[1] + 1)
-            ax.plot(rounds, np.mean(r.curves.suboptimality, 0), color=color,
+            ax.plot(rounds, np.mean(r.curves.suboptimality, 0), color=colors[r.variant.label],
                     label=r.variant.label)
             if r.subopt_bound is not None:
-                per_round = r.updates // len(rounds)
                 bound = r.smoothness / 2 * strongly_convex_bound(
-                    r.strong_convexity, r.smoothness, r.eta, rounds * per_round, r.d0, r.m,
-                    r.b)
-                ax.plot(rounds, bound, ":", color=color, lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("round")
-        ax.set_ylabel("f(x_t) - f* (mean over seeds)")
+                    r.strong_convexity, r.smoothness, r.eta,
+                    rounds * (r.updates // len(rounds)), r.d0, r.m, r.b)
+                ax.plot(rounds, bound, ":", color=colors[r.variant.label], lw=1,
+                        label=f"{r.variant.label}: bound")
+        ax.set(yscale="log", xlabel="round", ylabel="f(x_t) - f* (mean over seeds)")
         ax.set_title(f"{name}: measured (solid), strongly convex bound (dotted)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+                  frameon=False)
     return studies.save_figure(fig, path)
 
 

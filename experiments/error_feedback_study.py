@@ -3,36 +3,24 @@ r"""Does error feedback help sparsified asynchronous SGD? Top-k async SGD with a
     python -m experiments.error_feedback_study --workdir=DIR [--smoke]
 
 Nadiradze et al. (arXiv:2001.05918) report that error feedback "may not
-necessarily help" Top-k sparsified *asynchronous* SGD; docs/theory.md section 3 gives
-the reason: error feedback removes the compressor's bias but raises the elastic
-consistency constant `B` by a term of order `(d/k) M`, and neither effect
-dominates in theory. This study measures it. For every Top-k fraction
+necessarily help" Top-k sparsified *asynchronous* SGD: it removes the
+compressor's bias but raises the elastic consistency constant `B` by a term of
+order `(d/k) M` (docs/theory.md section 3). For every Top-k fraction
 (`--k_fractions`), worker count `P` (`--workers`) and largest staleness
-(`--delays`, in updates, written in terms of `P`: `P-1`, `2P`) it trains
-asynchronous SGD (`experiments.train`'s defaults otherwise: uniform lags,
-inconsistent reads, learning rate 0.05, batch 32 per worker) with error
-feedback (EF14) and without, the small CNN on the bundled 8x8 digits, and
-CIFAR-10 with ResNet-20 when `--data_dir` holds `cifar-10-batches-bin`.
+(`--delays`, in updates, in terms of `P`: `P-1`, `2P`) this trains asynchronous
+SGD (otherwise `experiments.train`'s defaults) with EF14 and without, the small
+CNN on the bundled digits (and ResNet-20 on CIFAR-10 when `--data_dir` holds
+`cifar-10-batches-bin`). Each configuration is `experiments.config.validate`'s,
+run through `ej.run` on the launcher's problem, seeds one after another (faster
+here than the vmapped batch: see the report's "Cost"); seed `s` initialises the
+model with `fold_in(key(s), 0)` and the algorithm with `fold_in(key(s), 1)`, the
+data split is drawn from `--seed`.
 
-Each configuration is built by `experiments.config.validate` and run through
-`experiments.problem` (the launcher's data, model and compiled round), one
-seed after another: seed `s` initialises the model with `fold_in(key(s), 0)` and
-the algorithm with `fold_in(key(s), 1)`, as `--num_seeds` does, while the data
-split is drawn from `--seed` and shared. Seeds run sequentially because that
-measured faster here than the launcher's vmapped seed batch (see the report's
-"Cost" section).
-
-Measured per configuration, as mean ± standard deviation over seeds: the final
-training loss (the whole training set, at most `--train_eval_size` samples, of
-the actual model `ej.model(state)`), the final test accuracy, the rounds to
-reach `--target_loss` on the training set (checked every `--eval_every`
-rounds; "not reached" when a seed did not within `--rounds`), and the largest
-`consistency/b_hat`. Per (k, P, max_delay) the report says whether EF's final
-training loss is lower than without EF beyond the seeds' spread: the two
-intervals `mean ± std` do not overlap.
-
-It writes `report.md` and PNG plots into `--workdir`. `--smoke` runs a tiny
-version for CI.
+Measured, as mean ± std over seeds: the final training loss of the actual model
+(over at most `--train_eval_size` training samples), the test accuracy, the
+rounds to `--target_loss` (checked every `--eval_every` rounds) and the largest
+`b_hat`. EF's final loss is "lower" ("higher") when the two `mean ± std`
+intervals do not overlap. `report.md` and PNG plots go to `--workdir`.
 """
 
 from __future__ import annotations
@@ -55,8 +43,7 @@ from experiments.flags import Flag, usage
 
 MODULE = "experiments.error_feedback_study"
 # The reference grid of the study: a run on another grid reports how it differs.
-REFERENCE_GRID = {"k_fractions": (0.001, 0.01, 0.1), "workers": (4, 8), "delays": "P-1,2P",
-              "num_seeds": 3}
+REFERENCE_GRID = {"k_fractions": "0.001,0.01,0.1", "workers": "4,8", "delays": "P-1,2P"}
 FLAGS = (
     Flag("workdir", "path", "", "Directory for report.md and the PNGs (created if missing; "
          "required)."),
@@ -119,26 +106,19 @@ def datasets(s) -> list[tuple[str, str]]:
 
 
 def grid(s) -> list[Point]:
-    points = []
-    for dataset, model in datasets(s):
-        for k in s.k_fractions:
-            for p in s.workers:
-                for delay in s.delays:
-                    for ef in (False, True):
-                        points.append(Point(dataset, model, k, p, delay(p), ef))
-    return points
+    return [Point(dataset, model, k, p, delay(p), ef) for dataset, model in datasets(s)
+            for k in s.k_fractions for p in s.workers for delay in s.delays
+            for ef in (False, True)]
 
 
 def launcher_values(s, point: Point) -> dict[str, Any]:
     """The `experiments.train` flags of one configuration."""
-    values = {
-        "algorithm": "async", "num_workers": point.num_workers, "max_delay": point.max_delay,
-        "delay": s.delay, "reads": s.reads, "compressor": "top_k", "k_fraction": point.k,
-        "error_feedback": point.error_feedback, "learning_rate": s.learning_rate,
-        "batch_size": s.batch_size, "rounds": s.rounds, "model": point.model,
-        "dataset": point.dataset, "seed": s.seed, "workdir": s.workdir,
-        "worker_loop": s.worker_loop,
-    }
+    values = {"algorithm": "async", "num_workers": point.num_workers, "max_delay":
+              point.max_delay, "delay": s.delay, "reads": s.reads, "compressor": "top_k",
+              "k_fraction": point.k, "error_feedback": point.error_feedback,
+              "learning_rate": s.learning_rate, "batch_size": s.batch_size, "rounds": s.rounds,
+              "model": point.model, "dataset": point.dataset, "seed": s.seed,
+              "workdir": s.workdir, "worker_loop": s.worker_loop}
     return values if point.dataset == "digits" else {**values, "data_dir": s.data_dir}
 
 
@@ -150,9 +130,6 @@ def check(s) -> list[tuple[Point, config_lib.Config]]:
                 raise usage("delays", str(delay), f"delays >= P - 1 for every P in --workers "
                             f"(P = {p} gives {delay(p)})")
     return [(point, config_lib.validate(launcher_values(s, point))) for point in grid(s)]
-
-
-# ------------------------------------------------------------------------ runs
 
 
 class Outcome(NamedTuple):
@@ -168,19 +145,12 @@ class Outcome(NamedTuple):
     seconds: float  # every seed, compilation included
 
 
-class Data(NamedTuple):
-    """What the training-loss evaluation needs for one dataset."""
-
-    module: Any
-    x: np.ndarray
-    y: np.ndarray
-
-
-def load_data(dataset: str, model: str, s) -> Data:
+def train_loss_fn(dataset: str, model: str, s):
+    """`params -> ` the loss over the first `--train_eval_size` training samples."""
     ds = data_lib.load_dataset(dataset, s.data_dir or None)
     module, _ = models_lib.make_model(model, ds.num_classes, ds.x_train.shape[1:])
     n = min(s.train_eval_size, ds.y_train.shape[0])
-    return Data(module, ds.x_train[:n], ds.y_train[:n])
+    return lambda params: models_lib.evaluate(module, params, ds.x_train[:n], ds.y_train[:n])[0]
 
 
 def _runner(cfg: config_lib.Config, problem: problem_lib.Problem, s, seeded: bool = False):
@@ -194,7 +164,7 @@ def _runner(cfg: config_lib.Config, problem: problem_lib.Problem, s, seeded: boo
     return (lambda state, n: jax.vmap(lambda x: run(x, n))(state)) if seeded else run
 
 
-def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, data: Data,
+def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, train_loss,
               s) -> Outcome:
     """Runs every seed of one configuration, one after another."""
     alg_init = jax.jit(cfg.algorithm.init)
@@ -210,7 +180,7 @@ def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem
         for end in eval_rounds:
             state, metrics = run(state, end - r)
             r, b_hat = end, max(b_hat, float(jnp.max(metrics["consistency/b_hat"])))
-            curve.append(models_lib.evaluate(data.module, ej.model(state), data.x, data.y)[0])
+            curve.append(train_loss(ej.model(state)))
         final.append(curve[-1])
         accuracy.append(problem.evaluate(ej.model(state))["test/accuracy"])
         hit = [r for r, loss in zip(eval_rounds, curve, strict=True) if loss <= s.target_loss]
@@ -222,18 +192,18 @@ def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem
 
 
 class Batching(NamedTuple):
-    """Seeds one after another against one vmapped batch, on one configuration."""
+    """Seeds one after another against one vmapped batch: the first round's seconds
+    (compilation included) and the milliseconds per seed and round after it."""
 
     point: Point
     rounds: int
-    sequential_compile_s: float  # the first round, compilation included
-    sequential_ms: float  # per seed and round
+    sequential_compile_s: float
+    sequential_ms: float
     vmapped_compile_s: float
     vmapped_ms: float
 
 
-def seed_batching(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, s,
-                  rounds: int = 20) -> Batching:
+def seed_batching(point: Point, problem: problem_lib.Problem, s, rounds: int = 20) -> Batching:
     """Times `rounds` rounds of every seed both ways (after one first round each)."""
     timings = []
     for seeds in (1, s.num_seeds):
@@ -253,24 +223,18 @@ def seed_batching(point: Point, cfg: config_lib.Config, problem: problem_lib.Pro
 
 def run_grid(s) -> list[Outcome]:
     configs = check(s)
-    problems: dict[tuple, problem_lib.Problem] = {}
-    loaded: dict[tuple[str, str], Data] = {}
+    problems, losses, outcomes = {}, {}, []
     progress = studies.Progress(len(configs))
-    outcomes = []
     for point, cfg in configs:
         key = (point.dataset, point.model, point.num_workers)
         if key not in problems:  # The data split depends on P only, not on the algorithm.
             problems[key] = problem_lib.load_problem(cfg.flags)
-        if (point.dataset, point.model) not in loaded:
-            loaded[point.dataset, point.model] = load_data(point.dataset, point.model, s)
-        outcomes.append(run_point(point, cfg, problems[key], loaded[point.dataset, point.model],
-                                  s))
+        if key[:2] not in losses:
+            losses[key[:2]] = train_loss_fn(point.dataset, point.model, s)
+        outcomes.append(run_point(point, cfg, problems[key], losses[key[:2]], s))
         progress.step(f"{point.dataset}, k={point.k:g}, P={point.num_workers}, max_delay="
                       f"{point.max_delay}, {'EF' if point.error_feedback else 'no EF'}")
     return outcomes
-
-
-# --------------------------------------------------------------------- analysis
 
 
 class Comparison(NamedTuple):
@@ -403,9 +367,6 @@ def finding(comparisons: list[Comparison]) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------ plots
-
-
 def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
     sel = [o for o in outcomes if o.point.dataset == dataset]
     workers = sorted({o.point.num_workers for o in sel})
@@ -455,22 +416,13 @@ def plot_final(comparisons: list[Comparison], dataset: str, path: str) -> str:
     return studies.save_figure(fig, path)
 
 
-# ------------------------------------------------------------------------ report
-
-
 def reductions(s) -> list[str]:
     """How the settings differ from the reference grid."""
-    out = []
-    if tuple(s.k_fractions) != REFERENCE_GRID["k_fractions"]:
-        out.append(f"k fractions {', '.join(f'{k:g}' for k in s.k_fractions)} instead of "
-                   "0.001, 0.01, 0.1")
-    if tuple(s.workers) != REFERENCE_GRID["workers"]:
-        out.append(f"P in {{{', '.join(map(str, s.workers))}}} instead of {{4, 8}}")
-    if ",".join(map(str, s.delays)) != REFERENCE_GRID["delays"]:
-        out.append(f"max_delay in {{{', '.join(map(str, s.delays))}}} instead of {{P-1, 2P}}")
-    if s.num_seeds < REFERENCE_GRID["num_seeds"]:
-        out.append(f"{s.num_seeds} seeds instead of at least 3")
-    return out
+    table = {f.name: f for f in FLAGS}
+    out = [f"--{name}={table[name].text(getattr(s, name))} instead of {reference}"
+           for name, reference in REFERENCE_GRID.items()
+           if table[name].text(getattr(s, name)) != reference]
+    return out + [f"{s.num_seeds} seeds instead of at least 3"] * (s.num_seeds < 3)
 
 
 def run(s, invocation=None) -> str:
@@ -480,7 +432,7 @@ def run(s, invocation=None) -> str:
     batching = None
     if s.compare_seed_batching:
         point, cfg = check(s)[-1]  # the largest P and max_delay, with error feedback
-        batching = seed_batching(point, cfg, problem_lib.load_problem(cfg.flags), s)
+        batching = seed_batching(point, problem_lib.load_problem(cfg.flags), s)
     seconds = time.perf_counter() - start
     return write(s, outcomes, seconds, invocation, batching)
 

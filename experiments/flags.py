@@ -1,18 +1,13 @@
 """One flag system for every program of experiments/: a table of flags, checked once.
 
-Each program (`experiments.train`, the three studies, `experiments.hypergradients`)
-declares its flags as one tuple of `Flag`s: name, kind, default, help, range and
-`when`, the condition under which the flag applies. Adding a flag is one entry.
-From the table come the command-line parser, `--help`, the validation, the
-effective configuration and `docs/arguments.md`. Every refusal is one line,
-
-    --<flag>: got <value>; expected <range>
-
-on stderr with exit status 2, before anything is compiled: a malformed value, a
-value out of range, an unknown flag, and a flag given on the command line that
-the configuration does not use (its `when` does not hold: the line names the
-option that would make it meaningful). A flag that does not apply and was not
-given takes no part in the run and is left out of the effective configuration.
+Each program declares its flags as one tuple of `Flag`s (kind, default, help,
+range, and `when` it applies); adding a flag is one entry. From the table come the
+parser, `--help`, the validation, the effective configuration (the flags that
+apply) and docs/arguments.md. Every refusal is one line on stderr and exit status
+2, before anything compiles: `--<flag>: got <value>; expected <range>`, for a bad
+or unknown flag and for a flag given that the configuration does not use (the line
+names the option that would make it meaningful). A flag that does not apply and
+was not given takes no part in the run.
 """
 
 from __future__ import annotations
@@ -187,6 +182,11 @@ class Flag(NamedTuple):
         return f"{value:g}" if self.kind == "float" else str(value)
 
 
+def clock(seconds: float) -> str:
+    """`m:ss`, or `?`."""
+    return f"{(s := round(seconds)) // 60}:{s % 60:02d}" if math.isfinite(seconds) else "?"
+
+
 def _num(infinite: str, x: float | None) -> str:
     if x is None:
         return infinite
@@ -201,9 +201,6 @@ def usage(name: str, value, expected: str) -> UsageError:
 def unknown(name: str) -> UsageError:
     return UsageError(f"--{name}: got an unknown flag; expected a flag of this program "
                       "(see --help)")
-
-
-# ------------------------------------------------------------------- applicability
 
 
 def _chain(table: Mapping[str, Flag], name: str) -> list[tuple[str, Any]]:
@@ -275,9 +272,6 @@ def validate(flags: Sequence[Flag], given: Mapping[str, Any], *,
         if why:
             raise usage(name, values[name], why)
     return values
-
-
-# ----------------------------------------------------------------- command line
 
 
 class _Help(Exception):

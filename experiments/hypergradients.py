@@ -2,33 +2,20 @@ r"""Hypergradients of the final loss: does more error feedback help, and where d
 
     python -m experiments.hypergradients --workdir=/tmp/hypergradients [--smoke]
 
-On the bundled 8x8 digits with the MLP (one hidden layer of 128), `P` workers
-and `R` rounds, this differentiates the test loss of the final auxiliary model
-(`ej.analysis.hypergradient`, objective `"final_loss"` on the held-out split)
+On the bundled digits with the MLP (one hidden layer of 128), `P` workers and `R`
+rounds, this differentiates the held-out loss of the final auxiliary model
+(`ej.analysis.hypergradient`, forward mode: memory independent of `R`)
 
-1. with respect to the error-feedback damping `beta` over a grid in [0, 1], for
-   Top-k fractions 1% and 10% (`--k_fractions`), for synchronous SGD and for asynchronous SGD
-   with every read delayed by exactly `P - 1` or `2P` updates
-   (`delay="fixed"`); every worker's update is `C(e + eta g)` in both (sync
-   averages the `P` updates of a round, async applies them one after another);
-2. with respect to the learning rate and `staleness` (Top-k with EF14 at the
-   first of `--k_fractions`, 1% by default: the project's default rule), for
-   synchronous SGD against the two asynchronous ones, over a grid of staleness
-   in [0, 1] (0: every read is the freshest the round allows; 1: the delayed
-   read).
+1. with respect to the error-feedback damping `beta` over a grid in [0, 1], for each
+   Top-k fraction of `--k_fractions`, for sync SGD and for async SGD with every read
+   delayed by exactly `P - 1` or `2P` updates (`delay="fixed"`);
+2. with respect to the learning rate and `staleness` over a grid in [0, 1] (0: the
+   freshest read the round allows; 1: the delayed read), Top-k with EF14 at the
+   first fraction, sync against the two async ones.
 
-Every point is one forward-mode run (`mode="forward"`: a tangent per
-hyperparameter, memory independent of `R`) that gives the derivatives with
-respect to the learning rate, `beta` and (async) `staleness` together, and
-each configuration compiles once for both grids.
-
-It writes `report.md` (tables, the answer read off the derivatives, the
-command), `results.json` and PNG plots into `--workdir`. `--smoke` runs a tiny
-version for CI (3 rounds, 2 workers, 3 beta points, Top-k 1% only) in well
-under a minute; flags given explicitly still win over the smoke sizes.
-
-Flags are validated before anything is compiled; a bad value prints one line,
-`--<flag>: got <value>; expected <range>`, on stderr and exits with status 2.
+Each configuration compiles once for both grids. It writes `report.md` (tables, the
+answer read off the derivatives, the command), `results.json` and PNG plots into
+`--workdir`; `--smoke` runs a tiny version for CI in well under a minute.
 """
 
 from __future__ import annotations
@@ -69,9 +56,6 @@ SMOKE = {"rounds": 3, "num_workers": 2, "batch_size": 8, "beta_points": 3,
          "staleness_points": 2, "k_fractions": "0.01"}
 
 
-# --------------------------------------------------------------------- problem
-
-
 class Problem(NamedTuple):
     loss_fn: Any  # (params, batch) -> (loss, {"accuracy": ...}); has_aux
     params: Any  # the initial MLP parameters
@@ -103,14 +87,6 @@ def make_problem(s) -> Problem:
                    models_lib.num_params(params), int(data.y_train.shape[0]))
 
 
-def _hypergradient(problem: Problem, s, make, hparams):
-    # Forward mode: one tangent per hyperparameter, memory independent of R.
-    value, grads = ej.analysis.hypergradient(
-        make, problem.loss_fn, problem.params, problem.batches, hparams, key=s.seed,
-        eval_batch=problem.eval_batch, has_aux=True, mode="forward")
-    return float(value), {name: float(g) for name, g in grads.items()}
-
-
 def _algorithms(s) -> list[tuple[str, int | None]]:
     """`(label, max_delay or None for sync)`."""
     p = s.num_workers
@@ -139,10 +115,13 @@ def _row(problem, s, make, label, fraction, beta, staleness):
     hparams = {"learning_rate": s.learning_rate, "beta": beta}
     if staleness is not None:
         hparams["staleness"] = staleness
-    loss, grads = _hypergradient(problem, s, make, hparams)
+    loss, grads = ej.analysis.hypergradient(  # forward mode: memory independent of R
+        make, problem.loss_fn, problem.params, problem.batches, hparams, key=s.seed,
+        eval_batch=problem.eval_batch, has_aux=True, mode="forward")
+    grads = {name: float(g) for name, g in grads.items()}
     return {"k_fraction": fraction, "algorithm": label, "beta": beta, "staleness": staleness,
-            "loss": loss, "dloss_dbeta": grads["beta"], "dloss_dlr": grads["learning_rate"],
-            "dloss_dstaleness": grads.get("staleness")}
+            "loss": float(loss), "dloss_dbeta": grads["beta"],
+            "dloss_dlr": grads["learning_rate"], "dloss_dstaleness": grads.get("staleness")}
 
 
 def sweeps(problem: Problem, s):
@@ -170,9 +149,6 @@ def sweeps(problem: Problem, s):
     return beta_rows, stale_rows
 
 
-# ---------------------------------------------------------------------- report
-
-
 def plot_beta(rows, fraction: float, path: str) -> None:
     fig, ((ax_loss, ax_grad),) = studies.figure(1, 2, (5.5, 4.2))
     for label in dict.fromkeys(r["algorithm"] for r in rows):
@@ -184,7 +160,8 @@ def plot_beta(rows, fraction: float, path: str) -> None:
         ax_grad.plot(beta, grad, marker=".", color=line.get_color(), label=f"{label} (autodiff)")
         if beta.size > 1:
             mid, secant = (beta[1:] + beta[:-1]) / 2, np.diff(loss) / np.diff(beta)
-            ax_grad.plot(mid, secant, "x", color=line.get_color(), alpha=0.6)
+            ax_grad.plot(mid, secant, "x", color=line.get_color(), alpha=0.6,
+                         label=f"{label} (secant of the grid)")
     ax_grad.axhline(0.0, color="grey", lw=0.8)
     ax_loss.set(xlabel="beta (error-feedback damping)", ylabel="final test loss",
                 title=f"Top-k {fraction:.0%}: final loss")
@@ -289,14 +266,12 @@ def write_report(s, problem: Problem, beta_rows, stale_rows, seconds) -> str:
     for fraction in s.k_fractions:
         for label, _ in _algorithms(s):
             lines.append(f"- {answer(beta_rows, fraction, label)}")
-    lines += ["", "| k | algorithm | beta | final loss | d loss / d beta | "
-              "d loss / d learning_rate | d loss / d staleness |",
-              "|---|---|---|---|---|---|---|"]
-    for r in beta_rows:
-        lines.append(f"| {r['k_fraction']:.0%} | {r['algorithm']} | {r['beta']:.2f} | "
-                     f"{r['loss']:.4f} | {r['dloss_dbeta']:.4g} | {r['dloss_dlr']:.4g} | "
-                     f"{_fmt(r['dloss_dstaleness'])} |")
-    lines.append("")
+    lines += ["", *studies.markdown_table(
+        ("k", "algorithm", "beta", "final loss", "d loss / d beta", "d loss / d learning_rate",
+         "d loss / d staleness"),
+        [(f"{r['k_fraction']:.0%}", r["algorithm"], f"{r['beta']:.2f}", f"{r['loss']:.4f}",
+          _fmt(r["dloss_dbeta"]), _fmt(r["dloss_dlr"]), _fmt(r["dloss_dstaleness"]))
+         for r in beta_rows]), ""]
     for fraction, name in pngs:
         lines.append(f"![Top-k {fraction:.0%}]({name})")
     lines += [
@@ -307,12 +282,12 @@ def write_report(s, problem: Problem, beta_rows, stale_rows, seconds) -> str:
         "Staleness 0 reads the freshest iterate the round allows (`X_{rP}`), 1 the delayed "
         "one; sync has no stale reads (its row is the beta = 1 point of the grid above).",
         "",
-        "| algorithm | staleness | final loss | d loss / d learning_rate | d loss / d staleness |",
-        "|---|---|---|---|---|",
+        *studies.markdown_table(
+            ("algorithm", "staleness", "final loss", "d loss / d learning_rate",
+             "d loss / d staleness"),
+            [(r["algorithm"], _fmt(r["staleness"]), f"{r['loss']:.4f}", _fmt(r["dloss_dlr"]),
+              _fmt(r["dloss_dstaleness"])) for r in stale_rows]),
     ]
-    for r in stale_rows:
-        lines.append(f"| {r['algorithm']} | {_fmt(r['staleness'])} | {r['loss']:.4f} | "
-                     f"{_fmt(r['dloss_dlr'])} | {_fmt(r['dloss_dstaleness'])} |")
     lines += ["", "![staleness](staleness.png)", "",
               f"Wall time of the sweeps: {seconds:.1f} s, compilation included "
               f"({len(s.k_fractions) * len(_algorithms(s))} compiled runs).", ""]

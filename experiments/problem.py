@@ -1,12 +1,9 @@
 """What a run trains: the data on the device, the model, the initial state, the evaluation.
 
-`load_problem` turns the flags into a `Problem` (a loss, an on-device batch
-sampler over the workers' shards, a parameter initialiser and an evaluator) and
-`make_init` builds the initial state (stacked over seeds). `ej.run(...,
-batch_fn=problem.batch_fn)` draws each worker's batch inside the compiled
-program with keys the library derives from the state's base key, the round and
-the worker. `session` caches both per trajectory-relevant config, so a process
-loads each configuration once.
+`load_problem` turns the flags into a `Problem` (a loss, an on-device batch sampler
+`batch_fn(round, worker_keys)` for `ej.run`, a parameter initialiser, an evaluator),
+`make_init` the initial state (stacked over seeds); `session` caches both, and the
+algorithm, per trajectory-relevant config.
 """
 
 from __future__ import annotations

@@ -1,26 +1,17 @@
 """Runs that fail or are stopped: the divergence guard and signal handling.
 
-The divergence guard (`--on_nonfinite`) looks, after every call of `ej.run` (at
-most `config.CHUNK` rounds, ending at every logged and checkpointed round), at
-each round's `loss` and `grad_norm/max` and at every float array of the state
-the call reached. `stop` raises `NonFiniteError` naming the first non-finite
-round and quantity, before anything of that round is written. `skip_round`
-drops that round's update. `ej.run` has no notion of a dropped update, so the
-guard does it here, on the host, and only when a round failed: it reruns the
-rounds before the failed one from the call's input state (a run split into
-calls of any lengths is bitwise the same), then keeps, for every seed that
-failed, the state before the round with its round counter advanced (the next
-round draws a new batch, new keys and lags and takes its own learning rate;
-the algorithm's own counters and buffers stay as if no worker had sent
-anything), and continues. A finite run is bitwise the unguarded one.
-
-`Signals` turns SIGTERM and SIGINT into a flag the loop polls between calls; the
-loop then writes a final checkpoint and raises `Interrupted`.
-
-Test hook: an environment variable that only the tests set.
-`EJ_TEST_NONFINITE_AT_ROUND=r` makes round `r` (the one that produces the state
-after `r` rounds) read NaN inputs, so its loss, gradients and update are NaN
-(`poison`, applied to the batch sampler by `experiments.problem`).
+The guard (`--on_nonfinite`) looks, after every `ej.run` call, at each round's `loss`
+and `grad_norm/max` and at the state reached. `stop` raises `NonFiniteError` at the
+first non-finite round, before anything of it is written. `skip_round` drops that
+round's update; `ej.run` has no notion of a dropped update, so the guard does it
+here, only when a round failed: it reruns the rounds before it from the call's input
+state (a run split into calls of any lengths is bitwise the same) and keeps, for each
+failed seed, the state before the round with its round counter advanced (the next
+round draws a new batch, keys and lags and takes its own learning rate; the
+algorithm's counters and buffers stay as if nothing was sent). A finite run is
+bitwise the unguarded one. `Signals` turns SIGTERM and SIGINT into a flag the loop
+polls between calls. Test hook (an environment variable only the tests set):
+`EJ_TEST_NONFINITE_AT_ROUND=r` gives round `r` NaN inputs (`poison`).
 """
 
 from __future__ import annotations
@@ -157,44 +148,29 @@ class Interrupted(Failure):
     """SIGTERM or SIGINT arrived; a final checkpoint at `round` was written."""
 
     def __init__(self, signum: int, round_: int, workdir: str):
-        self.signum, self.round = signum, round_
-        name = signal.Signals(signum).name
-        super().__init__(f"{name}: saved the checkpoint of round {round_} in {workdir}; "
-                         f"--resume continues the run (exit status {self.status})")
-
-    @property
-    def status(self) -> int:
-        return config_lib.EXIT_SIGNAL + self.signum
+        self.round, self.status = round_, config_lib.EXIT_SIGNAL + signum
+        super().__init__(f"{signal.Signals(signum).name}: saved the checkpoint of round "
+                         f"{round_} in {workdir}; --resume continues the run (exit status "
+                         f"{self.status})")
 
 
 class Signals:
-    """While entered, SIGTERM and SIGINT are recorded instead of ending the process.
-
-    The loop then writes a final checkpoint at the next round boundary and raises
-    `Interrupted`. A second signal ends the process at once, by the default action
-    (the atomic writes leave the workdir resumable either way). Handlers can only be
-    installed from the main thread; elsewhere nothing is caught.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    """While entered (in the main thread), SIGTERM and SIGINT set `received` instead of
+    ending the process; a second signal ends it at once (the workdir stays resumable)."""
 
     def __enter__(self):
-        self.received = None
-        self._previous = {}
+        self.received, self._previous = None, {}
         if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous = {s: signal.signal(s, self._handle)
+                              for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame):
-        del frame
-        if self.received is None:
-            self.received = signum
-            return
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.received = signum
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        return False

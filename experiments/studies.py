@@ -1,19 +1,12 @@
 """What the study scripts share: launching, seeds, progress lines, tables and reports.
 
-A study (`experiments.error_feedback_study`, `experiments.consistency_table`,
-`experiments.convex_rates`; `experiments.hypergradients` too) declares its flags
-as one table of `experiments.flags.Flag`s, the sizes `--smoke` sets (except for
-the flags given), and a `run(settings, invocation=None) -> report path`;
-`launch` parses and checks the command line, creates the workdir and checks
-that it can write there, all before anything compiles (a refusal is one line on
-stderr and exit status 2), then runs the study. It logs one line per
-configuration with its time, the elapsed time and an estimate of the rest.
-
-Every study writes `report.md` (the tables, the exact command, the date, the
-machine, the settings) and PNG plots into `--workdir`, each file atomically
-(`experiments.workdir.atomic_open`): a crash leaves the old report or the new
-one, and a write the operating system refuses ends the study with one line and
-exit status 4.
+A study declares its flags (a table of `experiments.flags.Flag`s), the sizes
+`--smoke` sets, and `run(settings, invocation=None) -> report path`; `launch` checks
+the command line and that the workdir can be created and written before anything
+compiles (else one line, exit status 2), then runs it. `Progress` logs a line per
+configuration with the elapsed time and an estimate of the rest. Reports
+(`report.md`: tables, the command, date, machine, settings) and plots are written
+atomically; a refused write ends the study with one line and exit status 4.
 """
 
 from __future__ import annotations
@@ -89,16 +82,8 @@ class Progress:
         self.done += 1
         left = (now - self.start) / self.done * (self.total - self.done)
         log.info("[%d/%d] %s: %.1f s; elapsed %s, ETA %s", self.done, self.total, label,
-                 now - self.last, _clock(now - self.start), _clock(left))
+                 now - self.last, flags.clock(now - self.start), flags.clock(left))
         self.last = now
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-# ------------------------------------------------------------------------ seeds
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -125,9 +110,6 @@ def fmt_mean_std(values: Sequence[float], digits: int = 4) -> str:
 def seeds(first: int, count: int) -> list[int]:
     """Seeds `first .. first + count - 1`, as `--num_seeds` numbers them."""
     return list(range(first, first + count))
-
-
-# ------------------------------------------------------------------------ report
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:

@@ -2,48 +2,34 @@ r"""Trains a model with a distributed SGD variant and records elastic consistenc
 
     python -m experiments.train --workdir=/tmp/ej_default
 
-runs the defaults: asynchronous SGD with inconsistent reads (P = 8 workers,
-staleness uniform up to 8 updates), Top-1% compression with error feedback, the
-SmallCNN on the bundled 8x8 digits, 500 rounds. `--algorithm=X` alone runs every
-variant X. `--help` lists every flag with its meaning, its range and when it
-applies (`config.py` holds the table; `docs/arguments.md` is generated from it).
+runs the defaults: async SGD with inconsistent reads (P = 8, staleness uniform up to
+8 updates), Top-1% compression with error feedback, the SmallCNN on the bundled
+digits, 500 rounds; `--algorithm=X` alone runs every variant. `--help` lists every
+flag with its range and where it applies (`config.FLAGS`; docs/arguments.md).
+A refusal before anything compiles (a bad flag, a flag given that does not apply,
+a bad data file, a workdir that cannot be created or written, holds a run or is in
+use) is one line on stderr and exit status 2; later, 3 for a non-finite value, 4
+for a refused write (the last checkpoint intact), 128 + the signal number after
+SIGTERM or SIGINT (a final checkpoint written). `--resume` continues exactly after
+any of these, and after SIGKILL.
 
-Everything is checked before anything compiles: a bad flag, a flag given that
-the configuration does not use (the line names the option that would make it
-meaningful), an inconsistent combination, a missing or corrupt data file, a
-workdir that cannot be created or written, that holds a run, or that another
-running launch holds locked: one line on stderr, `--<flag>: got <value>;
-expected <range>` (or a line starting with the file's path), and exit status 2.
-Later: 3 for a non-finite value (`--on_nonfinite=stop`), 4 for a write the
-operating system refused (no space left, ...; the last checkpoint is intact),
-128 + the signal number after SIGTERM or SIGINT (a final checkpoint is written).
-`--resume` continues exactly after any of these, and after SIGKILL.
+The workdir receives `config.json` (the flags that apply), `metrics.jsonl`,
+`timing.jsonl`, `checkpoint.npz` and plots (`workdir.py`). A metrics line, at
+multiples of `--log_every` and `--eval_every` and at the last round, holds the
+round's library metrics (`loss`, `aux/accuracy`: training loss and accuracy at the
+workers' views), the actual model's `test/*` (convex: `full/loss`,
+`full/suboptimality`) on evaluation rounds, the largest `b_hat` and `b_hat / bound`
+since the previous line with their rounds (`consistency/b_hat_peak[_round]`,
+`consistency/ratio_peak[_round]`), and `consistency/bound_violations`, the rounds
+so far with `b_hat > bound` (deterministic bounds).
 
-The workdir (`workdir.py`) receives `config.json` (the effective configuration:
-the flags that apply), `metrics.jsonl`, `timing.jsonl`, `checkpoint.npz` and
-PNG plots. A metrics line, at multiples of `--log_every` and `--eval_every` and
-at the last round, holds every library metric of that round (`loss` and
-`aux/accuracy` are the training loss and accuracy at the workers' views, means
-over the workers), on evaluation rounds `test/loss` and `test/accuracy` of the
-actual model `ej.model(state)` (the convex datasets: `full/loss` and
-`full/suboptimality`, `f(X) - f*`, over the whole training set), and, since the
-previous line, the largest `consistency/b_hat` and `b_hat / bound` with the
-rounds where they occurred (`consistency/b_hat_peak`, `..._round`,
-`consistency/ratio_peak`, `..._round`), and `consistency/bound_violations`, the
-rounds so far in which `b_hat > bound` (deterministic bounds; docs/theory.md
-section 2's relative allowance). The last log line says whether the bound held
-in every round.
-
-Rounds run through `ej.run(..., batch_fn=...)` in calls of at most 16 rounds
-that end at every logged, evaluated and checkpointed round (`--loop` is
-`ej.run`'s loop); the library derives every worker's batch key from the state's
-base key, the round and the worker, and a run split into calls of any lengths
-is bitwise the same, so a resume from any checkpoint is exact. `--num_seeds=S`
-vmaps `ej.run` over seeds `seed .. seed + S - 1` (the partition and a convex
-problem are drawn from `--seed` and shared); metrics are then means over seeds
-with `<metric>/std` the (population) standard deviation, and the peaks are over
-seeds and rounds. Seed `s` initialises the model with `fold_in(key(s), 0)` and
-the algorithm with `fold_in(key(s), 1)`.
+Rounds run through `ej.run(..., batch_fn=...)` in calls of at most 16 rounds ending
+at every logged, evaluated and checkpointed round: the library derives each
+worker's batch key from the state's key, the round and the worker, and a run split
+into calls of any lengths is bitwise the same, so a resume is exact.
+`--num_seeds=S` vmaps `ej.run` over seeds `seed .. seed + S - 1` (model keys
+`fold_in(key(s), 0)`, algorithm keys `fold_in(key(s), 1)`; one data split): metrics
+are means with `<name>/std`, peaks over seeds and rounds.
 """
 
 from __future__ import annotations
@@ -84,16 +70,13 @@ class Peaks:
     rounds of the whole run in which `b_hat` exceeded a deterministic bound."""
 
     def __init__(self, deterministic: bool, saved: dict | None = None):
+        # since: [[b_hat, round], [ratio, round]]; worst: [ratio, round] over the run.
+        self.since, self.violations, self.first_violation, self.worst = [None, None], 0, None, None
+        vars(self).update(saved or {})
         self.deterministic = deterministic
-        saved = saved or {}
-        self.since = saved.get("since", [None, None])  # [[b_hat, round], [ratio, round]]
-        self.violations = saved.get("violations", 0)
-        self.first_violation = saved.get("first_violation")
-        self.worst = saved.get("worst")  # [ratio, round]: the largest over the run
 
     def record(self) -> dict:
-        return {"since": self.since, "violations": self.violations,
-                "first_violation": self.first_violation, "worst": self.worst}
+        return {k: v for k, v in vars(self).items() if k != "deterministic"}
 
     def update(self, m: Mapping[str, np.ndarray], r0: int) -> None:
         """Takes in the metrics (`[S, n]`) of rounds `r0 + 1 .. r0 + n`."""
@@ -138,13 +121,6 @@ class Peaks:
         worst = "" if self.worst is None else (f" (the largest b_hat / bound: "
                                                f"{self.worst[0]:.3g}, round {self.worst[1]})")
         return f"b_hat <= bound held in every round{worst}"
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -253,7 +229,7 @@ def _train_locked(cfg: Config, session, abstract, mesh, signals: safety.Signals)
         metrics_file.close()
         timing.close()
     guard.report_end()
-    log.info("done: round %d in %s (wall, this session); %s", rounds, _fmt_time(wall),
+    log.info("done: round %d in %s (wall, this session); %s", rounds, flags.clock(wall),
              peaks.verdict())
     return records[-1] if records else {}
 
@@ -286,7 +262,7 @@ def _log_progress(record: Mapping[str, Any], rounds: int, rate: float) -> None:
     loss = record.get("loss")
     log.info("round %d/%d | %.1f rounds/s | ETA %s | training loss at the views %s | peak "
              "b_hat %.4g (round %s)%s", record["round"], rounds, rate,
-             _fmt_time((rounds - record["round"]) / rate),
+             flags.clock((rounds - record["round"]) / rate),
              f"{_or_nan(loss):.4f}",
              _or_nan(record["consistency/b_hat_peak"]),
              record["consistency/b_hat_peak_round"], evals)

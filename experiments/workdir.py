@@ -14,31 +14,24 @@ Layout of a workdir:
                      and the launcher's running records: skipped rounds, b_hat peaks)
     *.png            plots, redrawn at the end of every run
 
-Every whole-file write goes to a temporary file in the same directory, is flushed
-and fsynced, then `os.replace`d over the target, so a crash leaves either the
-old file or the new one. A checkpoint is written only after the metrics lines up
-to its round are fsynced. A write that the operating system refuses (no space, a
-read-only file system, a path through a file) raises `IOFailure`, one line naming
-the file and the reason; the temporary file is removed, the old file kept.
+Whole files are written to a temporary file in the same directory, fsynced and
+renamed over the target: a crash leaves the old file or the new one. A checkpoint
+is written only after the metrics lines up to its round are fsynced. A write the
+operating system refuses (no space, a read-only file system, a path through a
+file) raises `IOFailure`, one line naming the file and the reason; the temporary
+file is removed, the old file kept.
 
 `check_workdir` decides, before anything is written, where a run starts: a fresh
-workdir starts at round 0; one that holds a run is refused unless `--resume`,
-which checks the saved config, restores the checkpoint, and keeps the metrics
-lines an uninterrupted run would have written up to the checkpoint's round.
+workdir at round 0; one that holds a run only with `--resume`, which checks the
+saved config, restores the checkpoint and keeps the metrics lines an
+uninterrupted run would have written up to its round. A running launch holds
+`lock_workdir`'s `flock` on the directory, which dies with its process: a second
+launch is refused while the first runs, never after.
 
-A running launch holds `lock_workdir`'s lock on the workdir (`flock` on the
-directory itself, so nothing is written for it); a second launch on the same
-workdir, with or without `--resume`, is refused while the first runs. The
-operating system drops the lock when its process dies, however it dies, so a
-killed run never blocks its resumption. Under the lock, temporary files that a
-killed writer left behind are removed.
-
-Test hooks: `EJ_TEST_KILL_IN_CHECKPOINT=r` (an environment variable that only
-the tests set) makes the process SIGKILL itself while saving the round-`r`
-checkpoint, after the temporary file is written and fsynced and before it is
-renamed over the last checkpoint; `before_write(path)`, called with the target
-of every write once its temporary file exists, is where the tests raise
-`OSError`s such as `ENOSPC` and `EROFS`.
+Test hooks: `EJ_TEST_KILL_IN_CHECKPOINT=r` (an environment variable only the tests
+set) SIGKILLs the process while it saves the round-`r` checkpoint, between the
+fsync of the temporary file and its rename; `before_write(path)`, called before
+every write, is where the tests raise `OSError`s such as `ENOSPC` and `EROFS`.
 """
 
 from __future__ import annotations
@@ -70,9 +63,6 @@ RUN_FILES = (CONFIG, METRICS, TIMING, CHECKPOINT)
 KILL_HOOK = "EJ_TEST_KILL_IN_CHECKPOINT"  # the test hook (module docstring)
 
 
-# ------------------------------------------------------------------------ files
-
-
 def before_write(path: str) -> None:
     """Called before every write into a workdir (the tests' seam for failing writes)."""
 
@@ -99,10 +89,8 @@ def _fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", before_replace=None):
-    """Opens a temporary file next to `path`; on success, fsyncs and renames it to `path`.
-
-    `before_replace(tmp_path)`, when given, runs after the fsync and before the rename.
-    """
+    """A temporary file next to `path`, fsynced and renamed to `path` on success
+    (`before_replace(tmp_path)` runs between the two)."""
     directory = os.path.dirname(os.path.abspath(path))
     with writing(path):
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
@@ -194,33 +182,23 @@ def rewrite_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> None:
             f.write(dumps(record) + "\n")
 
 
-def drop_torn_tail(path: str) -> None:
-    """Truncates a file after its last newline (a line torn by a crash mid-write)."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 class JsonlWriter:
-    """Appends one strict-JSON line per record, flushed at once.
-
-    A torn last line (a crash mid-write) is dropped first, so appends start on a
-    line of their own.
-    """
+    """Appends one strict-JSON line per record, flushed at once, after dropping a last
+    line torn by a crash mid-write."""
 
     def __init__(self, path: str):
         self.path = path
         with writing(path):
-            drop_torn_tail(path)
-            self._file = open(path, "a")  # noqa: SIM115 (closed in `close`)
+            self._file = open(path, "a+b")  # noqa: SIM115 (closed in `close`)
+            self._file.seek(0)
+            data = self._file.read()
+            if data and not data.endswith(b"\n"):
+                self._file.truncate(data.rfind(b"\n") + 1)
 
     def write(self, record: Mapping[str, Any]) -> None:
         with writing(self.path):
             before_write(self.path)
-            self._file.write(dumps(record) + "\n")
+            self._file.write((dumps(record) + "\n").encode())
             self._file.flush()
 
     def sync(self) -> None:
@@ -232,20 +210,13 @@ class JsonlWriter:
             self._file.close()
 
 
-# ------------------------------------------------------------------ checkpoints
-
-
 def _is_key(leaf) -> bool:
     return jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
 def save_checkpoint(path: str, state, round_: int, *, records=None) -> None:
-    """Saves `state`'s leaves and its round to `path` (`.npz`), atomically.
-
-    Typed PRNG keys are stored as `jax.random.key_data`; `restore_checkpoint` wraps
-    them back with the default key implementation (the one `jax.random.key` uses).
-    `records`, the launcher's running records (JSON), go into the `meta` entry.
-    """
+    """Saves `state`'s leaves (typed keys as `jax.random.key_data`), its round and the
+    launcher's running `records` (JSON) to `path` (`.npz`), atomically."""
     leaves, treedef = jax.tree.flatten(state)
     leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
     if jax.process_count() > 1:
@@ -300,23 +271,10 @@ def _read_checkpoint(path: str):
     return meta, leaves
 
 
-def restore_checkpoint(path: str, template):
-    """Loads a checkpoint into the structure of `template` (a state of the same config,
-    or its `jax.eval_shape`).
-
-    Returns:
-      `(state, round)`.
-
-    Raises:
-      UsageError: the file is unreadable, or its structure, shapes or dtypes differ
-        from the template's.
-    """
-    state, meta = _restore(path, template)
-    return state, int(meta["round"])
-
-
-def _restore(path: str, template):
-    """`restore_checkpoint`, returning the state and the whole `meta` record."""
+def restore(path: str, template):
+    """`(state, meta)` of the checkpoint at `path`, in the structure of `template` (a state,
+    or its `jax.eval_shape`); keys with the default implementation. `UsageError` for an
+    unreadable file or a structure, shape or dtype other than the template's."""
     meta, leaves = _read_checkpoint(path)
     t_leaves, treedef = jax.tree.flatten(template)
     if meta["treedef"] != str(treedef) or len(leaves) != len(t_leaves):
@@ -338,9 +296,6 @@ def _restore(path: str, template):
     return jax.tree.unflatten(treedef, out), meta
 
 
-# ----------------------------------------------------------------------- resume
-
-
 class Start(NamedTuple):
     """Where a run starts: its state (None: fresh) and round, and what a resume keeps."""
 
@@ -350,32 +305,20 @@ class Start(NamedTuple):
     running: dict = {}  # the checkpoint's running records (`save_checkpoint`)
 
 
-# ------------------------------------------------------------------------- lock
-
-
-class WorkdirLock:
+class WorkdirLock(NamedTuple):
     """An exclusive `flock` on a workdir, held until `release` or the process's death."""
 
-    def __init__(self, fd: int | None):
-        self._fd = fd
+    fd: int | None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # Closing the descriptor drops the lock.
-            self._fd = None
+        if self.fd is not None:
+            os.close(self.fd)  # Closing the descriptor drops the lock.
 
 
 def lock_workdir(wd: str) -> WorkdirLock:
-    """Creates `wd` if needed and locks it for this process.
-
-    The lock is `flock` on the directory itself (on a file system that cannot lock
-    a directory, on a `.lock` file in it). The kernel drops it when the process
-    exits or is killed, so only a running process ever holds it.
-
-    Raises:
-      UsageError: `wd` is a file, or another running process holds the lock.
-      IOFailure: `wd` cannot be created (one line naming the path and the reason).
-    """
+    """Creates `wd` if needed and `flock`s it (or a `.lock` file in it, where a directory
+    cannot be locked). `UsageError` when `wd` is a file or another running process holds
+    the lock; `IOFailure` when `wd` cannot be created."""
     if os.path.exists(wd) and not os.path.isdir(wd):
         raise usage("workdir", wd, "a directory (this is a file)")
     with writing(wd):
@@ -459,7 +402,7 @@ def check_workdir(cfg: Config, abstract_state) -> Start:
     if not os.path.exists(checkpoint):
         log.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
         return Start(None, 0, [])
-    state, meta = _restore(checkpoint, abstract_state)
+    state, meta = restore(checkpoint, abstract_state)
     round_ = int(meta["round"])
     if round_ > f["rounds"]:
         raise usage("rounds", f["rounds"], f"an integer >= {round_}, the round of {checkpoint}")
