@@ -309,62 +309,46 @@ def finding(comparisons: list[Comparison]) -> list[str]:
     if any(c.verdict == "one seed" for c in comparisons):
         return ["One seed per configuration: there is no spread to judge the differences "
                 "against (rerun with --num_seeds >= 2); see the table for the values."]
-    lower = [c for c in comparisons if c.verdict == "lower"]
-    higher = [c for c in comparisons if c.verdict == "higher"]
-    within = n - len(lower) - len(higher)
+    count = {v: sum(c.verdict == v for c in comparisons) for v in ("lower", "within", "higher")}
     lines = [f"Error feedback's final training loss was lower than without it beyond the "
-             f"seeds' spread in {len(lower)} of {n} configurations, higher beyond the spread "
-             f"in {len(higher)}, and within the spread in {within}."]
+             f"seeds' spread in {count['lower']} of {n} configurations, higher beyond the "
+             f"spread in {count['higher']}, and within the spread in {count['within']}."]
     for k in sorted({c.k for c in comparisons}):
-        sel = [c for c in comparisons if c.k == k]
-        counts = {v: sum(c.verdict == v for c in sel) for v in ("lower", "within", "higher")}
-        lines.append(f"- k = {k:g}: EF lower in {counts['lower']}, within the spread in "
-                     f"{counts['within']}, higher in {counts['higher']} of {len(sel)}.")
+        sel = [c.verdict for c in comparisons if c.k == k]
+        lines.append(f"- k = {k:g}: EF lower in {sel.count('lower')}, within the spread in "
+                     f"{sel.count('within')}, higher in {sel.count('higher')} of {len(sel)}.")
     faster = slower = 0
     for c in comparisons:
-        r_on, r_off = c.with_ef.rounds_to_target, c.without.rounds_to_target
-        on_all, off_all = None not in r_on, None not in r_off
-        if on_all and (not off_all or np.mean(r_on) < np.mean(r_off)):
-            faster += 1
-        elif off_all and (not on_all or np.mean(r_off) < np.mean(r_on)):
-            slower += 1
-    lines.append(f"- Rounds to the target loss (every seed must reach it; fewer on average "
-                 f"wins): EF faster in {faster}, slower in {slower}, tied or neither reached "
-                 f"it in {n - faster - slower} of {n}.")
-    raised = [c for c in comparisons
-              if np.mean(c.with_ef.max_b_hat) > np.mean(c.without.max_b_hat)]
+        on, off = c.with_ef.rounds_to_target, c.without.rounds_to_target
+        on_all, off_all = None not in on, None not in off
+        faster += on_all and (not off_all or np.mean(on) < np.mean(off))
+        slower += off_all and (not on_all or np.mean(off) < np.mean(on))
     ratios = [np.mean(c.with_ef.max_b_hat) / np.mean(c.without.max_b_hat) for c in comparisons]
-    lines.append(f"- Measured `B` (max `b_hat`, mean over seeds): higher with EF in "
-                 f"{len(raised)} of {n} configurations (EF / no EF from {min(ratios):.2g} to "
-                 f"{max(ratios):.2g}); docs/theory.md section 5 prices error feedback at "
-                 "`M (max_delay (1 + rho) + P rho)` against `max_delay mu` without it.")
-    ks = ", ".join(f"{k:g}" for k in sorted({c.k for c in comparisons if c.verdict != "lower"}))
-    if len(lower) == n:
-        verdict = ("In this run error feedback lowered the final training loss beyond the "
-                   "seeds' spread in every configuration: it does not reproduce the paper's "
-                   "finding that error feedback need not help sparsified asynchronous SGD.")
-    elif not lower:
-        verdict = ("In this run error feedback never lowered the final training loss beyond "
-                   "the seeds' spread: consistent with the paper's finding that it need not "
-                   "help sparsified asynchronous SGD.")
-    elif higher:
-        verdict = (f"In this run error feedback lowered the final training loss beyond the "
-                   f"seeds' spread in {len(lower)} of {n} configurations and raised it beyond "
-                   f"the spread in {len(higher)}: consistent with the paper's finding that it "
-                   "need not help sparsified asynchronous SGD.")
-    else:
-        not_lower = [c for c in comparisons if c.verdict != "lower"]
-        mean_lower = sum(np.mean(c.with_ef.final_loss) < np.mean(c.without.final_loss)
-                         for c in not_lower)
-        verdict = (f"In this run error feedback lowered the final training loss beyond the "
-                   f"seeds' spread in {len(lower)} of {n} configurations and never raised it "
-                   f"beyond the spread; in the other {len(not_lower)} (k = {ks}) the "
-                   f"difference was within the spread (EF's mean lower in {mean_lower} of "
-                   f"them). The paper's finding that error feedback need not help shows here "
-                   f"only as the vanishing of its advantage at k = {ks}, not as a "
-                   "configuration where it hurt.")
-    lines += ["", verdict]
-    return lines
+    lines += [f"- Rounds to the target loss (every seed must reach it; fewer on average wins): "
+              f"EF faster in {faster}, slower in {slower}, tied or neither reached it in "
+              f"{n - faster - slower} of {n}.",
+              f"- Measured `B` (max `b_hat`, mean over seeds): higher with EF in "
+              f"{sum(r > 1 for r in ratios)} of {n} configurations (EF / no EF from "
+              f"{min(ratios):.2g} to {max(ratios):.2g}); docs/theory.md section 5 prices error "
+              "feedback at `M (max_delay (1 + rho) + P rho)` against `max_delay mu` without it.",
+              ""]
+    rest = [c for c in comparisons if c.verdict != "lower"]
+    ks = ", ".join(f"{k:g}" for k in sorted({c.k for c in rest}))
+    paper = "the paper's finding that error feedback need not help sparsified asynchronous SGD"
+    if not rest:
+        return lines + ["In this run error feedback lowered the final training loss beyond the "
+                        f"seeds' spread in every configuration: it does not reproduce {paper}."]
+    if count["higher"] or not count["lower"]:
+        return lines + [f"In this run error feedback lowered the final training loss beyond the "
+                        f"seeds' spread in {count['lower']} of {n} configurations and raised "
+                        f"it beyond the spread in {count['higher']}: consistent with {paper}."]
+    mean_lower = sum(np.mean(c.with_ef.final_loss) < np.mean(c.without.final_loss) for c in rest)
+    return lines + [f"In this run error feedback lowered the final training loss beyond the "
+                    f"seeds' spread in {count['lower']} of {n} configurations and never raised "
+                    f"it beyond the spread; in the other {len(rest)} (k = {ks}) the difference "
+                    f"was within the spread (EF's mean lower in {mean_lower} of them). "
+                    f"T{paper[1:]} shows here only as the vanishing of its advantage at "
+                    f"k = {ks}, not as a configuration where it hurt."]
 
 
 def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:

@@ -232,18 +232,16 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def write_report(s, problem: Problem, beta_rows, stale_rows, seconds) -> str:
-    os.makedirs(s.workdir, exist_ok=True)
+def write_report(s, problem: Problem, beta_rows, stale_rows, seconds, invocation=None) -> str:
     pngs = []
     for fraction in s.k_fractions:
         name = f"beta_k{fraction * 100:g}.png"
         plot_beta(beta_rows, fraction, os.path.join(s.workdir, name))
         pngs.append((fraction, name))
     plot_staleness(stale_rows, os.path.join(s.workdir, "staleness.png"))
-    command = studies.command("experiments.hypergradients", FLAGS, s)
-    lines = [
-        "# Hypergradients of the final loss",
-        "",
+    lines = studies.header("Hypergradients of the final loss", "experiments.hypergradients",
+                           FLAGS, s, invocation, seconds)
+    lines += [
         f"Digits 8x8 ({problem.num_train} training images, {problem.eval_batch['y'].shape[0]} "
         f"held out), MLP with one hidden layer of 128 ({problem.num_params:,} parameters), "
         f"P = {s.num_workers} workers, batch {s.batch_size} per worker, R = {s.rounds} rounds, "
@@ -253,8 +251,6 @@ def write_report(s, problem: Problem, beta_rows, stale_rows, seconds) -> str:
         "Async reads are delayed by exactly `D` updates "
         "(`delay=\"fixed\"`); async applies the `P` updates of a round one after another, "
         "sync averages them.",
-        "",
-        f"Reproduce: `{command}`" + (" (smoke sizes)" if s.smoke else ""),
         "",
         "The Top-k indices are discrete, so `d loss / d beta` is the derivative with the "
         "selection held fixed; the secant slopes of the grid (x in the plots) include the "
@@ -289,8 +285,7 @@ def write_report(s, problem: Problem, beta_rows, stale_rows, seconds) -> str:
               _fmt(r["dloss_dstaleness"])) for r in stale_rows]),
     ]
     lines += ["", "![staleness](staleness.png)", "",
-              f"Wall time of the sweeps: {seconds:.1f} s, compilation included "
-              f"({len(s.k_fractions) * len(_algorithms(s))} compiled runs).", ""]
+              f"{len(s.k_fractions) * len(_algorithms(s))} compiled runs.", ""]
     with workdir.atomic_open(os.path.join(s.workdir, "results.json")) as f:
         json.dump({"settings": s._asdict(), "beta": beta_rows, "staleness": stale_rows,
                    "seconds": seconds}, f, indent=1)
@@ -299,12 +294,11 @@ def write_report(s, problem: Problem, beta_rows, stale_rows, seconds) -> str:
 
 def run(s, invocation=None) -> str:
     """Runs both sweeps and writes the report; returns its path."""
-    del invocation
-    problem = make_problem(s)
     start = time.perf_counter()
+    problem = make_problem(s)
     beta_rows, stale_rows = sweeps(problem, s)
-    seconds = time.perf_counter() - start
-    return write_report(s, problem, beta_rows, stale_rows, seconds)
+    return write_report(s, problem, beta_rows, stale_rows, time.perf_counter() - start,
+                        invocation)
 
 
 def main(argv: Any = None) -> None:
