@@ -192,8 +192,9 @@ def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem
 
 
 class Batching(NamedTuple):
-    """Seeds one after another against one vmapped batch: the first round's seconds
-    (compilation included) and the milliseconds per seed and round after it."""
+    """Seeds one after another against one vmapped batch: the first two rounds' seconds
+    (compilation included: under `vmap` the second round's input batches differently
+    from the first's) and the milliseconds per seed and round after them."""
 
     point: Point
     rounds: int
@@ -204,14 +205,14 @@ class Batching(NamedTuple):
 
 
 def seed_batching(point: Point, problem: problem_lib.Problem, s, rounds: int = 20) -> Batching:
-    """Times `rounds` rounds of every seed both ways (after one first round each)."""
+    """Times `rounds` rounds of every seed both ways (after two first rounds each)."""
     timings = []
     for seeds in (1, s.num_seeds):
         batch_cfg = config_lib.validate({**launcher_values(s, point), "num_seeds": seeds})
         run = _runner(batch_cfg, problem, s, seeded=seeds > 1)
         state = problem_lib.make_init(batch_cfg, problem)()
         t0 = time.perf_counter()
-        state = jax.block_until_ready(run(state, 1)[0])
+        state = jax.block_until_ready(run(state, 2)[0])
         compile_s, total = time.perf_counter() - t0, 0.0
         for _ in range(s.num_seeds if seeds == 1 else 1):  # the same state each time: timing
             t0 = time.perf_counter()
@@ -465,7 +466,7 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
         lines += [
             "",
             f"Seed batching, timed on k = {b.k:g}, P = {b.num_workers}, max_delay = "
-            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after a first round, "
+            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after two first rounds, "
             "whose time, compilation included, is given apart): "
             f"seeds one after another {batching.sequential_ms:.1f} ms per seed and round "
             f"(compilation {batching.sequential_compile_s:.1f} s); the launcher's vmapped "
