@@ -25,6 +25,7 @@ intervals do not overlap. `report.md` and PNG plots go to `--workdir`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.patches import Patch
 
 import elastic_jax as ej
 from experiments import config as config_lib
@@ -355,29 +357,27 @@ def finding(comparisons: list[Comparison]) -> list[str]:
 def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
     sel = [o for o in outcomes if o.point.dataset == dataset]
     workers = sorted({o.point.num_workers for o in sel})
-    fig, axes = studies.figure(len(workers), len(s.delays), (6.0, 4.4))
+    fig, axes = studies.figure(len(workers), len(s.delays), (6.0, 4.2))
     colors = {k: f"C{i}" for i, k in enumerate(s.k_fractions)}
-    for i, p in enumerate(workers):
-        for j, delay in enumerate(s.delays):
-            ax = axes[i, j]
-            for o in sel:
-                if o.point.num_workers != p or o.point.max_delay != delay(p):
-                    continue
-                mean = o.curves.mean(0)
-                style = "-" if o.point.error_feedback else "--"
-                label = f"k={o.point.k:g}, {'EF' if o.point.error_feedback else 'no EF'}"
-                ax.plot(o.eval_rounds, mean, style, color=colors[o.point.k], label=label)
-                if o.curves.shape[0] > 1:  # min to max over seeds (positive: log scale)
-                    ax.fill_between(o.eval_rounds, o.curves.min(0), o.curves.max(0),
-                                    color=colors[o.point.k], alpha=0.15, label=f"{label}: "
-                                    "min to max over seeds")
-            ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":", label="target loss")
-            ax.set_yscale("log")
-            ax.set_title(f"{dataset}: P={p}, max_delay={delay(p)} ({delay})", fontsize=10)
-            ax.set_xlabel("round")
-            ax.set_ylabel("training loss of the actual model (mean over seeds)", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
+    for (i, p), (j, delay) in itertools.product(enumerate(workers), enumerate(s.delays)):
+        ax = axes[i, j]
+        for o in sel:
+            if o.point.num_workers == p and o.point.max_delay == delay(p):
+                ef = "EF" if o.point.error_feedback else "no EF"
+                ax.plot(o.eval_rounds, o.curves.mean(0), "-" if o.point.error_feedback
+                        else "--", color=colors[o.point.k], label=f"k={o.point.k:g}, {ef}")
+                ax.fill_between(o.eval_rounds, o.curves.min(0), o.curves.max(0),
+                                color=colors[o.point.k], alpha=0.12, lw=0,
+                                label="shaded: min to max over seeds")
+        ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":", label="target loss")
+        ax.set(yscale="log", xlabel="round",
+               ylabel="training loss of the actual model\n(mean over seeds)")
+        ax.set_title(f"{dataset}: P={p}, max_delay={delay(p)} ({delay})", fontsize=10)
+        ax.grid(alpha=0.3)
+    labels = dict(zip(*reversed(axes[0, 0].get_legend_handles_labels()), strict=True))
+    labels["shaded: min to max over seeds"] = Patch(color="grey", alpha=0.3)
+    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=4, fontsize=9,
+               bbox_to_anchor=(0.5, 1.0), frameon=False)
     return studies.save_figure(fig, path)
 
 

@@ -190,7 +190,7 @@ def save_figure(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     with workdir_lib.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
+        fig.savefig(f, format="png", bbox_inches="tight")
     plt.close(fig)
     return path
 
