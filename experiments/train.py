@@ -58,10 +58,9 @@ def summarize(values: Mapping[str, Any], num_seeds: int) -> dict[str, float]:
     """Host scalars per metric (`[S]` arrays); over seeds, the mean and `<name>/std`."""
     out = {}
     for name in sorted(values):
-        v = np.asarray(values[name], np.float64).reshape(-1)
-        out[name] = float(np.mean(v))
-        if num_seeds > 1:
-            out[name + "/std"] = float(np.std(v))
+        v = np.asarray(values[name], np.float64)
+        out.update({name: float(np.mean(v))} | ({f"{name}/std": float(np.std(v))}
+                                                 if num_seeds > 1 else {}))
     return out
 
 

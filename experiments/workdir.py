@@ -349,15 +349,11 @@ _RUN_NAMES = "|".join(re.escape(n) for n in RUN_FILES)
 _TEMPORARY = re.compile(rf"^({_RUN_NAMES})\..+\.tmp$")
 
 
-def remove_stale_temporaries(wd: str) -> list[str]:
+def remove_stale_temporaries(wd: str) -> None:
     """Removes the temporary files a killed writer left in `wd` (call under the lock)."""
-    removed = []
-    for name in sorted(os.listdir(wd)) if os.path.isdir(wd) else []:
-        if _TEMPORARY.match(name):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(wd, name))
-                removed.append(name)
-    return removed
+    for name in filter(_TEMPORARY.match, os.listdir(wd)):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(wd, name))
 
 
 def on_grid(round_: int, f: Mapping[str, Any]) -> bool:
@@ -366,17 +362,11 @@ def on_grid(round_: int, f: Mapping[str, Any]) -> bool:
 
 
 def check_workdir(cfg: Config, abstract_state) -> Start:
-    """Checks the workdir against the flags and loads what a resume needs; writes nothing.
-
-    Raises:
-      UsageError: the workdir is a file, holds a run without `--resume`, or
-        (with `--resume`) holds a different config, a corrupt checkpoint, or a
-        checkpoint past `--rounds`.
-    """
+    """Where a run in the (locked) workdir starts, and what a resume keeps; writes nothing.
+    `UsageError` for a run without `--resume`, or (with it) a different config, a corrupt
+    checkpoint or one past `--rounds`."""
     f = cfg.flags
     wd = f["workdir"]
-    if os.path.exists(wd) and not os.path.isdir(wd):
-        raise usage("workdir", wd, "a directory (this is a file)")
     existing = [n for n in RUN_FILES if os.path.exists(os.path.join(wd, n))]
     if not f["resume"]:
         if existing:
