@@ -2,13 +2,11 @@
 
     python -m experiments.arguments > docs/arguments.md
 
-The launcher's part comes from `experiments.config.FLAG_SPECS` (the table the
-absl flags and `validate` are built from) and `EXIT_STATUS`; the library's from
-`elastic_jax.validation.FACTORY_ARGUMENTS`, with each default read from the
-factory's signature. `tests/test_reliability.py` checks that the committed
-`docs/arguments.md` is this program's output, that the library table names
-exactly the arguments of each factory's signature, and that every range in it
-is the one the factory enforces.
+The programs' flags come from their tables (`experiments.flags.Flag`, from which
+their parsers, validation and `--help` are built too), the library's from
+`elastic_jax.validation.FACTORY_ARGUMENTS` with each default read from the
+factory's signature. `tests/test_reliability.py` checks that the committed file is
+this output and that the library's ranges are the ones its factories enforce.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import sys
 
 import elastic_jax as ej
 from experiments import config as config_lib
+from experiments import consistency_table, convex_rates, error_feedback_study, flags, hypergradients
 
 HEADER = """\
 # Arguments and their valid values
@@ -26,9 +25,16 @@ Generated from the code by `python -m experiments.arguments > docs/arguments.md`
 not edit by hand (`tests/test_reliability.py` checks that this file is current). A
 value outside its range is refused before anything compiles, with one line of the
 form `<argument>: got <value>; expected <valid values>`: a `ValueError` from the
-library, and from the launcher the same line with the flag's name (`--<flag>: ...`)
-on stderr and exit status 2.
+library, and from the programs the same line with the flag's name (`--<flag>: ...`)
+on stderr and exit status 2. A flag given on the command line that does not apply
+(see `applies with`) is refused the same way; one not given takes no part in the run.
 """
+PROGRAMS = (  # (module, flags) of every program below the launcher
+    ("experiments.error_feedback_study", error_feedback_study.FLAGS),
+    ("experiments.consistency_table", consistency_table.FLAGS),
+    ("experiments.convex_rates", convex_rates.FLAGS),
+    ("experiments.hypergradients", hypergradients.FLAGS),
+)
 
 
 def _cell(text: str) -> str:
@@ -41,25 +47,35 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
-def _flag_default(spec: config_lib.FlagSpec) -> str:
+def _flag_default(spec: flags.Flag) -> str:
     if spec.kind == "bool":
         return f"`--{spec.name}`" if spec.default else f"`--no{spec.name}`"
-    if spec.kind in ("enum", "string"):
-        return f"`{spec.default}`" if spec.default else "(empty)"
-    return f"`{spec.default}`"
+    return f"`{spec.text(spec.default)}`" if spec.default != "" else "(empty)"
+
+
+def flag_lines(module: str, table, resume: bool = False) -> list[str]:
+    """The flags of `python -m <module>`."""
+    named = flags.by_name(table)
+    rows = [(f"`--{s.name}`", _flag_default(s), s.expected, flags.condition(named, s.name)
+             or "always", *(("yes" if s.semantic else "no",) if resume else ()), s.help)
+            for s in table]
+    header = ("flag", "default", "valid values", "applies with",
+              *(("resume must keep",) if resume else ()), "meaning")
+    return [f"## Flags of `python -m {module}`", "", *_table(header, rows)]
 
 
 def launcher_lines() -> list[str]:
     """The flags of `python -m experiments.train` and its exit status."""
-    rows = [(f"`--{s.name}`", _flag_default(s), s.expected, "yes" if s.semantic else "no",
-             s.help) for s in config_lib.FLAG_SPECS]
-    lines = ["## Launcher flags: `python -m experiments.train`", "",
-             "`resume must keep`: whether `--resume` refuses a value that differs from the "
-             "saved `config.json` (`--rounds` too when a decaying schedule spans it, "
-             "`--schedule_rounds=0`).", ""]
-    lines += _table(("flag", "default", "valid values", "resume must keep", "meaning"), rows)
+    lines = flag_lines("experiments.train", config_lib.FLAGS, resume=True)
+    lines[1:1] = ["", "`resume must keep`: whether `--resume` refuses a value that differs "
+                  "from the saved `config.json` (`--rounds` too when a decaying schedule spans "
+                  "it, `--schedule_rounds=0`)."]
     lines += ["", "### Exit status", ""]
     lines += _table(("status", "meaning"), list(config_lib.EXIT_STATUS))
+    for module, table in PROGRAMS:
+        lines += ["", *flag_lines(module, table)]
+    lines += ["", "The studies and `experiments.hypergradients` exit with 0, 2 (a bad flag or "
+              "workdir, one line, nothing compiled) or 4 (a write into the workdir failed)."]
     return lines
 
 

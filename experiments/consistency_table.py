@@ -2,40 +2,25 @@ r"""docs/theory.md section 5, measured: every variant's elastic consistency cons
 
     python -m experiments.consistency_table --workdir=DIR [--smoke]
 
-For every row of docs/theory.md section 5 (synchronous SGD, compressed with and
-without error feedback; asynchronous SGD with consistent and inconsistent reads,
-compressed with and without error feedback; message passing with delays,
-compressed messages, crashes, retransmitted and permanent drops; elastic
-scheduling in both modes; local SGD; unbiased compressors) and a small sweep of
-the row's parameters, this runs the library's algorithm on a noisy quadratic
+For every row of section 5 (sync SGD with and without compression and error
+feedback; async SGD with consistent and inconsistent reads, compressed with and
+without EF; message passing with delays, compression, crashes, retransmitted and
+permanent drops; elastic scheduling in both modes; local SGD; unbiased
+compressors) and a small sweep of its parameters, this runs the algorithm on the
+noisy quadratic `f(x) = E 0.5 ||x - 1||^2 + <n, x>`, `n ~ N(0, noise^2 I_d)` per
+worker and round, from `x_0 = 0`, and reports the largest `b_hat` and mean
+`b_rms` over seeds and rounds beside the bound the run reports, the same constant
+from `ej.bounds` at the measured `M`, their ratio and whether the bound held:
+deterministic bounds on every seed and round with section 2's rounding allowance
+(`ej.checks.bound_holds`), bounds in expectation (EF around unscaled random-k)
+for the seed mean; permanent drops have no bound (`inf`), and the report gives the
+slope of `E b_hat^2` after the first quarter of the rounds instead (it grows
+linearly; with retransmission it levels off), and, for elastic scheduling in
+variance mode with fixed delays, `E b_rms^2` against `tau sigma^2 (1 - 1/P)`.
 
-    f(x) = E 0.5 ||x - 1||^2 + <n, x>,   n ~ N(0, noise^2 I_d) per worker and round,
-
-from `x_0 = 0` for `--rounds` rounds and `--num_seeds` seeds, and reports the
-measured `max b_hat` (over seeds and rounds) and mean `b_rms` beside the bound
-the algorithm reports (`consistency/bound`, docs/theory.md section 2), the same
-constant recomputed with `ej.bounds` from the measured `M` (the largest
-`grad_norm/max`), their ratio, and whether the bound held:
-
-- deterministic bounds: `b_hat <= bound` on every seed and round, with docs/theory.md
-  section 2's rounding allowance `4 eps ||x|| / eta` (`ej.checks.bound_holds`);
-- bounds in expectation (error feedback around unscaled random-k): the mean over
-  seeds of `b_hat` at every round against the mean of the bound;
-- no bound (permanent drops): `bound = inf`; the report shows the drift of
-  `E b_hat^2` instead (docs/theory.md: it grows linearly in `t`).
-
-Two expectation statements of section 5 are checked beside the table: elastic
-scheduling in variance mode with `delay="fixed"`, where `E ||x - v||^2 ~ eta^2 tau
-sigma^2 (1 - 1/P)` (`sigma^2 = d noise^2`), and the linear growth of `E b_hat^2`
-under permanent drops (beside retransmitted drops, where it levels off). From
-`x_0 = 0` the early rounds, whose gradients share the direction `x_0 - 1`, leave
-a fixed offset in a view that misses them forever, so the growth is read off the
-slope after the first quarter of the rounds, not off a ratio of levels.
-
-Each configuration compiles one `lax.scan` over rounds (one seed per call: a
-`vmap` over seeds compiled about five times slower here), so the full table
-takes a few minutes on two CPU cores; `--smoke` runs the first sweep point of
-every row for a few rounds.
+Each configuration is one compiled `lax.scan` over rounds, run per seed (a `vmap`
+over seeds compiled about five times slower); `--smoke` runs the first sweep
+point of every row for a few rounds.
 """
 
 from __future__ import annotations
@@ -50,32 +35,27 @@ import jax.numpy as jnp
 import numpy as np
 
 import elastic_jax as ej
-from experiments import problem as problem_lib
 from experiments import studies
-from experiments.studies import Spec
+from experiments.flags import Flag, UsageError
 
 MODULE = "experiments.consistency_table"
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("path", "", "Directory for report.md and the PNGs (created if missing; "
-                    "required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 30, num_seeds 2, points 1, "
-                  "dim 8) unless those flags are given."),
-    "rounds": Spec("int", 1000, "Rounds of every run.", 1, 1_000_000),
-    "num_seeds": Spec("int", 16, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
-    "seed": Spec("int", 0, "First seed.", 0, 2**31 - 1),
-    "num_workers": Spec("int", 4, "P, the base worker count of the sweeps (some rows also "
-                        "run 2P).", 2, 256),
-    "dim": Spec("int", 16, "Dimension d of the quadratic.", 1, 1_000_000),
-    "noise": Spec("float", 1.0, "Standard deviation of each gradient coordinate's noise.",
-                  0.0, None),
-    "learning_rate": Spec("float", 0.05, "Constant learning rate eta.", 0.0, 10.0,
-                          lo_open=True),
-    "points": Spec("int", 0, "Sweep points per row (the first ones); 0: all.", 0, 1000),
-}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md and the PNGs (created if missing; "
+         "required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 30, num_seeds 2, points 1, dim 8) "
+         "unless those flags are given."),
+    Flag("rounds", "int", 1000, "Rounds of every run.", 1, 1_000_000),
+    Flag("num_seeds", "int", 16, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
+    Flag("seed", "int", 0, "First seed.", 0, 2**31 - 1),
+    Flag("num_workers", "int", 4, "P, the base worker count of the sweeps (some rows also run "
+         "2P).", 2, 256),
+    Flag("dim", "int", 16, "Dimension d of the quadratic.", 1, 1_000_000),
+    Flag("noise", "float", 1.0, "Standard deviation of each gradient coordinate's noise.", 0.0),
+    Flag("learning_rate", "float", 0.05, "Constant learning rate eta.", 0.0, 10.0,
+         lo_open=True),
+    Flag("points", "int", 0, "Sweep points per row (the first ones); 0: all.", 0, 1000),
+)
 SMOKE = {"rounds": 30, "num_seeds": 2, "points": 1, "dim": 8}
-
-
-# ------------------------------------------------------------------ the problem
 
 
 def quadratic(params, batch):
@@ -84,8 +64,12 @@ def quadratic(params, batch):
     return 0.5 * jnp.sum(jnp.square(x - 1.0)) + jnp.sum(batch["n"] * x)
 
 
+KEPT = ("consistency/b_hat", "consistency/b_rms", "consistency/bound", "grad_norm/max",
+        "learning_rate")
+
+
 class Run(NamedTuple):
-    """One configuration's measurements over seeds: arrays `[seeds, rounds]`."""
+    """One configuration's measurements (the metrics `KEPT`), arrays `[seeds, rounds]`."""
 
     b_hat: np.ndarray
     b_rms: np.ndarray
@@ -93,52 +77,32 @@ class Run(NamedTuple):
     m_hat: np.ndarray
     eta: np.ndarray
     x_norm: np.ndarray  # max(||x_r||, ||x_{r+1}||) for the rounding allowance
-    loss: np.ndarray
 
 
-def _runner(alg: ej.Algorithm, dim: int, noise: float, rounds: int) -> Callable:
-    """`seed -> (metrics, x_norm)`: one compiled `lax.scan` over the rounds of one seed.
+def measure(alg: ej.Algorithm, s) -> Run:
+    """Every seed of one configuration: one compiled `lax.scan` over rounds, each round
+    `ej.run` of one round (its `batch_fn` draws the noise with the keys the library
+    derives from the seed, the round and the worker), `||x||` measured after each."""
 
-    Worker `p`'s round-`r` noise uses `ej.derive_key(base, DATA_TAG, r, p)`, the key
-    `ej.run(batch_fn=...)` gives a batch function, so the data depend only on the
-    seed, the round and the worker.
-    """
-    step = ej.make_step(alg, quadratic)
-    workers = jnp.arange(alg.num_workers)
+    def noise_fn(round_, keys):
+        return {"n": jax.vmap(lambda k: s.noise * jax.random.normal(k, (s.dim,)))(keys)}
 
     def norm(tree):
         return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
     def body(state, _):
-        shared = state.shared
-        keys = jax.vmap(lambda p: ej.derive_key(shared.key, problem_lib.DATA_TAG,
-                                                shared.round, p))(workers)
-        batch = {"n": jax.vmap(lambda k: noise * jax.random.normal(k, (dim,)))(keys)}
-        new, metrics = step(state, batch)
+        new, metrics = ej.run(alg, quadratic, state, batch_fn=noise_fn, rounds=1, loop="python")
         x_norm = jnp.maximum(norm(ej.params(state)), norm(ej.params(new)))
-        keep = ("consistency/b_hat", "consistency/b_rms", "consistency/bound",
-                "grad_norm/max", "learning_rate", "loss")
-        return new, ({k: metrics[k] for k in keep}, x_norm)
+        return new, [metrics[k][0] for k in KEPT] + [x_norm]
 
+    @jax.jit
     def one(seed):
-        state = alg.init({"w": jnp.zeros((dim,), jnp.float32)}, jax.random.key(seed))
-        return jax.lax.scan(body, state, None, length=rounds)[1]
+        state = alg.init({"w": jnp.zeros((s.dim,), jnp.float32)}, jax.random.key(seed))
+        return jax.lax.scan(body, state, None, length=s.rounds)[1]
 
-    return jax.jit(one)
-
-
-def measure(alg: ej.Algorithm, s) -> Run:
-    """Runs every seed of one configuration (one compilation)."""
-    run = _runner(alg, s.dim, s.noise, s.rounds)
-    per_seed = [jax.device_get(run(jnp.asarray(seed, jnp.int32)))
+    per_seed = [jax.device_get(one(jnp.asarray(seed, jnp.int32)))
                 for seed in studies.seeds(s.seed, s.num_seeds)]
-    stack = lambda name: np.stack([np.asarray(m[name], np.float64) for m, _ in per_seed])
-    return Run(stack("consistency/b_hat"), stack("consistency/b_rms"),
-               stack("consistency/bound"), stack("grad_norm/max"), stack("learning_rate"),
-               np.stack([np.asarray(x, np.float64) for _, x in per_seed]), stack("loss"))
-
-
-# ------------------------------------------------------------------- the rows
+    return Run(*(np.asarray(column, np.float64) for column in zip(*per_seed, strict=True)))
 
 
 class Config(NamedTuple):
@@ -298,9 +262,6 @@ def configurations(s) -> list[Config]:
     return out
 
 
-# ---------------------------------------------------------------------- summary
-
-
 class Result(NamedTuple):
     config: Config
     kind: str  # deterministic / expectation / none
@@ -401,14 +362,9 @@ def expectation_checks(results: list[Result], s) -> list[str]:
 
 
 def drift_fit(b_hat: np.ndarray) -> tuple[float, float, float]:
-    """How `E b_hat^2` grows after the first quarter of the rounds.
-
-    Returns the slope and R^2 of a least-squares line through the seed mean of
-    `b_hat^2` against the round, over the last three quarters of the rounds, and
-    the line's value where it starts. Linear growth: a positive slope with R^2
-    near 1; levelled off: a slope near 0 (and R^2 near 0, the line explaining
-    nothing but noise).
-    """
+    """Slope, R^2 and starting value of a least-squares line through the seed mean of
+    `b_hat^2` over the last three quarters of the rounds (linear growth: a positive slope,
+    R^2 near 1; levelled off: a slope and R^2 near 0)."""
     b2 = np.mean(b_hat**2, axis=0)
     rounds = np.arange(1, b2.size + 1, dtype=np.float64)
     start = b2.size // 4
@@ -421,24 +377,22 @@ def drift_fit(b_hat: np.ndarray) -> tuple[float, float, float]:
     return float(slope), float(r2), float(fitted[0])
 
 
-# ------------------------------------------------------------------------ plots
-
-
 def plot_ratios(results: list[Result], path: str) -> str:
     shown = [(i, r) for i, r in enumerate(results, 1) if r.max_ratio is not None]
-    fig, axes = studies.figure(1, 1, (12.0, 0.24 * max(len(shown), 4) + 1.2))
+    fig, axes = studies.figure(1, 1, (14.0, 0.28 * max(len(shown), 4) + 1.4))
     ax = axes[0, 0]
     labels = [f"{i}. {r.config.row}: {r.config.params}" for i, r in shown]
     values = [r.max_ratio for _, r in shown]
     colors = ["tab:blue" if r.held else "tab:red" for _, r in shown]
     ax.barh(range(len(shown)), values, color=colors)
-    ax.set_yticks(range(len(shown)), labels, fontsize=6)
+    ax.set_yticks(range(len(shown)), labels, fontsize=9)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlim(right=max(1.5, 1.2 * max(values, default=1.0)))
-    ax.set_xlabel("max over seeds and rounds of b_hat / bound (1: tight; above 1: violated)")
-    ax.set_title("Measured B against docs/theory.md section 5 (red: violated)")
+    ax.set_xlabel("max over seeds and rounds of b_hat / bound\n(1: tight; blue: held in every "
+                  "round, red: violated)", fontsize=10)
+    ax.set_title("Measured B against its bound (docs/theory.md section 5)", fontsize=11)
     ax.grid(alpha=0.3, axis="x")
     return studies.save_figure(fig, path)
 
@@ -449,20 +403,19 @@ def plot_drift(results: list[Result], path: str) -> str | None:
               or r.config.row.startswith("message passing, drops retransmitted")]
     if not chosen:
         return None
-    fig, axes = studies.figure(1, 1, (6.5, 4.0))
+    fig, axes = studies.figure(1, 1, (8.0, 5.0))
     ax = axes[0, 0]
     for r in chosen:
         b2 = np.mean(r.run.b_hat**2, axis=0)
-        ax.plot(np.arange(1, b2.size + 1), b2, label=f"{r.config.row}: {r.config.params}")
+        kind = "permanent" if "permanent" in r.config.row else "retransmitted"
+        ax.plot(np.arange(1, b2.size + 1), b2, label=f"{kind} drops: {r.config.params}")
     ax.set_xlabel("round")
     ax.set_ylabel("mean over seeds of b_hat^2")
-    ax.set_title("E b_hat^2: permanent against retransmitted drops")
+    ax.set_title("E b_hat^2 in message passing: permanent against retransmitted drops")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+              frameon=False)
     return studies.save_figure(fig, path)
-
-
-# ------------------------------------------------------------------------- run
 
 
 def measure_all(s) -> list[Result]:
@@ -477,9 +430,13 @@ def measure_all(s) -> list[Result]:
         try:
             algorithms.append(c.make())
         except ValueError as e:  # e.g. a crash horizon too short for --rounds
-            raise studies.UsageError(f"{c.row} ({c.params}): {e}") from None
-    return [summarize(c, alg, measure(alg, s))
-            for c, alg in zip(configs, algorithms, strict=True)]
+            raise UsageError(f"{c.row} ({c.params}): {e}") from None
+    progress = studies.Progress(len(configs))
+    results = []
+    for c, alg in zip(configs, algorithms, strict=True):
+        results.append(summarize(c, alg, measure(alg, s)))
+        progress.step(f"{c.row}, {c.params}")
+    return results
 
 
 def run(s, invocation=None) -> str:
@@ -495,7 +452,7 @@ def write(s, results: list[Result], seconds: float, invocation) -> str:
     exp = [r for r in results if r.kind == "expectation"]
     ratios = [r for r in results if r.max_ratio is not None]
     lines = studies.header("Elastic consistency: measured B against docs/theory.md section 5",
-                           MODULE, SPECS, s, invocation, seconds)
+                           MODULE, FLAGS, s, invocation, seconds)
     lines += [
         "Problem: the noisy quadratic `f(x) = 0.5 ||x - 1||^2 + <n, x>` in "
         f"d = {s.dim} (float32), `n ~ N(0, {s.noise:g}^2 I)` drawn per worker and round, "
@@ -540,8 +497,7 @@ def write(s, results: list[Result], seconds: float, invocation) -> str:
 
 
 def main(argv: Any = None) -> None:
-    del argv
-    studies.launch(MODULE, SPECS, SMOKE, run)
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":

@@ -2,44 +2,25 @@ r"""docs/theory.md section 3 on convex problems: measured suboptimality against 
 
     python -m experiments.convex_rates --workdir=DIR [--smoke]
 
-On least squares and L2-regularised logistic regression (`experiments.data`,
-which gives each problem's `L`, strong convexity `c`, `x*` and `f*` exactly, in
-float64), this trains a linear model from `x_0 = 0` with synchronous SGD,
-asynchronous SGD (consistent and inconsistent reads) and Top-k variants of both
-with and without error feedback, `P` workers on an IID split, `--num_seeds`
-seeds, and compares means over seeds with docs/theory.md section 3, evaluated with
-the measured `B` (the largest `consistency/b_hat` over seeds and rounds) and the
-measured `M` (the largest `grad_norm/max`, the running maximum of stochastic
-gradient norms, which bounds their second moment):
+On least squares and L2-regularised logistic regression (`experiments.data`: `L`,
+strong convexity `c`, `x*` and `f*` exact, float64), a linear model is trained
+from `x_0 = 0` by sync SGD, async SGD (consistent and inconsistent reads) and
+Top-k variants of both with and without error feedback, `P` workers on an IID
+split, over `--num_seeds` seeds. Means over seeds are compared with section 3,
+evaluated at the measured `B` (largest `b_hat`) and `M` (largest `grad_norm/max`):
 
-1. strongly convex (constant `eta <= 1/c`; `T` counts updates: rounds for sync,
-   `P` per round for async):
+1. strongly convex (constant `eta <= 1/c`; `T` updates: rounds for sync, `P` per
+   round for async): `E ||x_T - x*||^2 <= (1 - c eta)^T ||x_0 - x*||^2 + eta M^2 / c
+   + eta^2 L^2 B^2 / c^2`, and `f(x_T) - f* <= (L/2) ||x_T - x*||^2`. It covers the
+   variants whose auxiliary model is SGD with gradients at views (not Top-k without
+   error feedback, which applies `C(eta g)`: n/a);
+2. non-convex (`eta = 1/sqrt(T)`): `(1/T) sum_t E ||grad f(x_t)||^2 <= (f(x_0) - f*
+   + L M B + L M^2 / 2) / sqrt(T)`, the first and last terms over `gamma = k/d` for
+   Top-k without error feedback; measured at the start of every round.
 
-       E ||x_T - x*||^2 <= (1 - c eta)^T ||x_0 - x*||^2 + eta M^2 / c + eta^2 L^2 B^2 / c^2,
-
-   and `f(x_T) - f* <= (L/2) ||x_T - x*||^2` (L-smoothness, `grad f(x*) = 0`)
-   turns it into a bound on the suboptimality. It covers every variant whose
-   auxiliary model is SGD with gradients taken at views: the uncompressed ones,
-   and Top-k with error feedback, where `x_t` is the virtual iterate. Top-k
-   without error feedback applies `C(eta g)`, not `eta g`, so this theorem does
-   not cover it (n/a in the table);
-2. the non-convex form (`eta = 1/sqrt(T)`):
-
-       (1/T) sum_t E ||grad f(x_t)||^2 <= (f(x_0) - f* + L M B + L M^2 / 2) / sqrt(T),
-
-   with `f(x_0) - f*` and `L M^2 / 2` divided by `gamma = k/d` for Top-k without
-   error feedback (docs/theory.md's assumption `<grad f(v), E C(g)> >= gamma
-   ||grad f(v)||^2`, exact for the Top-k of a deterministic gradient). The left
-   side is measured at the start of every round, i.e. at every `P`-th update
-   for async (the round is the unit the state exposes).
-
-By default `eta = 1/sqrt(T)`, which satisfies both theorems (`eta <= 1/c`
-here); `--learning_rate` sets a constant instead, and then table 2 is n/a. The
-suboptimality is that of the auxiliary model `x_T` (the theorems' iterate; the
-virtual iterate under error feedback); the report also gives the actual model's.
-
-It writes `report.md` and `suboptimality.png` into `--workdir`. `--smoke` runs a
-tiny version for CI.
+By default `eta = 1/sqrt(T)` (it satisfies both); `--learning_rate` sets a constant
+and makes table 2 n/a. The suboptimality is the auxiliary model's (the virtual
+iterate under error feedback); the report also gives the actual model's.
 """
 
 from __future__ import annotations
@@ -56,39 +37,37 @@ import numpy as np
 
 import elastic_jax as ej
 from experiments import data as data_lib
-from experiments import problem as problem_lib
 from experiments import studies
-from experiments.studies import Spec
+from experiments.flags import Flag, usage
 
 MODULE = "experiments.convex_rates"
 PROBLEMS = ("least_squares", "logistic")
 VARIANTS = ("sync", "sync_topk", "sync_topk_ef", "async_consistent", "async_inconsistent",
             "async_topk", "async_topk_ef")
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("path", "", "Directory for report.md and the PNG (created if missing; "
-                    "required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 60, num_seeds 2, samples 256, "
-                  "dim 8) unless those flags are given."),
-    "rounds": Spec("int", 4000, "Rounds R of every run.", 1, 10_000_000),
-    "num_seeds": Spec("int", 8, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
-    "seed": Spec("int", 0, "First seed; it also draws the problems and the split.", 0,
-                 2**31 - 1),
-    "num_workers": Spec("int", 4, "P, the number of workers.", 1, 1024),
-    "max_delay": Spec("int", 8, "Largest async lag in updates (at least P - 1).", 0, 100_000),
-    "k_fraction": Spec("float", 0.125, "Top-k fraction (k = max(1, floor(fraction d))).",
-                       0.0, 1.0, lo_open=True),
-    "dim": Spec("int", 32, "Dimension d of both problems.", 1, 100_000),
-    "samples": Spec("int", 2048, "Samples n of both problems.", 2, 10_000_000),
-    "batch_size": Spec("int", 8, "Samples per worker per round.", 1, 65_536),
-    "learning_rate": Spec("float", 0.0, "Constant learning rate; 0: 1/sqrt(T), T the run's "
-                          "number of updates (needed by the non-convex bound).", 0.0, 100.0),
-    "noise": Spec("float", 0.1, "Label noise of least squares (as experiments.train).", 0.0,
-                  None),
-    "logistic_reg": Spec("float", 0.1, "L2 regularisation of logistic regression (its "
-                         "strong convexity c).", 0.0, None, lo_open=True),
-    "problems": Spec("names", ",".join(PROBLEMS), "Problems to run.", choices=PROBLEMS),
-    "variants": Spec("names", ",".join(VARIANTS), "Variants to run.", choices=VARIANTS),
-}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md and the PNG (created if missing; "
+         "required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 60, num_seeds 2, samples 256, "
+         "dim 8) unless those flags are given."),
+    Flag("rounds", "int", 4000, "Rounds R of every run.", 1, 10_000_000),
+    Flag("num_seeds", "int", 8, "Seeds per configuration (seed, seed + 1, ...).", 1, 10_000),
+    Flag("seed", "int", 0, "First seed; it also draws the problems and the split.", 0,
+         2**31 - 1),
+    Flag("num_workers", "int", 4, "P, the number of workers.", 1, 1024),
+    Flag("max_delay", "int", 8, "Largest async lag in updates (at least P - 1).", 0, 100_000),
+    Flag("k_fraction", "float", 0.125, "Top-k fraction (k = max(1, floor(fraction d))).", 0.0,
+         1.0, lo_open=True),
+    Flag("dim", "int", 32, "Dimension d of both problems.", 1, 100_000),
+    Flag("samples", "int", 2048, "Samples n of both problems.", 2, 10_000_000),
+    Flag("batch_size", "int", 8, "Samples per worker per round.", 1, 65_536),
+    Flag("learning_rate", "float", 0.0, "Constant learning rate; 0: 1/sqrt(T), T the run's "
+         "number of updates (needed by the non-convex bound).", 0.0, 100.0),
+    Flag("noise", "float", 0.1, "Label noise of least squares (as experiments.train).", 0.0),
+    Flag("logistic_reg", "float", 0.1, "L2 regularisation of logistic regression (its strong "
+         "convexity c).", 0.0, lo_open=True),
+    Flag("problems", "names", ",".join(PROBLEMS), "Problems to run.", choices=PROBLEMS),
+    Flag("variants", "names", ",".join(VARIANTS), "Variants to run.", choices=VARIANTS),
+)
 SMOKE = {"rounds": 60, "num_seeds": 2, "samples": 256, "dim": 8}
 
 
@@ -132,9 +111,6 @@ def make_algorithm(s, v: Variant) -> ej.Algorithm:
                        error_feedback=v.error_feedback)
 
 
-# -------------------------------------------------------------------- problems
-
-
 def make_problem(name: str, s) -> data_lib.ConvexProblem:
     if name == "least_squares":
         return data_lib.least_squares(s.samples, s.dim, noise=s.noise, seed=s.seed)
@@ -160,21 +136,19 @@ class Curves(NamedTuple):
 
 
 def measure(problem: data_lib.ConvexProblem, alg: ej.Algorithm, s) -> Curves:
-    """One compiled `lax.scan` over the rounds, run once per seed (float64)."""
-    step = ej.make_step(alg, problem.loss_fn)
+    """One compiled `lax.scan` over the rounds (`ej.run` one round at a time, so that the
+    auxiliary model is measured after each), run once per seed (float64)."""
     sample = batch_fn(problem, s)
-    workers = jnp.arange(alg.num_workers)
     x_star = jnp.asarray(problem.x_star)
     f_star = problem.f_star
     grad_full = jax.grad(problem.full_loss)
 
     def body(state, _):
-        shared = state.shared
         x = ej.params(state)
         grad_sq = jnp.sum(jnp.square(grad_full(x)["w"]))
-        keys = jax.vmap(lambda p: ej.derive_key(shared.key, problem_lib.DATA_TAG,
-                                                shared.round, p))(workers)
-        new, metrics = step(state, sample(shared.round, keys))
+        new, metrics = ej.run(alg, problem.loss_fn, state, batch_fn=sample, rounds=1,
+                              loop="python")
+        metrics = {name: value[0] for name, value in metrics.items()}
         x_new = ej.params(new)
         return new, {
             "suboptimality": problem.full_loss(x_new) - f_star,
@@ -195,9 +169,6 @@ def measure(problem: data_lib.ConvexProblem, alg: ej.Algorithm, s) -> Curves:
                 for seed in studies.seeds(s.seed, s.num_seeds)]
     return Curves(*(np.stack([np.asarray(r[name], np.float64) for r in per_seed])
                     for name in Curves._fields))
-
-
-# ---------------------------------------------------------------------- bounds
 
 
 class Row(NamedTuple):
@@ -251,9 +222,6 @@ def evaluate(name: str, problem: data_lib.ConvexProblem, v: Variant, curves: Cur
                distance_bound, nc)
 
 
-# ---------------------------------------------------------------------- report
-
-
 def _held(measured: float, bound: float | None) -> str:
     if bound is None:
         return "n/a"
@@ -305,29 +273,24 @@ def summary_table(rows: list[Row]) -> list[str]:
 
 
 def plot(rows: list[Row], problems: list[str], path: str) -> str:
-    fig, axes = studies.figure(1, len(problems), (6.0, 4.4))
-    colors = dict(zip(VARIANTS, [f"C{i}" for i in range(len(VARIANTS))], strict=True))
-    names = {variant(n).label: n for n in VARIANTS}
+    fig, axes = studies.figure(1, len(problems), (6.5, 5.6))
+    colors = {variant(n).label: f"C{i}" for i, n in enumerate(VARIANTS)}
     for ax, name in zip(axes[0], problems, strict=True):
-        for r in rows:
-            if r.problem != name:
-                continue
-            color = colors[names[r.variant.label]]
+        for r in (r for r in rows if r.problem == name):
             rounds = np.arange(1, r.curves.suboptimality.shape[1] + 1)
-            ax.plot(rounds, np.mean(r.curves.suboptimality, 0), color=color,
+            ax.plot(rounds, np.mean(r.curves.suboptimality, 0), color=colors[r.variant.label],
                     label=r.variant.label)
             if r.subopt_bound is not None:
-                per_round = r.updates // len(rounds)
                 bound = r.smoothness / 2 * strongly_convex_bound(
-                    r.strong_convexity, r.smoothness, r.eta, rounds * per_round, r.d0, r.m,
-                    r.b)
-                ax.plot(rounds, bound, ":", color=color, lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("round")
-        ax.set_ylabel("f(x_t) - f* (mean over seeds)")
-        ax.set_title(f"{name}: measured (solid), strongly convex bound (dotted)", fontsize=9)
+                    r.strong_convexity, r.smoothness, r.eta,
+                    rounds * (r.updates // len(rounds)), r.d0, r.m, r.b)
+                ax.plot(rounds, bound, ":", color=colors[r.variant.label], lw=1,
+                        label=f"{r.variant.label}: bound")
+        ax.set(yscale="log", xlabel="round", ylabel="f(x_t) - f* (mean over seeds)")
+        ax.set_title(f"{name}: measured (solid), strongly convex bound (dotted)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+                  frameon=False)
     return studies.save_figure(fig, path)
 
 
@@ -338,11 +301,12 @@ def measure_all(s) -> list[Row]:
       UsageError: before compiling, for a combination the library refuses.
     """
     if s.max_delay < s.num_workers - 1:
-        raise studies.usage("max_delay", s.max_delay, f"an integer >= num_workers - 1 = "
-                            f"{s.num_workers - 1}")
+        raise usage("max_delay", s.max_delay, f"an integer >= num_workers - 1 = "
+                    f"{s.num_workers - 1}")
     if s.num_workers > s.samples:
-        raise studies.usage("num_workers", s.num_workers, f"at most --samples={s.samples}")
+        raise usage("num_workers", s.num_workers, f"at most --samples={s.samples}")
     variants = [variant(n) for n in s.variants]
+    progress = studies.Progress(len(s.problems) * len(variants))
     rows = []
     with jax.enable_x64(True):
         algorithms = [make_algorithm(s, v) for v in variants]  # validates; compiles nothing
@@ -350,6 +314,7 @@ def measure_all(s) -> list[Row]:
             problem = make_problem(name, s)
             for v, alg in zip(variants, algorithms, strict=True):
                 rows.append(evaluate(name, problem, v, measure(problem, alg, s), s))
+                progress.step(f"{name}, {v.label}")
     return rows
 
 
@@ -362,7 +327,7 @@ def run(s, invocation=None) -> str:
 
 def write(s, rows: list[Row], seconds: float, invocation) -> str:
     lines = studies.header("Convex rates: measured suboptimality against docs/theory.md section 3",
-                           MODULE, SPECS, s, invocation, seconds)
+                           MODULE, FLAGS, s, invocation, seconds)
     lines += [
         f"Problems (float64, d = {s.dim}, n = {s.samples}, seed {s.seed}; `x_0 = 0`):"]
     for name in s.problems:
@@ -430,8 +395,7 @@ def write(s, rows: list[Row], seconds: float, invocation) -> str:
 
 
 def main(argv: Any = None) -> None:
-    del argv
-    studies.launch(MODULE, SPECS, SMOKE, run)
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":

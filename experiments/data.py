@@ -1,16 +1,10 @@
 """Datasets, synthetic convex problems, worker partitions and on-device batch sampling.
 
-Everything here is plain NumPy until `make_batch_fn`, which moves the data to the
-device once and returns a jittable sampler, so that the training loop draws each
-worker's minibatch inside the compiled program.
-
-Batches are dicts with the same two keys for every problem: `"x"` (images, or
-feature vectors for the convex problems) and `"y"` (integer labels, or the
-regression targets / +-1 labels of the convex problems).
-
-Loaders never unpickle anything: MNIST is read from its IDX files and CIFAR-10 from
-its binary distribution. Every missing, truncated or corrupt file raises
-`DataError` with a one-line message that starts with the offending path.
+Plain NumPy until `make_batch_fn`, which moves the data to the device once and
+returns a jittable sampler. Batches are dicts `{"x": inputs, "y": labels or
+targets}`. Loaders never unpickle: MNIST is read from its IDX files, CIFAR-10 from
+its binary distribution; a missing, truncated or corrupt file raises `DataError`,
+one line starting with the path.
 """
 
 from __future__ import annotations
@@ -43,20 +37,9 @@ class Dataset(NamedTuple):
     name: str
 
 
-# ---------------------------------------------------------------------------- digits
-
-
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Loads scikit-learn's bundled 8x8 digits (1,797 images; no download).
-
-    Args:
-      test_fraction: fraction of the samples held out for testing, in (0, 1).
-      seed: seed of the NumPy permutation that makes the (deterministic) split.
-
-    Returns:
-      A `Dataset` with images `[N, 8, 8, 1]` in [0, 1] (grey levels 0..16 divided
-      by 16) and 10 classes.
-    """
+    """scikit-learn's bundled 8x8 digits (1,797 images, `[N, 8, 8, 1]` in [0, 1], 10
+    classes), `test_fraction` held out by a permutation seeded with `seed`."""
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction: got {test_fraction!r}; expected a number in (0, 1)")
     from sklearn import datasets  # Imported here: scikit-learn is an `experiments` extra.
@@ -69,9 +52,6 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     perm = np.random.default_rng(seed).permutation(n)
     test, train = perm[:n_test], perm[n_test:]
     return Dataset(images[train], labels[train], images[test], labels[test], 10, "digits")
-
-
-# ----------------------------------------------------------------------------- files
 
 
 def _read_bytes(path: str) -> bytes:
@@ -104,8 +84,6 @@ def _check_labels(path: str, labels: np.ndarray, num_classes: int) -> None:
         raise DataError(f"{path}: label {bad} out of range; expected 0..{num_classes - 1}")
 
 
-# ----------------------------------------------------------------------------- MNIST
-
 _IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions.
 _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension.
 _MNIST_SIDE = 28
@@ -132,28 +110,16 @@ def _read_idx(path: str, *, images: bool) -> np.ndarray:
         raise DataError(f"{path}: the header says the file holds no examples")
     expected = header + int(np.prod(dims))
     if len(data) != expected:
-        raise DataError(
-            f"{path}: {len(data)} bytes, but the header ({dims[0]} examples) "
-            f"implies {expected}; truncated or corrupt"
-        )
+        raise DataError(f"{path}: {len(data)} bytes, but the header ({dims[0]} examples) "
+                        f"implies {expected}; truncated or corrupt")
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
 def load_mnist(data_dir: str) -> Dataset:
-    """Loads MNIST from the four standard IDX files (optionally gzipped).
-
-    Args:
-      data_dir: directory holding `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
-        `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte` (each may end in `.gz`).
-
-    Returns:
-      A `Dataset` with images `[N, 28, 28, 1]` in [0, 1] and 10 classes.
-
-    Raises:
-      DataError: a file is missing, has the wrong magic number or image size, a size
-        that does not match its header, a label outside 0..9, or image and label
-        counts that differ.
-    """
+    """MNIST (`[N, 28, 28, 1]` in [0, 1]) from `train-images-idx3-ubyte`,
+    `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte`
+    in `data_dir` (each may end in `.gz`); `DataError` for a missing file, a wrong
+    magic number, image size or length, a label outside 0..9, or differing counts."""
     splits = []
     for prefix in ("train", "t10k"):
         images_path = _find(data_dir, f"{prefix}-images-idx3-ubyte")
@@ -162,16 +128,12 @@ def load_mnist(data_dir: str) -> Dataset:
         labels = _read_idx(labels_path, images=False)
         _check_labels(labels_path, labels, 10)
         if labels.shape[0] != images.shape[0]:
-            raise DataError(
-                f"{labels_path}: {labels.shape[0]} labels, but {images_path} "
-                f"holds {images.shape[0]} images"
-            )
+            raise DataError(f"{labels_path}: {labels.shape[0]} labels, but {images_path} "
+                            f"holds {images.shape[0]} images")
         splits.append(((images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32)))
     (x_train, y_train), (x_test, y_test) = splits
     return Dataset(x_train, y_train, x_test, y_test, 10, "mnist")
 
-
-# -------------------------------------------------------------------------- CIFAR-10
 
 _CIFAR_PIXELS = 3 * 32 * 32
 _CIFAR_RECORD = 1 + _CIFAR_PIXELS  # One label byte, then the image in CHW order.
@@ -183,10 +145,8 @@ def _read_cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads one CIFAR-10 binary batch: `[n, 32, 32, 3]` uint8 images, `[n]` labels."""
     data = _read_bytes(path)
     if len(data) == 0 or len(data) % _CIFAR_RECORD:
-        raise DataError(
-            f"{path}: {len(data)} bytes is not a positive multiple of the "
-            f"{_CIFAR_RECORD}-byte record (1 label + {_CIFAR_PIXELS} pixels)"
-        )
+        raise DataError(f"{path}: {len(data)} bytes is not a positive multiple of the "
+                        f"{_CIFAR_RECORD}-byte record (1 label + {_CIFAR_PIXELS} pixels)")
     records = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
     labels = records[:, 0]
     _check_labels(path, labels, 10)
@@ -195,19 +155,10 @@ def _read_cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(data_dir: str) -> Dataset:
-    """Loads CIFAR-10 from its binary distribution (never from the pickled one).
-
-    Args:
-      data_dir: directory holding `data_batch_1.bin` ... `data_batch_5.bin` and
-        `test_batch.bin`, directly or in a `cifar-10-batches-bin` subdirectory.
-
-    Returns:
-      A `Dataset` with images `[N, 32, 32, 3]` in [0, 1] and 10 classes.
-
-    Raises:
-      DataError: a file is missing, its size is not a multiple of the 3,073-byte
-        record, or a label is outside 0..9.
-    """
+    """CIFAR-10 (`[N, 32, 32, 3]` in [0, 1]) from its binary distribution:
+    `data_batch_1.bin` ... `data_batch_5.bin` and `test_batch.bin` in `data_dir` or its
+    `cifar-10-batches-bin`; `DataError` for a missing file, a size that is not a
+    multiple of the 3,073-byte record, or a label outside 0..9."""
     sub = os.path.join(data_dir, "cifar-10-batches-bin")
     root = sub if os.path.isdir(sub) else data_dir
     train = [_read_cifar_file(os.path.join(root, name)) for name in _CIFAR_TRAIN]
@@ -225,42 +176,22 @@ DATASETS = ("digits", "mnist", "cifar10")
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """Loads a dataset by name.
-
-    Args:
-      name: one of `"digits"` (bundled), `"mnist"`, `"cifar10"`.
-      data_dir: directory of the data files; required for `"mnist"` and `"cifar10"`.
-
-    Returns:
-      The `Dataset`.
-
-    Raises:
-      ValueError: unknown `name`, or `data_dir` missing where it is needed.
-      DataError: `data_dir` is not a directory, or a file in it is missing or corrupt.
-    """
+    """`"digits"` (bundled), `"mnist"` or `"cifar10"` (from `data_dir`, which they need)."""
     if name not in DATASETS:
         raise ValueError(f"name: got {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits()
     if data_dir is None:
-        raise ValueError(
-            f"data_dir: got None; expected the directory holding the {name} "
-            "files (only 'digits' is bundled)"
-        )
+        raise ValueError(f"data_dir: got None; expected the directory holding the {name} "
+                         "files (only 'digits' is bundled)")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: not a directory")
     return load_mnist(data_dir) if name == "mnist" else load_cifar10(data_dir)
 
 
-# ------------------------------------------------------------------ convex problems
-
-
 class ConvexProblem(NamedTuple):
-    """A synthetic finite-sum problem `f(w) = (1/n) sum_i f_i(w)` with known constants.
-
-    Arrays are float64 NumPy; the caller casts. `loss_fn` is written in `jax.numpy`
-    and computes in the dtype of its inputs.
-    """
+    """A finite sum `f(w) = (1/n) sum_i f_i(w)` with known constants (float64 NumPy arrays;
+    `loss_fn` computes in the dtype of its inputs)."""
 
     a: np.ndarray  # [n, dim] float64 features.
     b: np.ndarray  # [n] float64 targets (least squares) or labels in {-1, +1} (logistic).
@@ -303,26 +234,13 @@ def _least_squares_loss(params: Mapping[str, jax.Array], batch: Batch) -> jax.Ar
 def least_squares(
     num_samples: int, dim: int, *, noise: float = 0.1, seed: int = 0
 ) -> ConvexProblem:
-    """A Gaussian linear regression problem, `f(w) = (1/2n) ||A w - b||^2`.
+    """Gaussian linear regression, `f(w) = (1/2n) ||A w - b||^2`.
 
-    `A` has i.i.d. standard normal entries, `b = A w_true + noise * eps` with
-    `w_true ~ N(0, I / dim)` and standard normal `eps`. The Hessian is `H = A^T A / n`,
-    so `L = lambda_max(H)` and `c = lambda_min(H)` exactly (`c = 0` when
-    `num_samples < dim`); `x_star` is the least-squares (minimum-norm) solution.
-
-    `grad_norm_bound(r)` is the exact supremum, over the ball `||w - x_star|| <= r`, of
-    the largest per-sample gradient norm, `max_i ||a_i|| (|a_i . x_star - b_i| + ||a_i|| r)`,
-    since `grad f_i(w) = a_i (a_i . w - b_i)`. A minibatch gradient is an average of
-    per-sample gradients, so it bounds every stochastic gradient there too.
-
-    Args:
-      num_samples: n, the number of rows of `A`.
-      dim: the dimension of `w`.
-      noise: standard deviation of the label noise, >= 0.
-      seed: NumPy seed.
-
-    Returns:
-      A `ConvexProblem`; `loss_fn(params, batch)` is `0.5 * mean((x @ w - y)^2)`.
+    `A` is standard normal, `b = A w_true + noise * eps`, `w_true ~ N(0, I / dim)`.
+    With `H = A^T A / n`: `L = lambda_max(H)`, `c = lambda_min(H)` (0 when
+    `num_samples < dim`); `x_star` is the minimum-norm solution. `grad_norm_bound(r)`
+    is the supremum over `||w - x_star|| <= r` of the largest per-sample (hence every
+    minibatch) gradient norm, `max_i ||a_i|| (|a_i . x_star - b_i| + ||a_i|| r)`.
     """
     _check_sizes(num_samples, dim)
     if not noise >= 0.0:
@@ -371,27 +289,13 @@ def _logistic_np(
 def logistic_regression(
     num_samples: int, dim: int, *, seed: int = 0, reg: float = 0.01
 ) -> ConvexProblem:
-    """An L2-regularised logistic regression, `f(w) = mean log(1 + e^{-b_i a_i.w}) + reg/2 ||w||^2`.
+    """L2-regularised logistic regression, `f(w) = mean log(1 + e^{-b_i a_i.w}) + reg/2 ||w||^2`.
 
-    `A` has i.i.d. standard normal entries; labels `b_i in {-1, +1}` are drawn with
-    `P(b_i = 1) = sigmoid(a_i . w_true)`, `w_true ~ N(0, 4 I / dim)`. Since the
-    logistic curvature is at most 1/4, `L = ||A||_2^2 / (4n) + reg` (an upper bound)
-    and `c = reg`. `x_star` comes from damped Newton iterations in float64 until the
-    gradient norm is below 1e-13.
-
-    `grad_norm_bound(r) = max_i ||a_i|| + reg (||x_star|| + r)` bounds every
-    per-sample (hence every minibatch) gradient `-b_i sigmoid(-b_i a_i.w) a_i + reg w`
-    over the ball `||w - x_star|| <= r` (the sigmoid is below 1).
-
-    Args:
-      num_samples: n, the number of rows of `A`.
-      dim: the dimension of `w`.
-      seed: NumPy seed.
-      reg: L2 regularisation, > 0 (it makes the minimiser unique and finite).
-
-    Returns:
-      A `ConvexProblem`; `loss_fn(params, batch)` is
-      `mean(softplus(-y * (x @ w))) + reg/2 ||w||^2`.
+    `A` is standard normal, `P(b_i = 1) = sigmoid(a_i . w_true)`, `w_true ~ N(0, 4 I /
+    dim)`, labels in {-1, +1}. `L = ||A||_2^2 / (4n) + reg` (an upper bound: the
+    logistic curvature is at most 1/4), `c = reg > 0`; `x_star` from damped Newton
+    steps in float64 to a gradient norm below 1e-13. `grad_norm_bound(r) = max_i
+    ||a_i|| + reg (||x_star|| + r)` bounds every gradient over `||w - x_star|| <= r`.
     """
     _check_sizes(num_samples, dim)
     if not (reg > 0.0 and np.isfinite(reg)):
@@ -446,15 +350,8 @@ def logistic_regression(
     )
 
 
-# ------------------------------------------------------------------------ partitions
-
-
 class Partition(NamedTuple):
-    """Worker shards as a padded index array.
-
-    Row `p` of `indices` holds worker `p`'s sample indices (sorted) in its first
-    `counts[p]` entries, followed by `-1` padding.
-    """
+    """Worker `p`'s sorted sample indices in the first `counts[p]` entries of row `p`."""
 
     indices: np.ndarray  # [P, n_max] int32; -1 past counts[p].
     counts: np.ndarray  # [P] int32, every entry >= 1.
@@ -470,38 +367,18 @@ PARTITION_KINDS = ("iid", "dirichlet")
 def partition(
     labels: np.ndarray, num_workers: int, *, kind: str = "iid", alpha: float = 0.5, seed: int = 0
 ) -> Partition:
-    """Splits sample indices among workers, IID or non-IID over labels.
+    """Splits the indices of `labels` among `num_workers` (<= n) workers; each index once.
 
-    - `"iid"`: a random permutation cut into `num_workers` shards whose sizes differ
-      by at most one.
-    - `"dirichlet"`: for each class separately, the class's (shuffled) samples are
-      cut among the workers in proportions drawn from `Dirichlet(alpha * 1_P)`
-      (Hsu et al., 2019, arXiv:1909.06335). Small `alpha` gives each worker few
-      classes; large `alpha` approaches IID. A worker left empty then receives one
-      random sample taken from the currently largest shard, repeatedly, so every
-      worker holds at least one sample (this needs `len(labels) >= num_workers`).
-
-    Every index appears in exactly one shard.
-
-    Args:
-      labels: `[n]` integer labels.
-      num_workers: P >= 1, at most `n`.
-      kind: `"iid"` or `"dirichlet"`.
-      alpha: Dirichlet concentration, > 0 (validated for either kind).
-      seed: NumPy seed.
-
-    Returns:
-      A `Partition`.
-
-    Raises:
-      ValueError: naming the bad argument.
+    `"iid"`: a random permutation cut into shards whose sizes differ by at most one.
+    `"dirichlet"`: each class's shuffled samples are cut in proportions drawn from
+    `Dirichlet(alpha * 1_P)` (Hsu et al., 2019, arXiv:1909.06335; small `alpha`: few
+    classes per worker); a worker left empty takes one random sample of the largest
+    shard. A bad argument raises a one-line `ValueError` naming it.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"labels: got shape {labels.shape} and dtype {labels.dtype}; "
-            "expected a 1-D integer array"
-        )
+        raise ValueError(f"labels: got shape {labels.shape} and dtype {labels.dtype}; "
+                         "expected a 1-D integer array")
     n = labels.shape[0]
     if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 1:
         raise ValueError(f"num_workers: got {num_workers!r}; expected an integer >= 1")
@@ -541,39 +418,15 @@ def partition(
     return Partition(indices, counts)
 
 
-# ------------------------------------------------------------------ batch sampling
-
-
 def make_batch_fn(
     x: np.ndarray, y: np.ndarray, indices: np.ndarray, counts: np.ndarray, batch_size: int
 ) -> Callable[[jax.Array, jax.Array], Batch]:
-    """Builds a jittable per-worker minibatch sampler over data held on the device.
+    """A jittable sampler over data moved to the device once, here.
 
-    For each worker `p`, `batch_fn` draws `batch_size` positions uniformly with
-    replacement from `[0, counts[p])` with `worker_keys[p]` and gathers those
-    samples of `p`'s shard. The data and the shards are moved to the device once,
-    here, and closed over (JAX passes them to the compiled program as arguments,
-    not as embedded constants).
-
-    Args:
-      x: `[n, ...]` inputs (images, or convex-problem features); moved to the device
-        as given (float64 features become float32 unless x64 is enabled).
-      y: `[n]` labels or targets.
-      indices: `[P, n_max]` int32 shard indices (`Partition.indices`).
-      counts: `[P]` shard sizes, each in `[1, n_max]` (`Partition.counts`).
-      batch_size: samples per worker per round, >= 1.
-
-    Returns:
-      `batch_fn(round, worker_keys) -> {"x": [P, batch_size, ...], "y": [P, batch_size]}`,
-      where `worker_keys` is a typed PRNG key array of shape `[P]`. The batch depends
-      on the round only through the keys (docs/design.md, "Randomness"), so `round` is
-      unused.
-
-    Example:
-      >>> part = partition(data.y_train, 8, kind="dirichlet", alpha=0.1)
-      >>> batch_fn = make_batch_fn(data.x_train, data.y_train, *part, batch_size=32)
-      >>> keys = jax.vmap(lambda p: jax.random.fold_in(round_key, p))(jnp.arange(8))
-      >>> batch = jax.jit(batch_fn)(0, keys)  # {"x": [8, 32, 8, 8, 1], "y": [8, 32]}
+    `batch_fn(round, worker_keys) -> {"x": [P, batch_size, ...], "y": [P, batch_size]}`:
+    worker `p` draws `batch_size` positions of its shard (`indices[p, :counts[p]]`,
+    a `Partition`) uniformly with replacement with `worker_keys[p]` (typed keys `[P]`;
+    the round enters only through them, docs/design.md, "Randomness").
     """
     x_np, y_np = np.asarray(x), np.asarray(y)
     indices, counts = np.asarray(indices), np.asarray(counts)
@@ -586,16 +439,12 @@ def make_batch_fn(
     if counts.shape != indices.shape[:1]:
         raise ValueError(f"counts: got shape {counts.shape}; expected [{indices.shape[0]}]")
     if counts.min() < 1 or counts.max() > indices.shape[1]:
-        raise ValueError(
-            f"counts: got values in [{counts.min()}, {counts.max()}]; expected "
-            f"values in [1, {indices.shape[1]}]"
-        )
+        raise ValueError(f"counts: got values in [{counts.min()}, {counts.max()}]; expected "
+                         f"values in [1, {indices.shape[1]}]")
     used = np.concatenate([row[:c] for row, c in zip(indices, counts, strict=True)])
     if used.min() < 0 or used.max() >= x_np.shape[0]:
-        raise ValueError(
-            f"indices: got values in [{used.min()}, {used.max()}] within counts; "
-            f"expected values in [0, {x_np.shape[0] - 1}]"
-        )
+        raise ValueError(f"indices: got values in [{used.min()}, {used.max()}] within counts; "
+                         f"expected values in [0, {x_np.shape[0] - 1}]")
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size!r}; expected an integer >= 1")
     batch_size = int(batch_size)
@@ -613,11 +462,9 @@ def make_batch_fn(
         if not jnp.issubdtype(worker_keys.dtype, jax.dtypes.prng_key) or worker_keys.shape != (
             num_workers,
         ):
-            raise ValueError(
-                f"worker_keys: got dtype {worker_keys.dtype} and shape "
-                f"{worker_keys.shape}; expected a typed PRNG key array of shape "
-                f"[{num_workers}] (jax.random.key)"
-            )
+            raise ValueError(f"worker_keys: got dtype {worker_keys.dtype} and shape "
+                             f"{worker_keys.shape}; expected a typed PRNG key array of shape "
+                             f"[{num_workers}] (jax.random.key)")
         rows = jax.vmap(sample_rows)(worker_keys, shards, sizes)  # [P, batch_size]
         return {"x": x_dev[rows], "y": y_dev[rows]}
 

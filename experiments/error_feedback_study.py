@@ -3,40 +3,29 @@ r"""Does error feedback help sparsified asynchronous SGD? Top-k async SGD with a
     python -m experiments.error_feedback_study --workdir=DIR [--smoke]
 
 Nadiradze et al. (arXiv:2001.05918) report that error feedback "may not
-necessarily help" Top-k sparsified *asynchronous* SGD; docs/theory.md section 3 gives
-the reason: error feedback removes the compressor's bias but raises the elastic
-consistency constant `B` by a term of order `(d/k) M`, and neither effect
-dominates in theory. This study measures it. For every Top-k fraction
+necessarily help" Top-k sparsified *asynchronous* SGD: it removes the
+compressor's bias but raises the elastic consistency constant `B` by a term of
+order `(d/k) M` (docs/theory.md section 3). For every Top-k fraction
 (`--k_fractions`), worker count `P` (`--workers`) and largest staleness
-(`--delays`, in updates, written in terms of `P`: `P-1`, `2P`) it trains
-asynchronous SGD (`experiments.train`'s defaults otherwise: uniform lags,
-inconsistent reads, learning rate 0.05, batch 32 per worker) with error
-feedback (EF14) and without, the small CNN on the bundled 8x8 digits, and
-CIFAR-10 with ResNet-20 when `--data_dir` holds `cifar-10-batches-bin`.
+(`--delays`, in updates, in terms of `P`: `P-1`, `2P`) this trains asynchronous
+SGD (otherwise `experiments.train`'s defaults) with EF14 and without, the small
+CNN on the bundled digits (and ResNet-20 on CIFAR-10 when `--data_dir` holds
+`cifar-10-batches-bin`). Each configuration is `experiments.config.validate`'s,
+run through `ej.run` on the launcher's problem, seeds one after another (faster
+here than the vmapped batch: see the report's "Cost"); seed `s` initialises the
+model with `fold_in(key(s), 0)` and the algorithm with `fold_in(key(s), 1)`, the
+data split is drawn from `--seed`.
 
-Each configuration is built by `experiments.config.validate` and run through
-`experiments.problem` (the launcher's data, model and compiled round), one
-seed after another: seed `s` initialises the model with `fold_in(key(s), 0)` and
-the algorithm with `fold_in(key(s), 1)`, as `--num_seeds` does, while the data
-split is drawn from `--seed` and shared. Seeds run sequentially because that
-measured faster here than the launcher's vmapped seed batch (see the report's
-"Cost" section).
-
-Measured per configuration, as mean ± standard deviation over seeds: the final
-training loss (the whole training set, at most `--train_eval_size` samples, of
-the actual model `ej.model(state)`), the final test accuracy, the rounds to
-reach `--target_loss` on the training set (checked every `--eval_every`
-rounds; "not reached" when a seed did not within `--rounds`), and the largest
-`consistency/b_hat`. Per (k, P, max_delay) the report says whether EF's final
-training loss is lower than without EF beyond the seeds' spread: the two
-intervals `mean ± std` do not overlap.
-
-It writes `report.md` and PNG plots into `--workdir`. `--smoke` runs a tiny
-version for CI.
+Measured, as mean ± std over seeds: the final training loss of the actual model
+(over at most `--train_eval_size` training samples), the test accuracy, the
+rounds to `--target_loss` (checked every `--eval_every` rounds) and the largest
+`b_hat`. EF's final loss is "lower" ("higher") when the two `mean ± std`
+intervals do not overlap. `report.md` and PNG plots go to `--workdir`.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any, NamedTuple
@@ -44,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.patches import Patch
 
 import elastic_jax as ej
 from experiments import config as config_lib
@@ -51,51 +41,49 @@ from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import problem as problem_lib
 from experiments import studies
-from experiments.studies import Spec
+from experiments.flags import Flag, usage
 
 MODULE = "experiments.error_feedback_study"
 # The reference grid of the study: a run on another grid reports how it differs.
-REFERENCE_GRID = {"k_fractions": (0.001, 0.01, 0.1), "workers": (4, 8), "delays": "P-1,2P",
-              "num_seeds": 3}
-WORKER_LOOPS = ("auto", "map", "unroll", "vmap")
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("path", "", "Directory for report.md and the PNGs (created if missing; "
-                    "required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 12, num_seeds 2, k_fractions "
-                  "0.01, workers 2, delays P-1, batch_size 8, eval_every 4) unless those "
-                  "flags are given."),
-    "rounds": Spec("int", 250, "Rounds of every run.", 1, 10_000_000),
-    "num_seeds": Spec("int", 3, "Seeds per configuration (seed, seed + 1, ...).", 1, 1024),
-    "seed": Spec("int", 0, "First seed; it also draws the data split.", 0, 2**31 - 1),
-    "k_fractions": Spec("floats", "0.001,0.01,0.1", "Top-k fractions of the grid.", 0.0, 1.0,
-                        lo_open=True),
-    "workers": Spec("ints", "4,8", "Worker counts P of the grid.", 1, 4096),
-    "delays": Spec("delays", "P-1,2P", "Largest staleness in updates, per P (async needs "
-                   ">= P - 1)."),
-    "learning_rate": Spec("float", 0.05, "Learning rate eta (constant).", 0.0, 100.0,
-                          lo_open=True),
-    "batch_size": Spec("int", 32, "Samples per worker per round.", 1, 65_536),
-    "reads": Spec("enum", "inconsistent", "Stale reads: one lag per update (consistent) or "
-                  "per coordinate (inconsistent, experiments.train's default).",
-                  choices=("consistent", "inconsistent")),
-    "delay": Spec("enum", "uniform", "Delay law of the lags (experiments.train's default: "
-                  "uniform).", choices=("fixed", "uniform", "geometric")),
-    "model": Spec("enum", "cnn", "Model on the digits (CIFAR-10 always uses resnet20).",
-                  choices=("cnn", "mlp")),
-    "target_loss": Spec("float", 0.1, "Training loss whose first crossing is reported.", 0.0,
-                        None, lo_open=True),
-    "eval_every": Spec("int", 10, "Rounds between training-loss evaluations.", 1, 1_000_000),
-    "train_eval_size": Spec("int", 10_000, "Training samples the training loss is measured "
-                            "on (the first ones).", 1, 10_000_000),
-    "data_dir": Spec("string", "", "A directory; when it holds cifar-10-batches-bin the "
-                     "grid also runs CIFAR-10 with ResNet-20."),
-    "compare_seed_batching": Spec("bool", False, "Also time the largest configuration's "
-                                  "seeds run one after another against the launcher's "
-                                  "vmapped --num_seeds batch (two extra compilations)."),
-    "worker_loop": Spec("enum", "auto", "How a round evaluates the workers' gradients "
-                        "(ej.make_step's worker_loop; auto: the library picks the fastest for "
-                        "the model and backend).", choices=WORKER_LOOPS),
-}
+REFERENCE_GRID = {"k_fractions": "0.001,0.01,0.1", "workers": "4,8", "delays": "P-1,2P"}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md and the PNGs (created if missing; "
+         "required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 12, num_seeds 2, k_fractions "
+         "0.01, workers 2, delays P-1, batch_size 8, eval_every 4) unless those flags are "
+         "given."),
+    Flag("rounds", "int", 250, "Rounds of every run.", 1, 10_000_000),
+    Flag("num_seeds", "int", 3, "Seeds per configuration (seed, seed + 1, ...).", 1, 1024),
+    Flag("seed", "int", 0, "First seed; it also draws the data split.", 0, 2**31 - 1),
+    Flag("k_fractions", "floats", "0.001,0.01,0.1", "Top-k fractions of the grid.", 0.0, 1.0,
+         lo_open=True),
+    Flag("workers", "ints", "4,8", "Worker counts P of the grid.", 1, 4096),
+    Flag("delays", "delays", "P-1,2P", "Largest staleness in updates, per P (async needs "
+         ">= P - 1 for every P of the grid)."),
+    Flag("learning_rate", "float", 0.05, "Learning rate eta (constant).", 0.0, 100.0,
+         lo_open=True),
+    Flag("batch_size", "int", 32, "Samples per worker per round.", 1, 65_536),
+    Flag("reads", "enum", "inconsistent", "Stale reads: one lag per update (consistent) or per "
+         "coordinate (inconsistent, experiments.train's default).",
+         choices=("consistent", "inconsistent")),
+    Flag("delay", "enum", "uniform", "Delay law of the lags (experiments.train's default: "
+         "uniform).", choices=("fixed", "uniform", "geometric")),
+    Flag("model", "enum", "cnn", "Model on the digits (CIFAR-10 always uses resnet20).",
+         choices=("cnn", "mlp")),
+    Flag("target_loss", "float", 0.1, "Training loss whose first crossing is reported.", 0.0,
+         lo_open=True),
+    Flag("eval_every", "int", 10, "Rounds between training-loss evaluations.", 1, 1_000_000),
+    Flag("train_eval_size", "int", 10_000, "Training samples the training loss is measured on "
+         "(the first ones).", 1, 10_000_000),
+    Flag("data_dir", "str", "", "A directory; when it holds cifar-10-batches-bin the grid also "
+         "runs CIFAR-10 with ResNet-20."),
+    Flag("compare_seed_batching", "bool", False, "Also time the largest configuration's seeds "
+         "run one after another against the launcher's vmapped --num_seeds batch (two extra "
+         "compilations)."),
+    Flag("worker_loop", "enum", "auto", "How a round evaluates the workers' gradients "
+         "(ej.make_step's worker_loop; auto: the library picks the fastest for the model and "
+         "backend).", choices=("auto", "map", "unroll", "vmap")),
+)
 SMOKE = {"rounds": 12, "num_seeds": 2, "k_fractions": "0.01", "workers": "2",
          "delays": "P-1", "batch_size": 8, "eval_every": 4}
 
@@ -120,29 +108,20 @@ def datasets(s) -> list[tuple[str, str]]:
 
 
 def grid(s) -> list[Point]:
-    points = []
-    for dataset, model in datasets(s):
-        for k in s.k_fractions:
-            for p in s.workers:
-                for delay in s.delays:
-                    for ef in (False, True):
-                        points.append(Point(dataset, model, k, p, delay(p), ef))
-    return points
+    return [Point(dataset, model, k, p, delay(p), ef) for dataset, model in datasets(s)
+            for k in s.k_fractions for p in s.workers for delay in s.delays
+            for ef in (False, True)]
 
 
 def launcher_values(s, point: Point) -> dict[str, Any]:
     """The `experiments.train` flags of one configuration."""
-    values = {
-        "algorithm": "async", "num_workers": point.num_workers, "max_delay": point.max_delay,
-        "delay": s.delay, "reads": s.reads, "compressor": "top_k", "k_fraction": point.k,
-        "error_feedback": point.error_feedback, "learning_rate": s.learning_rate,
-        "batch_size": s.batch_size, "rounds": s.rounds, "model": point.model,
-        "dataset": point.dataset, "data_dir": s.data_dir if point.dataset != "digits" else "",
-        "seed": s.seed, "workdir": s.workdir,
-    }
-    if "worker_loop" in config_lib.SPECS:
-        values["worker_loop"] = s.worker_loop
-    return values
+    values = {"algorithm": "async", "num_workers": point.num_workers, "max_delay":
+              point.max_delay, "delay": s.delay, "reads": s.reads, "compressor": "top_k",
+              "k_fraction": point.k, "error_feedback": point.error_feedback,
+              "learning_rate": s.learning_rate, "batch_size": s.batch_size, "rounds": s.rounds,
+              "model": point.model, "dataset": point.dataset, "seed": s.seed,
+              "workdir": s.workdir, "worker_loop": s.worker_loop}
+    return values if point.dataset == "digits" else {**values, "data_dir": s.data_dir}
 
 
 def check(s) -> list[tuple[Point, config_lib.Config]]:
@@ -150,19 +129,9 @@ def check(s) -> list[tuple[Point, config_lib.Config]]:
     for delay in s.delays:
         for p in s.workers:
             if delay(p) < p - 1:
-                raise studies.usage("delays", str(delay), f"delays >= P - 1 for every P in "
-                                    f"--workers (P = {p} gives {delay(p)})")
-    out = []
-    for point in grid(s):
-        try:
-            cfg = config_lib.validate(launcher_values(s, point))
-        except config_lib.UsageError as e:
-            raise studies.UsageError(str(e)) from None
-        out.append((point, cfg))
-    return out
-
-
-# ------------------------------------------------------------------------ runs
+                raise usage("delays", str(delay), f"delays >= P - 1 for every P in --workers "
+                            f"(P = {p} gives {delay(p)})")
+    return [(point, config_lib.validate(launcher_values(s, point))) for point in grid(s)]
 
 
 class Outcome(NamedTuple):
@@ -175,134 +144,100 @@ class Outcome(NamedTuple):
     max_b_hat: list[float]
     eval_rounds: list[int]
     curves: np.ndarray  # [seeds, evaluations] training loss
-    compile_s: float
-    run_s: float
+    seconds: float  # every seed, compilation included
 
 
-class Data(NamedTuple):
-    """What the training-loss evaluation needs for one dataset."""
-
-    module: Any
-    x: np.ndarray
-    y: np.ndarray
-
-
-def load_data(dataset: str, model: str, s) -> Data:
+def train_loss_fn(dataset: str, model: str, s):
+    """`params -> ` the loss over the first `--train_eval_size` training samples."""
     ds = data_lib.load_dataset(dataset, s.data_dir or None)
     module, _ = models_lib.make_model(model, ds.num_classes, ds.x_train.shape[1:])
     n = min(s.train_eval_size, ds.y_train.shape[0])
-    return Data(module, ds.x_train[:n], ds.y_train[:n])
+    return lambda params: models_lib.evaluate(module, params, ds.x_train[:n], ds.y_train[:n])[0]
 
 
-def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, data: Data,
+def _runner(cfg: config_lib.Config, problem: problem_lib.Problem, s, seeded: bool = False):
+    """`run(state, n) -> (state, metrics)`: `n` rounds through `ej.run` (vmapped over seeds)."""
+
+    def run(state, n):
+        return ej.run(cfg.algorithm, problem.loss_fn, state, batch_fn=problem.batch_fn,
+                      rounds=n, has_aux=True, worker_loop=s.worker_loop,
+                      loop=config_lib.resolve_loop(cfg.flags, jax.default_backend()))
+
+    return (lambda state, n: jax.vmap(lambda x: run(x, n))(state)) if seeded else run
+
+
+def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, train_loss,
               s) -> Outcome:
-    """Runs every seed of one configuration with one compiled round."""
-    alg = cfg.algorithm
-    alg_init = jax.jit(alg.init)
-    mesh = ej.parallel.make_mesh(1)
-
-    def init(seed):
-        base = jax.random.key(seed)
-        state = alg_init(problem.init_params(jax.random.fold_in(base, 0)),
-                         jax.random.fold_in(base, 1))
-        return ej.parallel.shard_state(jax.tree.map(jnp.copy, state), mesh)
-
-    def train_loss(state):
-        return models_lib.evaluate(data.module, ej.model(state), data.x, data.y)[0]
-
-    seeds = studies.seeds(s.seed, s.num_seeds)
-    t0 = time.perf_counter()
-    state = init(seeds[0])
-    sample, step = problem_lib.make_round(cfg, problem)
-    sample = jax.jit(sample).lower(state).compile()
-    step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
-    compile_s = time.perf_counter() - t0
+    """Runs every seed of one configuration, one after another."""
+    alg_init = jax.jit(cfg.algorithm.init)
+    run = _runner(cfg, problem, s)
     eval_rounds = [r for r in range(1, s.rounds + 1) if r % s.eval_every == 0 or r == s.rounds]
     final, accuracy, reached, b_max, curves = [], [], [], [], []
     t0 = time.perf_counter()
-    for i, seed in enumerate(seeds):
-        if i:
-            state = init(seed)
-        b_hats, curve = [], []
-        for r in range(1, s.rounds + 1):
-            state, metrics = step(state, sample(state))
-            b_hats.append(metrics["consistency/b_hat"])
-            if r in eval_rounds:
-                curve.append(train_loss(state))
+    for seed in studies.seeds(s.seed, s.num_seeds):
+        base = jax.random.key(seed)
+        state = alg_init(problem.init_params(jax.random.fold_in(base, 0)),
+                         jax.random.fold_in(base, 1))
+        r, b_hat, curve = 0, 0.0, []
+        for end in eval_rounds:
+            state, metrics = run(state, end - r)
+            r, b_hat = end, max(b_hat, float(jnp.max(metrics["consistency/b_hat"])))
+            curve.append(train_loss(ej.model(state)))
         final.append(curve[-1])
         accuracy.append(problem.evaluate(ej.model(state))["test/accuracy"])
         hit = [r for r, loss in zip(eval_rounds, curve, strict=True) if loss <= s.target_loss]
         reached.append(hit[0] if hit else None)
-        b_max.append(float(jnp.max(jnp.stack(b_hats))))
+        b_max.append(b_hat)
         curves.append(curve)
     return Outcome(point, final, accuracy, reached, b_max, eval_rounds, np.asarray(curves),
-                   compile_s, time.perf_counter() - t0)
+                   time.perf_counter() - t0)
 
 
 class Batching(NamedTuple):
-    """Seeds one after another against one vmapped batch, on one configuration."""
+    """Seeds one after another against one vmapped batch: the first two rounds' seconds
+    (compilation included: under `vmap` the second round's input batches differently
+    from the first's) and the milliseconds per seed and round after them."""
 
     point: Point
     rounds: int
     sequential_compile_s: float
-    sequential_ms: float  # per seed and round
+    sequential_ms: float
     vmapped_compile_s: float
     vmapped_ms: float
 
 
-def _time_rounds(step, sample, state, rounds: int) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        state, _ = step(state, sample(state))
-    jax.block_until_ready(state)
-    return state, time.perf_counter() - t0
-
-
-def seed_batching(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, s,
-                  rounds: int = 20) -> Batching:
-    """Times `rounds` rounds of every seed both ways (after one warm-up round each)."""
-    values = {**launcher_values(s, point), "num_seeds": s.num_seeds}
+def seed_batching(point: Point, problem: problem_lib.Problem, s, rounds: int = 20) -> Batching:
+    """Times `rounds` rounds of every seed both ways (after two first rounds each)."""
     timings = []
     for seeds in (1, s.num_seeds):
-        batch_cfg = config_lib.validate({**values, "num_seeds": seeds})
-        init = problem_lib.make_init(batch_cfg, problem)
+        batch_cfg = config_lib.validate({**launcher_values(s, point), "num_seeds": seeds})
+        run = _runner(batch_cfg, problem, s, seeded=seeds > 1)
+        state = problem_lib.make_init(batch_cfg, problem)()
         t0 = time.perf_counter()
-        state = init()
-        if seeds == 1:
-            state = ej.parallel.shard_state(state, ej.parallel.make_mesh(1))
-        sample, step = problem_lib.make_round(batch_cfg, problem)
-        sample = jax.jit(sample).lower(state).compile()
-        step = jax.jit(step, donate_argnums=0).lower(state, sample(state)).compile()
-        compile_s = time.perf_counter() - t0
-        state, _ = _time_rounds(step, sample, state, 1)
-        total = 0.0
+        state = jax.block_until_ready(run(state, 2)[0])
+        compile_s, total = time.perf_counter() - t0, 0.0
         for _ in range(s.num_seeds if seeds == 1 else 1):  # the same state each time: timing
-            state, seconds = _time_rounds(step, sample, state, rounds)
-            total += seconds
+            t0 = time.perf_counter()
+            state = jax.block_until_ready(run(state, rounds)[0])
+            total += time.perf_counter() - t0
         timings += [compile_s, 1000 * total / (rounds * s.num_seeds)]
     return Batching(point, rounds, *timings)
 
 
 def run_grid(s) -> list[Outcome]:
     configs = check(s)
-    problems: dict[tuple, problem_lib.Problem] = {}
-    loaded: dict[tuple[str, str], Data] = {}
-    outcomes = []
+    problems, losses, outcomes = {}, {}, []
+    progress = studies.Progress(len(configs))
     for point, cfg in configs:
         key = (point.dataset, point.model, point.num_workers)
         if key not in problems:  # The data split depends on P only, not on the algorithm.
-            try:
-                problems[key] = problem_lib.load_problem(cfg.flags)
-            except config_lib.UsageError as e:
-                raise studies.UsageError(str(e)) from None
-        if (point.dataset, point.model) not in loaded:
-            loaded[point.dataset, point.model] = load_data(point.dataset, point.model, s)
-        outcomes.append(run_point(point, cfg, problems[key], loaded[point.dataset, point.model],
-                                  s))
+            problems[key] = problem_lib.load_problem(cfg.flags)
+        if key[:2] not in losses:
+            losses[key[:2]] = train_loss_fn(point.dataset, point.model, s)
+        outcomes.append(run_point(point, cfg, problems[key], losses[key[:2]], s))
+        progress.step(f"{point.dataset}, k={point.k:g}, P={point.num_workers}, max_delay="
+                      f"{point.max_delay}, {'EF' if point.error_feedback else 'no EF'}")
     return outcomes
-
-
-# --------------------------------------------------------------------- analysis
 
 
 class Comparison(NamedTuple):
@@ -377,92 +312,72 @@ def finding(comparisons: list[Comparison]) -> list[str]:
     if any(c.verdict == "one seed" for c in comparisons):
         return ["One seed per configuration: there is no spread to judge the differences "
                 "against (rerun with --num_seeds >= 2); see the table for the values."]
-    lower = [c for c in comparisons if c.verdict == "lower"]
-    higher = [c for c in comparisons if c.verdict == "higher"]
-    within = n - len(lower) - len(higher)
+    count = {v: sum(c.verdict == v for c in comparisons) for v in ("lower", "within", "higher")}
     lines = [f"Error feedback's final training loss was lower than without it beyond the "
-             f"seeds' spread in {len(lower)} of {n} configurations, higher beyond the spread "
-             f"in {len(higher)}, and within the spread in {within}."]
+             f"seeds' spread in {count['lower']} of {n} configurations, higher beyond the "
+             f"spread in {count['higher']}, and within the spread in {count['within']}."]
     for k in sorted({c.k for c in comparisons}):
-        sel = [c for c in comparisons if c.k == k]
-        counts = {v: sum(c.verdict == v for c in sel) for v in ("lower", "within", "higher")}
-        lines.append(f"- k = {k:g}: EF lower in {counts['lower']}, within the spread in "
-                     f"{counts['within']}, higher in {counts['higher']} of {len(sel)}.")
+        sel = [c.verdict for c in comparisons if c.k == k]
+        lines.append(f"- k = {k:g}: EF lower in {sel.count('lower')}, within the spread in "
+                     f"{sel.count('within')}, higher in {sel.count('higher')} of {len(sel)}.")
     faster = slower = 0
     for c in comparisons:
-        r_on, r_off = c.with_ef.rounds_to_target, c.without.rounds_to_target
-        on_all, off_all = None not in r_on, None not in r_off
-        if on_all and (not off_all or np.mean(r_on) < np.mean(r_off)):
-            faster += 1
-        elif off_all and (not on_all or np.mean(r_off) < np.mean(r_on)):
-            slower += 1
-    lines.append(f"- Rounds to the target loss (every seed must reach it; fewer on average "
-                 f"wins): EF faster in {faster}, slower in {slower}, tied or neither reached "
-                 f"it in {n - faster - slower} of {n}.")
-    raised = [c for c in comparisons
-              if np.mean(c.with_ef.max_b_hat) > np.mean(c.without.max_b_hat)]
+        on, off = c.with_ef.rounds_to_target, c.without.rounds_to_target
+        on_all, off_all = None not in on, None not in off
+        faster += on_all and (not off_all or np.mean(on) < np.mean(off))
+        slower += off_all and (not on_all or np.mean(off) < np.mean(on))
     ratios = [np.mean(c.with_ef.max_b_hat) / np.mean(c.without.max_b_hat) for c in comparisons]
-    lines.append(f"- Measured `B` (max `b_hat`, mean over seeds): higher with EF in "
-                 f"{len(raised)} of {n} configurations (EF / no EF from {min(ratios):.2g} to "
-                 f"{max(ratios):.2g}); docs/theory.md section 5 prices error feedback at "
-                 "`M (max_delay (1 + rho) + P rho)` against `max_delay mu` without it.")
-    ks = ", ".join(f"{k:g}" for k in sorted({c.k for c in comparisons if c.verdict != "lower"}))
-    if len(lower) == n:
-        verdict = ("In this run error feedback lowered the final training loss beyond the "
-                   "seeds' spread in every configuration: it does not reproduce the paper's "
-                   "finding that error feedback need not help sparsified asynchronous SGD.")
-    elif not lower:
-        verdict = ("In this run error feedback never lowered the final training loss beyond "
-                   "the seeds' spread: consistent with the paper's finding that it need not "
-                   "help sparsified asynchronous SGD.")
-    elif higher:
-        verdict = (f"In this run error feedback lowered the final training loss beyond the "
-                   f"seeds' spread in {len(lower)} of {n} configurations and raised it beyond "
-                   f"the spread in {len(higher)}: consistent with the paper's finding that it "
-                   "need not help sparsified asynchronous SGD.")
-    else:
-        not_lower = [c for c in comparisons if c.verdict != "lower"]
-        mean_lower = sum(np.mean(c.with_ef.final_loss) < np.mean(c.without.final_loss)
-                         for c in not_lower)
-        verdict = (f"In this run error feedback lowered the final training loss beyond the "
-                   f"seeds' spread in {len(lower)} of {n} configurations and never raised it "
-                   f"beyond the spread; in the other {len(not_lower)} (k = {ks}) the "
-                   f"difference was within the spread (EF's mean lower in {mean_lower} of "
-                   f"them). The paper's finding that error feedback need not help shows here "
-                   f"only as the vanishing of its advantage at k = {ks}, not as a "
-                   "configuration where it hurt.")
-    lines += ["", verdict]
-    return lines
-
-
-# ------------------------------------------------------------------------ plots
+    lines += [f"- Rounds to the target loss (every seed must reach it; fewer on average wins): "
+              f"EF faster in {faster}, slower in {slower}, tied or neither reached it in "
+              f"{n - faster - slower} of {n}.",
+              f"- Measured `B` (max `b_hat`, mean over seeds): higher with EF in "
+              f"{sum(r > 1 for r in ratios)} of {n} configurations (EF / no EF from "
+              f"{min(ratios):.2g} to {max(ratios):.2g}); docs/theory.md section 5 prices error "
+              "feedback at `M (max_delay (1 + rho) + P rho)` against `max_delay mu` without it.",
+              ""]
+    rest = [c for c in comparisons if c.verdict != "lower"]
+    ks = ", ".join(f"{k:g}" for k in sorted({c.k for c in rest}))
+    paper = "the paper's finding that error feedback need not help sparsified asynchronous SGD"
+    if not rest:
+        return lines + ["In this run error feedback lowered the final training loss beyond the "
+                        f"seeds' spread in every configuration: it does not reproduce {paper}."]
+    if count["higher"] or not count["lower"]:
+        return lines + [f"In this run error feedback lowered the final training loss beyond the "
+                        f"seeds' spread in {count['lower']} of {n} configurations and raised "
+                        f"it beyond the spread in {count['higher']}: consistent with {paper}."]
+    mean_lower = sum(np.mean(c.with_ef.final_loss) < np.mean(c.without.final_loss) for c in rest)
+    return lines + [f"In this run error feedback lowered the final training loss beyond the "
+                    f"seeds' spread in {count['lower']} of {n} configurations and never raised "
+                    f"it beyond the spread; in the other {len(rest)} (k = {ks}) the difference "
+                    f"was within the spread (EF's mean lower in {mean_lower} of them). "
+                    f"T{paper[1:]} shows here only as the vanishing of its advantage at "
+                    f"k = {ks}, not as a configuration where it hurt."]
 
 
 def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
     sel = [o for o in outcomes if o.point.dataset == dataset]
     workers = sorted({o.point.num_workers for o in sel})
-    fig, axes = studies.figure(len(workers), len(s.delays), (5.0, 3.6))
+    fig, axes = studies.figure(len(workers), len(s.delays), (6.0, 4.2))
     colors = {k: f"C{i}" for i, k in enumerate(s.k_fractions)}
-    for i, p in enumerate(workers):
-        for j, delay in enumerate(s.delays):
-            ax = axes[i, j]
-            for o in sel:
-                if o.point.num_workers != p or o.point.max_delay != delay(p):
-                    continue
-                mean = o.curves.mean(0)
-                style = "-" if o.point.error_feedback else "--"
-                label = f"k={o.point.k:g}, {'EF' if o.point.error_feedback else 'no EF'}"
-                ax.plot(o.eval_rounds, mean, style, color=colors[o.point.k], label=label)
-                if o.curves.shape[0] > 1:  # min to max over seeds (positive: log scale)
-                    ax.fill_between(o.eval_rounds, o.curves.min(0), o.curves.max(0),
-                                    color=colors[o.point.k], alpha=0.15)
-            ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":")
-            ax.set_yscale("log")
-            ax.set_title(f"{dataset}: P={p}, max_delay={delay(p)} ({delay})", fontsize=9)
-            ax.set_xlabel("round")
-            ax.set_ylabel("training loss (mean; band: seeds' range)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
+    for (i, p), (j, delay) in itertools.product(enumerate(workers), enumerate(s.delays)):
+        ax = axes[i, j]
+        for o in sel:
+            if o.point.num_workers == p and o.point.max_delay == delay(p):
+                ef = "EF" if o.point.error_feedback else "no EF"
+                ax.plot(o.eval_rounds, o.curves.mean(0), "-" if o.point.error_feedback
+                        else "--", color=colors[o.point.k], label=f"k={o.point.k:g}, {ef}")
+                ax.fill_between(o.eval_rounds, o.curves.min(0), o.curves.max(0),
+                                color=colors[o.point.k], alpha=0.12, lw=0,
+                                label="shaded: min to max over seeds")
+        ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":", label="target loss")
+        ax.set(yscale="log", xlabel="round",
+               ylabel="training loss of the actual model\n(mean over seeds)")
+        ax.set_title(f"{dataset}: P={p}, max_delay={delay(p)} ({delay})", fontsize=10)
+        ax.grid(alpha=0.3)
+    labels = dict(zip(*reversed(axes[0, 0].get_legend_handles_labels()), strict=True))
+    labels["shaded: min to max over seeds"] = Patch(color="grey", alpha=0.3)
+    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=4, fontsize=9,
+               bbox_to_anchor=(0.5, 1.0), frameon=False)
     return studies.save_figure(fig, path)
 
 
@@ -474,9 +389,10 @@ def plot_final(comparisons: list[Comparison], dataset: str, path: str) -> str:
     for offset, attr, label in ((-0.2, "without", "no EF"), (0.2, "with_ef", "EF")):
         means = [np.mean(getattr(c, attr).final_loss) for c in sel]
         stds = [np.std(getattr(c, attr).final_loss) for c in sel]
-        ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, label=label)
+        ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3,
+               label=f"{label} (bar: mean over seeds; line: ± 1 std)")
     ax.set_xticks(x, [f"k={c.k:g}\nP={c.num_workers}\nD={c.max_delay}" for c in sel],
-                  fontsize=7)
+                  fontsize=9)
     ax.set_yscale("log")
     ax.set_ylabel("final training loss (mean ± std)")
     ax.set_title(f"{dataset}: async Top-k SGD with and without error feedback")
@@ -485,22 +401,13 @@ def plot_final(comparisons: list[Comparison], dataset: str, path: str) -> str:
     return studies.save_figure(fig, path)
 
 
-# ------------------------------------------------------------------------ report
-
-
 def reductions(s) -> list[str]:
     """How the settings differ from the reference grid."""
-    out = []
-    if tuple(s.k_fractions) != REFERENCE_GRID["k_fractions"]:
-        out.append(f"k fractions {', '.join(f'{k:g}' for k in s.k_fractions)} instead of "
-                   "0.001, 0.01, 0.1")
-    if tuple(s.workers) != REFERENCE_GRID["workers"]:
-        out.append(f"P in {{{', '.join(map(str, s.workers))}}} instead of {{4, 8}}")
-    if ",".join(map(str, s.delays)) != REFERENCE_GRID["delays"]:
-        out.append(f"max_delay in {{{', '.join(map(str, s.delays))}}} instead of {{P-1, 2P}}")
-    if s.num_seeds < REFERENCE_GRID["num_seeds"]:
-        out.append(f"{s.num_seeds} seeds instead of at least 3")
-    return out
+    table = {f.name: f for f in FLAGS}
+    out = [f"--{name}={table[name].text(getattr(s, name))} instead of {reference}"
+           for name, reference in REFERENCE_GRID.items()
+           if table[name].text(getattr(s, name)) != reference]
+    return out + [f"{s.num_seeds} seeds instead of at least 3"] * (s.num_seeds < 3)
 
 
 def run(s, invocation=None) -> str:
@@ -510,7 +417,7 @@ def run(s, invocation=None) -> str:
     batching = None
     if s.compare_seed_batching:
         point, cfg = check(s)[-1]  # the largest P and max_delay, with error feedback
-        batching = seed_batching(point, cfg, problem_lib.load_problem(cfg.flags), s)
+        batching = seed_batching(point, problem_lib.load_problem(cfg.flags), s)
     seconds = time.perf_counter() - start
     return write(s, outcomes, seconds, invocation, batching)
 
@@ -518,7 +425,7 @@ def run(s, invocation=None) -> str:
 def write(s, outcomes: list[Outcome], seconds: float, invocation,
           batching: Batching | None = None) -> str:
     comparisons = compare(outcomes)
-    lines = studies.header("Error feedback in sparsified asynchronous SGD", MODULE, SPECS, s,
+    lines = studies.header("Error feedback in sparsified asynchronous SGD", MODULE, FLAGS, s,
                            invocation, seconds)
     names = ", ".join(f"{d} ({m})" for d, m in datasets(s))
     lines += [
@@ -548,20 +455,19 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
                                                               f"final_loss_{dataset}.png"))
         lines += [f"![training loss, {dataset}]({os.path.basename(curves)})", "",
                   f"![final loss, {dataset}]({os.path.basename(final)})", ""]
-    compile_s = sum(o.compile_s for o in outcomes)
-    run_s = sum(o.run_s for o in outcomes)
     lines += [
         "## Cost",
         "",
-        f"{len(outcomes)} compiled configurations: compilation {compile_s:.0f} s in all, "
-        f"training and evaluation {run_s:.0f} s ({s.num_seeds} seeds each).",
+        f"{len(outcomes)} configurations, {s.num_seeds} seeds each: "
+        f"{sum(o.seconds for o in outcomes):.0f} s of compilation, training and evaluation.",
     ]
     if batching is not None:
         b = batching.point
         lines += [
             "",
             f"Seed batching, timed on k = {b.k:g}, P = {b.num_workers}, max_delay = "
-            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after a warm-up round): "
+            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after two first rounds, "
+            "whose time, compilation included, is given apart): "
             f"seeds one after another {batching.sequential_ms:.1f} ms per seed and round "
             f"(compilation {batching.sequential_compile_s:.1f} s); the launcher's vmapped "
             f"`--num_seeds={s.num_seeds}` batch {batching.vmapped_ms:.1f} ms per seed and "
@@ -572,8 +478,7 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
 
 
 def main(argv: Any = None) -> None:
-    del argv
-    studies.launch(MODULE, SPECS, SMOKE, run)
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":

@@ -2,196 +2,58 @@ r"""Hypergradients of the final loss: does more error feedback help, and where d
 
     python -m experiments.hypergradients --workdir=/tmp/hypergradients [--smoke]
 
-On the bundled 8x8 digits with the MLP (one hidden layer of 128), `P` workers
-and `R` rounds, this differentiates the test loss of the final auxiliary model
-(`ej.analysis.hypergradient`, objective `"final_loss"` on the held-out split)
+On the bundled digits with the MLP (one hidden layer of 128), `P` workers and `R`
+rounds, this differentiates the held-out loss of the final auxiliary model
+(`ej.analysis.hypergradient`, forward mode: memory independent of `R`)
 
-1. with respect to the error-feedback damping `beta` over a grid in [0, 1], for
-   Top-k fractions 1% and 10% (`--k_fractions`), for synchronous SGD and for asynchronous SGD
-   with every read delayed by exactly `P - 1` or `2P` updates
-   (`delay="fixed"`); every worker's update is `C(e + eta g)` in both (sync
-   averages the `P` updates of a round, async applies them one after another);
-2. with respect to the learning rate and `staleness` (Top-k with EF14 at the
-   first of `--k_fractions`, 1% by default: the project's default rule), for
-   synchronous SGD against the two asynchronous ones, over a grid of staleness
-   in [0, 1] (0: every read is the freshest the round allows; 1: the delayed
-   read).
+1. with respect to the error-feedback damping `beta` over a grid in [0, 1], for each
+   Top-k fraction of `--k_fractions`, for sync SGD and for async SGD with every read
+   delayed by exactly `P - 1` or `2P` updates (`delay="fixed"`);
+2. with respect to the learning rate and `staleness` over a grid in [0, 1] (0: the
+   freshest read the round allows; 1: the delayed read), Top-k with EF14 at the
+   first fraction, sync against the two async ones.
 
-Every point is one forward-mode run (`mode="forward"`: a tangent per
-hyperparameter, memory independent of `R`) that gives the derivatives with
-respect to the learning rate, `beta` and (async) `staleness` together, and
-each configuration compiles once for both grids.
-
-It writes `report.md` (tables, the answer read off the derivatives, the
-command), `results.json` and PNG plots into `--workdir`. `--smoke` runs a tiny
-version for CI (3 rounds, 2 workers, 3 beta points, Top-k 1% only) in well
-under a minute; flags given explicitly still win over the smoke sizes.
-
-Flags are validated before anything is compiled; a bad value prints one line,
-`--<flag>: got <value>; expected <range>`, on stderr and exits with status 2.
+Each configuration compiles once for both grids. It writes `report.md` (tables, the
+answer read off the derivatives, the command), `results.json` and PNG plots into
+`--workdir`; `--smoke` runs a tiny version for CI in well under a minute.
 """
 
 from __future__ import annotations
 
 import json
-import logging as std_logging
-import math
 import os
-import re
-import sys
 import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
-from absl import app, flags
 
 import elastic_jax as ej
 from experiments import data as data_lib
 from experiments import models as models_lib
+from experiments import studies, workdir
+from experiments.flags import Flag
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-
-FLAGS = flags.FLAGS
-
-
-class Spec(NamedTuple):
-    """One flag: kind (`"int"`, `"float"`, `"bool"`, `"string"`), default, help, range."""
-
-    kind: str
-    default: Any
-    help: str
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-
-    @property
-    def expected(self) -> str:
-        if self.kind == "bool":
-            return "true or false"
-        if self.kind == "string":
-            return "a non-empty path"
-        if self.kind == "fractions":
-            return "comma-separated distinct numbers in (0, 1]"
-        what = "an integer" if self.kind == "int" else "a finite number"
-        left = "(" if self.lo_open else "["
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
-        return f"{what} in {left}{self.lo:g}, {hi}]"
-
-
-SPECS: dict[str, Spec] = {
-    "workdir": Spec("string", "", "Directory for report.md, results.json and the PNGs "
-                    "(created if missing; required)."),
-    "smoke": Spec("bool", False, "Tiny sizes for CI (rounds 3, num_workers 2, batch_size 8, "
-                  "beta_points 3, staleness_points 2, k_fractions 0.01) unless those flags "
-                  "are given."),
-    "rounds": Spec("int", 200, "Rounds R of every run.", 1, 100_000),
-    "num_workers": Spec("int", 8, "Workers P (async delays are P - 1 and 2P updates).", 2,
-                        1024),
-    "batch_size": Spec("int", 32, "Samples per worker per round.", 1, 4096),
-    "learning_rate": Spec("float", 0.05, "Learning rate eta of every update.", 0.0, 10.0,
-                          lo_open=True),
-    "beta_points": Spec("int", 11, "Grid points of beta in [0, 1].", 2, 1001),
-    "staleness_points": Spec("int", 5, "Grid points of staleness in [0, 1].", 2, 1001),
-    "k_fractions": Spec("fractions", "0.01,0.1", "Top-k fractions of the beta grid; the "
-                        "staleness grid uses the first."),
-    "seed": Spec("int", 0, "Seed of the initial parameters, the split and the batches.", 0,
-                 2**31 - 1),
-}
+FLAGS = (
+    Flag("workdir", "path", "", "Directory for report.md, results.json and the PNGs (created "
+         "if missing; required)."),
+    Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 3, num_workers 2, batch_size 8, "
+         "beta_points 3, staleness_points 2, k_fractions 0.01) unless those flags are given."),
+    Flag("rounds", "int", 200, "Rounds R of every run.", 1, 100_000),
+    Flag("num_workers", "int", 8, "Workers P (async delays are P - 1 and 2P updates).", 2, 1024),
+    Flag("batch_size", "int", 32, "Samples per worker per round.", 1, 4096),
+    Flag("learning_rate", "float", 0.05, "Learning rate eta of every update.", 0.0, 10.0,
+         lo_open=True),
+    Flag("beta_points", "int", 11, "Grid points of beta in [0, 1].", 2, 1001),
+    Flag("staleness_points", "int", 5, "Grid points of staleness in [0, 1].", 2, 1001),
+    Flag("k_fractions", "floats", "0.01,0.1", "Top-k fractions of the beta grid; the staleness "
+         "grid uses the first.", 0.0, 1.0, lo_open=True),
+    Flag("seed", "int", 0, "Seed of the initial parameters, the split and the batches.", 0,
+         2**31 - 1),
+)
 SMOKE = {"rounds": 3, "num_workers": 2, "batch_size": 8, "beta_points": 3,
          "staleness_points": 2, "k_fractions": "0.01"}
-
-
-class UsageError(ValueError):
-    """A bad command line: the message is one line naming the flag."""
-
-
-class Settings(NamedTuple):
-    workdir: str
-    smoke: bool
-    rounds: int
-    num_workers: int
-    batch_size: int
-    learning_rate: float
-    beta_points: int
-    staleness_points: int
-    k_fractions: tuple[float, ...]
-    seed: int
-
-
-def _define_flags() -> None:
-    for name, spec in SPECS.items():
-        text = f"{spec.help} Range: {spec.expected}."
-        define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
-                  "bool": flags.DEFINE_bool, "string": flags.DEFINE_string,
-                  "fractions": flags.DEFINE_string}[spec.kind]
-        define(name, spec.default, text)
-
-
-def validate(values: dict[str, Any], given: frozenset = frozenset()) -> Settings:
-    """Checks every flag value against its range; applies `--smoke` sizes.
-
-    Args:
-      values: flag name -> value (missing names take their defaults).
-      given: the flags given explicitly (they win over the smoke sizes).
-
-    Raises:
-      UsageError: `--<flag>: got <value>; expected <range>`.
-    """
-    out = {name: values.get(name, spec.default) for name, spec in SPECS.items()}
-    unknown = sorted(set(values) - set(SPECS))
-    if unknown:
-        raise UsageError(f"--{unknown[0]}: got an unknown flag; expected one of "
-                         f"{', '.join('--' + n for n in SPECS)}")
-    for name, spec in SPECS.items():
-        value = out[name]
-        bad = False
-        if spec.kind == "bool":
-            bad = not isinstance(value, bool)
-        elif spec.kind == "string":
-            bad = not isinstance(value, str) or not value.strip()
-        elif spec.kind == "fractions":
-            bad = _fractions(value) is None
-        elif spec.kind == "int":
-            bad = isinstance(value, bool) or not isinstance(value, int)
-        else:
-            bad = isinstance(value, bool) or not isinstance(value, int | float) or not (
-                math.isfinite(value))
-        if not bad and spec.lo is not None:
-            bad = value < spec.lo or (spec.lo_open and value == spec.lo) or (
-                spec.hi is not None and value > spec.hi)
-        if bad:
-            raise UsageError(f"--{name}: got {value!r}; expected {spec.expected}")
-    if os.path.exists(out["workdir"]) and not os.path.isdir(out["workdir"]):
-        raise UsageError(f"--workdir: got {out['workdir']!r}; expected a directory (it is a "
-                         "file)")
-    if out["smoke"]:
-        for name, value in SMOKE.items():
-            if name not in given:
-                out[name] = value
-    out["learning_rate"] = float(out["learning_rate"])
-    out["k_fractions"] = _fractions(out["k_fractions"])
-    return Settings(**out)
-
-
-def _fractions(text) -> tuple[float, ...] | None:
-    """`"0.01,0.1"` as `(0.01, 0.1)`; None unless distinct numbers in (0, 1]."""
-    if isinstance(text, tuple | list):
-        text = ",".join(map(str, text))
-    try:
-        values = tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        return None
-    if not all(0.0 < v <= 1.0 for v in values) or len(set(values)) != len(values):
-        return None
-    return values
-
-
-# --------------------------------------------------------------------- problem
 
 
 class Problem(NamedTuple):
@@ -203,7 +65,7 @@ class Problem(NamedTuple):
     num_train: int
 
 
-def make_problem(s: Settings) -> Problem:
+def make_problem(s) -> Problem:
     """Digits, an IID split over workers, every round's batches drawn up front.
 
     Worker `p`'s batch of round `r` is `batch_size` samples drawn uniformly with
@@ -225,21 +87,13 @@ def make_problem(s: Settings) -> Problem:
                    models_lib.num_params(params), int(data.y_train.shape[0]))
 
 
-def _hypergradient(problem: Problem, s: Settings, make, hparams):
-    # Forward mode: one tangent per hyperparameter, memory independent of R.
-    value, grads = ej.analysis.hypergradient(
-        make, problem.loss_fn, problem.params, problem.batches, hparams, key=s.seed,
-        eval_batch=problem.eval_batch, has_aux=True, mode="forward")
-    return float(value), {name: float(g) for name, g in grads.items()}
-
-
-def _algorithms(s: Settings) -> list[tuple[str, int | None]]:
+def _algorithms(s) -> list[tuple[str, int | None]]:
     """`(label, max_delay or None for sync)`."""
     p = s.num_workers
     return [("sync", None), (f"async D={p - 1}", p - 1), (f"async D={2 * p}", 2 * p)]
 
 
-def _maker(s: Settings, fraction: float, max_delay: int | None):
+def _maker(s, fraction: float, max_delay: int | None):
     """`make(learning_rate, beta[, staleness])`: Top-k `fraction` with error feedback `beta`.
 
     One function per configuration, so every grid point reuses one compiled run.
@@ -261,13 +115,16 @@ def _row(problem, s, make, label, fraction, beta, staleness):
     hparams = {"learning_rate": s.learning_rate, "beta": beta}
     if staleness is not None:
         hparams["staleness"] = staleness
-    loss, grads = _hypergradient(problem, s, make, hparams)
+    loss, grads = ej.analysis.hypergradient(  # forward mode: memory independent of R
+        make, problem.loss_fn, problem.params, problem.batches, hparams, key=s.seed,
+        eval_batch=problem.eval_batch, has_aux=True, mode="forward")
+    grads = {name: float(g) for name, g in grads.items()}
     return {"k_fraction": fraction, "algorithm": label, "beta": beta, "staleness": staleness,
-            "loss": loss, "dloss_dbeta": grads["beta"], "dloss_dlr": grads["learning_rate"],
-            "dloss_dstaleness": grads.get("staleness")}
+            "loss": float(loss), "dloss_dbeta": grads["beta"],
+            "dloss_dlr": grads["learning_rate"], "dloss_dstaleness": grads.get("staleness")}
 
 
-def sweeps(problem: Problem, s: Settings):
+def sweeps(problem: Problem, s):
     """The beta grid for every (k, algorithm); the staleness grid at the first k, beta = 1.
 
     Every point gives the final loss and its derivatives with respect to
@@ -275,6 +132,7 @@ def sweeps(problem: Problem, s: Settings):
     beta grid). Returns `(beta_rows, staleness_rows)`.
     """
     beta_rows, stale_rows = [], []
+    progress = studies.Progress(len(s.k_fractions) * len(_algorithms(s)))
     for fraction in s.k_fractions:
         for label, max_delay in _algorithms(s):
             make = _maker(s, fraction, max_delay)
@@ -282,28 +140,17 @@ def sweeps(problem: Problem, s: Settings):
             for beta in np.linspace(0.0, 1.0, s.beta_points):
                 beta_rows.append(_row(problem, s, make, label, fraction, float(beta),
                                       staleness))
-            if fraction != s.k_fractions[0]:
-                continue
-            if max_delay is None:
+            if fraction == s.k_fractions[0] and max_delay is None:
                 stale_rows.append(beta_rows[-1])  # beta = 1
-                continue
-            for staleness in np.linspace(0.0, 1.0, s.staleness_points):
-                stale_rows.append(_row(problem, s, make, label, fraction, 1.0,
-                                       float(staleness)))
+            elif fraction == s.k_fractions[0]:
+                stale_rows += [_row(problem, s, make, label, fraction, 1.0, float(staleness))
+                               for staleness in np.linspace(0.0, 1.0, s.staleness_points)]
+            progress.step(f"Top-k {fraction:.0%}, {label}")
     return beta_rows, stale_rows
 
 
-# ---------------------------------------------------------------------- report
-
-
-def _save(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-
-
 def plot_beta(rows, fraction: float, path: str) -> None:
-    fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, ((ax_loss, ax_grad),) = studies.figure(1, 2, (5.5, 4.2))
     for label in dict.fromkeys(r["algorithm"] for r in rows):
         sel = [r for r in rows if r["algorithm"] == label and r["k_fraction"] == fraction]
         beta = np.asarray([r["beta"] for r in sel])
@@ -313,7 +160,8 @@ def plot_beta(rows, fraction: float, path: str) -> None:
         ax_grad.plot(beta, grad, marker=".", color=line.get_color(), label=f"{label} (autodiff)")
         if beta.size > 1:
             mid, secant = (beta[1:] + beta[:-1]) / 2, np.diff(loss) / np.diff(beta)
-            ax_grad.plot(mid, secant, "x", color=line.get_color(), alpha=0.6)
+            ax_grad.plot(mid, secant, "x", color=line.get_color(), alpha=0.6,
+                         label=f"{label} (secant of the grid)")
     ax_grad.axhline(0.0, color="grey", lw=0.8)
     ax_loss.set(xlabel="beta (error-feedback damping)", ylabel="final test loss",
                 title=f"Top-k {fraction:.0%}: final loss")
@@ -322,11 +170,11 @@ def plot_beta(rows, fraction: float, path: str) -> None:
     for ax in (ax_loss, ax_grad):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    studies.save_figure(fig, path)
 
 
 def plot_staleness(rows, path: str) -> None:
-    fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, ((ax_loss, ax_grad),) = studies.figure(1, 2, (5.5, 4.2))
     for r in rows:
         if r["staleness"] is None:
             ax_loss.axhline(r["loss"], ls="--", color="grey", label=f"{r['algorithm']}")
@@ -343,7 +191,7 @@ def plot_staleness(rows, path: str) -> None:
     for ax in (ax_loss, ax_grad):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    studies.save_figure(fig, path)
 
 
 def answer(rows, fraction: float, label: str) -> str:
@@ -384,23 +232,16 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) -> str:
-    os.makedirs(s.workdir, exist_ok=True)
+def write_report(s, problem: Problem, beta_rows, stale_rows, seconds, invocation=None) -> str:
     pngs = []
     for fraction in s.k_fractions:
         name = f"beta_k{fraction * 100:g}.png"
         plot_beta(beta_rows, fraction, os.path.join(s.workdir, name))
         pngs.append((fraction, name))
     plot_staleness(stale_rows, os.path.join(s.workdir, "staleness.png"))
-    def flag(name):
-        value = getattr(s, name)
-        return ",".join(f"{v:g}" for v in value) if name == "k_fractions" else value
-
-    command = "python -m experiments.hypergradients " + " ".join(
-        f"--{n}={flag(n)}" for n in SPECS if n not in ("workdir", "smoke"))
-    lines = [
-        "# Hypergradients of the final loss",
-        "",
+    lines = studies.header("Hypergradients of the final loss", "experiments.hypergradients",
+                           FLAGS, s, invocation, seconds)
+    lines += [
         f"Digits 8x8 ({problem.num_train} training images, {problem.eval_batch['y'].shape[0]} "
         f"held out), MLP with one hidden layer of 128 ({problem.num_params:,} parameters), "
         f"P = {s.num_workers} workers, batch {s.batch_size} per worker, R = {s.rounds} rounds, "
@@ -410,8 +251,6 @@ def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) 
         "Async reads are delayed by exactly `D` updates "
         "(`delay=\"fixed\"`); async applies the `P` updates of a round one after another, "
         "sync averages them.",
-        "",
-        f"Reproduce: `{command} --workdir=...`" + (" (smoke sizes)" if s.smoke else ""),
         "",
         "The Top-k indices are discrete, so `d loss / d beta` is the derivative with the "
         "selection held fixed; the secant slopes of the grid (x in the plots) include the "
@@ -423,14 +262,12 @@ def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) 
     for fraction in s.k_fractions:
         for label, _ in _algorithms(s):
             lines.append(f"- {answer(beta_rows, fraction, label)}")
-    lines += ["", "| k | algorithm | beta | final loss | d loss / d beta | "
-              "d loss / d learning_rate | d loss / d staleness |",
-              "|---|---|---|---|---|---|---|"]
-    for r in beta_rows:
-        lines.append(f"| {r['k_fraction']:.0%} | {r['algorithm']} | {r['beta']:.2f} | "
-                     f"{r['loss']:.4f} | {r['dloss_dbeta']:.4g} | {r['dloss_dlr']:.4g} | "
-                     f"{_fmt(r['dloss_dstaleness'])} |")
-    lines.append("")
+    lines += ["", *studies.markdown_table(
+        ("k", "algorithm", "beta", "final loss", "d loss / d beta", "d loss / d learning_rate",
+         "d loss / d staleness"),
+        [(f"{r['k_fraction']:.0%}", r["algorithm"], f"{r['beta']:.2f}", f"{r['loss']:.4f}",
+          _fmt(r["dloss_dbeta"]), _fmt(r["dloss_dlr"]), _fmt(r["dloss_dstaleness"]))
+         for r in beta_rows]), ""]
     for fraction, name in pngs:
         lines.append(f"![Top-k {fraction:.0%}]({name})")
     lines += [
@@ -441,72 +278,32 @@ def write_report(s: Settings, problem: Problem, beta_rows, stale_rows, seconds) 
         "Staleness 0 reads the freshest iterate the round allows (`X_{rP}`), 1 the delayed "
         "one; sync has no stale reads (its row is the beta = 1 point of the grid above).",
         "",
-        "| algorithm | staleness | final loss | d loss / d learning_rate | d loss / d staleness |",
-        "|---|---|---|---|---|",
+        *studies.markdown_table(
+            ("algorithm", "staleness", "final loss", "d loss / d learning_rate",
+             "d loss / d staleness"),
+            [(r["algorithm"], _fmt(r["staleness"]), f"{r['loss']:.4f}", _fmt(r["dloss_dlr"]),
+              _fmt(r["dloss_dstaleness"])) for r in stale_rows]),
     ]
-    for r in stale_rows:
-        lines.append(f"| {r['algorithm']} | {_fmt(r['staleness'])} | {r['loss']:.4f} | "
-                     f"{_fmt(r['dloss_dlr'])} | {_fmt(r['dloss_dstaleness'])} |")
     lines += ["", "![staleness](staleness.png)", "",
-              f"Wall time of the sweeps: {seconds:.1f} s, compilation included "
-              f"({len(s.k_fractions) * len(_algorithms(s))} compiled runs).", ""]
-    path = os.path.join(s.workdir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(s.workdir, "results.json"), "w") as f:
+              f"{len(s.k_fractions) * len(_algorithms(s))} compiled runs.", ""]
+    with workdir.atomic_open(os.path.join(s.workdir, "results.json")) as f:
         json.dump({"settings": s._asdict(), "beta": beta_rows, "staleness": stale_rows,
                    "seconds": seconds}, f, indent=1)
-    return path
+    return studies.write_report(s.workdir, lines)
 
 
-def run(s: Settings) -> str:
+def run(s, invocation=None) -> str:
     """Runs both sweeps and writes the report; returns its path."""
-    problem = make_problem(s)
     start = time.perf_counter()
+    problem = make_problem(s)
     beta_rows, stale_rows = sweeps(problem, s)
-    seconds = time.perf_counter() - start
-    return write_report(s, problem, beta_rows, stale_rows, seconds)
+    return write_report(s, problem, beta_rows, stale_rows, time.perf_counter() - start,
+                        invocation)
 
 
-# ---------------------------------------------------------------------- launcher
-
-
-def _exit_usage(line: str) -> None:
-    print(line, file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing whose errors are one line on stderr and exit status 2."""
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        message = " ".join(str(e).split())
-        match = re.match(r"^flag --(\w+)=(.*?): ", message)
-        if match and match.group(1) in SPECS:
-            name, value = match.groups()
-            message = f"--{name}: got {value!r}; expected {SPECS[name].expected}"
-        match = re.match(r"^Unknown command line flag '(\w+)'", message)
-        if match:
-            message = (f"--{match.group(1)}: got an unknown flag; expected one of "
-                       f"{', '.join('--' + n for n in SPECS)}")
-        _exit_usage(message)
-    if len(rest) > 1:
-        _exit_usage(f"argv: got {rest[1:]!r}; expected no positional arguments")
-    return rest
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    std_logging.getLogger("jax").setLevel(std_logging.WARNING)
-    given = frozenset(n for n in SPECS if FLAGS[n].present)
-    try:
-        settings = validate({n: FLAGS[n].value for n in SPECS}, given)
-    except UsageError as e:
-        _exit_usage(str(e))
-    print(run(settings))
+def main(argv: Any = None) -> None:
+    studies.launch(__doc__, FLAGS, SMOKE, run, argv)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    main()

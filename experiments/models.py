@@ -24,12 +24,7 @@ Batch = Mapping[str, jax.Array]
 
 
 class MLP(nn.Module):
-    """A ReLU multilayer perceptron on flattened inputs.
-
-    Attributes:
-      hidden: widths of the hidden layers.
-      num_classes: number of output logits.
-    """
+    """A ReLU multilayer perceptron on flattened inputs (`hidden`: the layers' widths)."""
 
     hidden: Sequence[int] = (128,)
     num_classes: int = 10
@@ -43,13 +38,8 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Conv 3x3x16 + ReLU, conv 3x3x32 + ReLU (both SAME), flatten, dense.
-
-    On 8x8x1 inputs with 10 classes it has 160 + 4,640 + 20,490 = 25,290 parameters.
-
-    Attributes:
-      num_classes: number of output logits.
-    """
+    """Conv 3x3x16 + ReLU, conv 3x3x32 + ReLU (both SAME), flatten, dense: on 8x8x1 inputs
+    with 10 classes, 160 + 4,640 + 20,490 = 25,290 parameters."""
 
     num_classes: int = 10
 
@@ -62,11 +52,8 @@ class SmallCNN(nn.Module):
 
 
 class _BasicBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and a residual connection.
-
-    When the block changes the resolution or the width, the shortcut is a strided
-    1x1 convolution followed by GroupNorm (He et al., 2016, option B).
-    """
+    """Two 3x3 convolutions with GroupNorm and a residual connection (a strided 1x1
+    convolution and GroupNorm where the resolution or width changes: option B)."""
 
     channels: int
     strides: int
@@ -88,14 +75,10 @@ class _BasicBlock(nn.Module):
 class ResNet20(nn.Module):
     """ResNet-20 for 32x32 images (He et al., 2016, arXiv:1512.03385), with GroupNorm.
 
-    A 3x3x16 stem, then 3 stages of 3 basic blocks with 16, 32 and 64 channels
-    (the last two stages halve the resolution), global average pooling and a dense
-    layer. GroupNorm replaces BatchNorm, as usual for decentralised training
-    (Hsieh et al., 2020, arXiv:1910.00189), so the model has no mutable state.
-
-    Attributes:
-      num_classes: number of output logits.
-      groups: GroupNorm groups; must divide 16.
+    A 3x3x16 stem, 3 stages of 3 basic blocks with 16, 32 and 64 channels (the last two
+    halve the resolution), global average pooling, a dense layer. GroupNorm (`groups`
+    must divide 16) replaces BatchNorm, as usual for decentralised training (Hsieh et
+    al., 2020, arXiv:1910.00189): the model has no mutable state.
     """
 
     num_classes: int = 10
@@ -121,22 +104,9 @@ MODELS = ("mlp", "cnn", "resnet20")
 def make_model(
     name: str, num_classes: int, input_shape: Sequence[int]
 ) -> tuple[nn.Module, Callable[[jax.Array], Params]]:
-    """Builds a model and its parameter initialiser.
-
-    Args:
-      name: `"mlp"` (one hidden layer of 128), `"cnn"` (`SmallCNN`) or `"resnet20"`.
-      num_classes: number of output logits, >= 2.
-      input_shape: shape of one example, e.g. `(8, 8, 1)`.
-
-    Returns:
-      `(module, init_params)`, where `init_params(key) -> params` (jitted) initialises
-      the module on a dummy batch of one example and returns its `"params"` collection.
-
-    Example:
-      >>> module, init_params = make_model("cnn", 10, (8, 8, 1))
-      >>> params = init_params(jax.random.key(0))
-      >>> logits = module.apply({"params": params}, x)  # x: [b, 8, 8, 1]
-    """
+    """`(module, init_params)`: `"mlp"` (one hidden layer of 128), `"cnn"` (`SmallCNN`) or
+    `"resnet20"` with `num_classes >= 2` logits, and a jitted `init_params(key) -> params`
+    (the `"params"` collection) for examples of shape `input_shape`, e.g. `(8, 8, 1)`."""
     if name not in MODELS:
         raise ValueError(f"name: got {name!r}; expected one of {', '.join(MODELS)}")
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
@@ -165,15 +135,8 @@ def num_params(params: Params) -> int:
 def classification_loss(
     module: nn.Module,
 ) -> Callable[[Params, Batch], tuple[jax.Array, dict[str, jax.Array]]]:
-    """Mean softmax cross-entropy of a classifier, with its accuracy as auxiliary output.
-
-    Args:
-      module: a linen module mapping `[b, ...]` inputs to `[b, num_classes]` logits.
-
-    Returns:
-      `loss_fn(params, batch) -> (loss, {"accuracy": accuracy})` on a batch
-      `{"x": [b, ...], "y": [b]}`; use it with `has_aux=True`.
-    """
+    """`loss_fn(params, {"x", "y"}) -> (mean softmax cross-entropy, {"accuracy": ...})`
+    of a classifier (use it with `has_aux=True`)."""
 
     def loss_fn(params: Params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = module.apply({"params": params}, batch["x"])
@@ -188,28 +151,17 @@ def classification_loss(
 def make_eval_fn(
     module: nn.Module, batch_size: int = 1000
 ) -> Callable[[Params, Any, Any], tuple[float, float]]:
-    """Builds a whole-dataset evaluator that compiles once per input shape.
+    """`eval_fn(params, x, y) -> (mean loss, accuracy)` over a whole dataset, as floats.
 
-    The data is padded to a multiple of `batch_size` and fed in chunks of
-    `batch_size` to one jitted function that sums the loss and counts the correct
-    predictions under a mask, so memory stays bounded and the last partial chunk
-    does not recompile.
-
-    Args:
-      module: a linen classifier.
-      batch_size: examples per chunk, >= 1.
-
-    Returns:
-      `eval_fn(params, x, y) -> (mean loss, accuracy)` as Python floats.
+    Chunks of `batch_size` (>= 1) examples, the last one padded and masked, go
+    through one jitted function: bounded memory, one compilation per input shape.
     """
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size!r}; expected an integer >= 1")
     batch_size = int(batch_size)
 
     @jax.jit
-    def chunk_sums(
-        params: Params, x: jax.Array, y: jax.Array, mask: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
+    def chunk_sums(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array):
         logits = module.apply({"params": params}, x)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
@@ -242,21 +194,7 @@ def make_eval_fn(
 def evaluate(
     module: nn.Module, params: Params, x: Any, y: Any, batch_size: int = 1000
 ) -> tuple[float, float]:
-    """Mean loss and accuracy of `module` over a whole dataset, in bounded memory.
-
-    Evaluators are cached per `(module, batch_size)`, so repeated calls reuse the
-    compiled chunk function.
-
-    Args:
-      module: a linen classifier.
-      params: its parameters.
-      x: `[n, ...]` inputs.
-      y: `[n]` int labels.
-      batch_size: examples per chunk.
-
-    Returns:
-      `(loss, accuracy)` as Python floats.
-    """
+    """`make_eval_fn(module, batch_size)(params, x, y)`, the evaluator cached per module."""
     return _cached_eval_fn(module, batch_size)(params, x, y)
 
 

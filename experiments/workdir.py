@@ -2,37 +2,36 @@
 
 Layout of a workdir:
 
-    config.json      every flag of the run (rewritten on resume: only --rounds and the
-                     other non-semantic flags may change)
+    config.json      the effective configuration: every flag that applies to the run
+                     (rewritten on resume: only --rounds and the other non-semantic
+                     flags may change)
     metrics.jsonl    one strict-JSON line per logged round; deterministic given the
                      config (non-finite values are written as null)
     timing.jsonl     wall-clock facts (rounds/s, elapsed time), kept apart from the
                      deterministic record so that runs can be compared exactly
     checkpoint.npz   the latest state: its leaves as `leaf_<i>` arrays (typed PRNG
-                     keys as their raw key data) and a JSON `meta` entry
+                     keys as their raw key data) and a JSON `meta` entry (the round,
+                     and the launcher's running records: skipped rounds, b_hat peaks)
     *.png            plots, redrawn at the end of every run
 
-Every whole-file write goes to a temporary file in the same directory, is flushed
-and fsynced, then `os.replace`d over the target, so a crash leaves either the
-old file or the new one. A checkpoint is written only after the metrics lines up
-to its round are fsynced.
+Whole files are written to a temporary file in the same directory, fsynced and
+renamed over the target: a crash leaves the old file or the new one. A checkpoint
+is written only after the metrics lines up to its round are fsynced. A write the
+operating system refuses (no space, a read-only file system, a path through a
+file) raises `IOFailure`, one line naming the file and the reason; the temporary
+file is removed, the old file kept.
 
 `check_workdir` decides, before anything is written, where a run starts: a fresh
-workdir starts at round 0; one that holds a run is refused unless `--resume`,
-which checks the saved config, restores the checkpoint, and keeps the metrics
-lines an uninterrupted run would have written up to the checkpoint's round.
+workdir at round 0; one that holds a run only with `--resume`, which checks the
+saved config, restores the checkpoint and keeps the metrics lines an
+uninterrupted run would have written up to its round. A running launch holds
+`lock_workdir`'s `flock` on the directory, which dies with its process: a second
+launch is refused while the first runs, never after.
 
-A running launch holds `lock_workdir`'s lock on the workdir (`flock` on the
-directory itself, so nothing is written for it); a second launch on the same
-workdir, with or without `--resume`, is refused while the first runs. The
-operating system drops the lock when its process dies, however it dies, so a
-killed run never blocks its resumption. Under the lock, temporary files that a
-killed writer left behind are removed.
-
-Test hook: an environment variable that only the tests set.
-`EJ_TEST_KILL_IN_CHECKPOINT=r` makes the process SIGKILL itself while saving the
-round-`r` checkpoint, after the temporary file is written and fsynced and before
-it is renamed over the last checkpoint.
+Test hooks: `EJ_TEST_KILL_IN_CHECKPOINT=r` (an environment variable only the tests
+set) SIGKILLs the process while it saves the round-`r` checkpoint, between the
+fsync of the temporary file and its rename; `before_write(path)`, called before
+every write, is where the tests raise `OSError`s such as `ENOSPC` and `EROFS`.
 """
 
 from __future__ import annotations
@@ -51,10 +50,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from experiments import config as config_lib
-from experiments.config import Config, UsageError
+from experiments.config import Config
+from experiments.flags import IOFailure, UsageError, log, usage
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -64,7 +63,19 @@ RUN_FILES = (CONFIG, METRICS, TIMING, CHECKPOINT)
 KILL_HOOK = "EJ_TEST_KILL_IN_CHECKPOINT"  # the test hook (module docstring)
 
 
-# ------------------------------------------------------------------------ files
+def before_write(path: str) -> None:
+    """Called before every write into a workdir (the tests' seam for failing writes)."""
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Turns an `OSError` while writing `path` into a one-line `IOFailure`."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, IOFailure):
+            raise
+        raise IOFailure(f"{path}: {e.strerror or e}") from None
 
 
 def _fsync_dir(path: str) -> None:
@@ -78,23 +89,25 @@ def _fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", before_replace=None):
-    """Opens a temporary file next to `path`; on success, fsyncs and renames it to `path`.
-
-    `before_replace(tmp_path)`, when given, runs after the fsync and before the rename.
-    """
+    """A temporary file next to `path`, fsynced and renamed to `path` on success
+    (`before_replace(tmp_path)` runs between the two)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=directory)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what `open` would have given.
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what `open` would have given.
+            with os.fdopen(fd, mode) as f:
+                before_write(path)
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace(tmp)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -169,54 +182,41 @@ def rewrite_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> None:
             f.write(dumps(record) + "\n")
 
 
-def drop_torn_tail(path: str) -> None:
-    """Truncates a file after its last newline (a line torn by a crash mid-write)."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 class JsonlWriter:
-    """Appends one strict-JSON line per record, flushed at once.
-
-    A torn last line (a crash mid-write) is dropped first, so appends start on a
-    line of their own.
-    """
+    """Appends one strict-JSON line per record, flushed at once, after dropping a last
+    line torn by a crash mid-write."""
 
     def __init__(self, path: str):
         self.path = path
-        drop_torn_tail(path)
-        self._file = open(path, "a")  # noqa: SIM115 (closed in `close`)
+        with writing(path):
+            self._file = open(path, "a+b")  # noqa: SIM115 (closed in `close`)
+            self._file.seek(0)
+            data = self._file.read()
+            if data and not data.endswith(b"\n"):
+                self._file.truncate(data.rfind(b"\n") + 1)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(dumps(record) + "\n")
-        self._file.flush()
+        with writing(self.path):
+            before_write(self.path)
+            self._file.write((dumps(record) + "\n").encode())
+            self._file.flush()
 
     def sync(self) -> None:
-        os.fsync(self._file.fileno())
+        with writing(self.path):
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
-
-
-# ------------------------------------------------------------------ checkpoints
+        with contextlib.suppress(OSError):  # A failed flush was reported by `write`.
+            self._file.close()
 
 
 def _is_key(leaf) -> bool:
     return jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def save_checkpoint(path: str, state, round_: int, *, guard=None) -> None:
-    """Saves `state`'s leaves and its round to `path` (`.npz`), atomically.
-
-    Typed PRNG keys are stored as `jax.random.key_data`; `restore_checkpoint` wraps
-    them back with the default key implementation (the one `jax.random.key` uses).
-    `guard`, the launcher's divergence-guard record (small integers), is kept in
-    the JSON `meta` entry (`checkpoint_guard` reads it back).
-    """
+def save_checkpoint(path: str, state, round_: int, *, records=None) -> None:
+    """Saves `state`'s leaves (typed keys as `jax.random.key_data`), its round and the
+    launcher's running `records` (JSON) to `path` (`.npz`), atomically."""
     leaves, treedef = jax.tree.flatten(state)
     leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
     if jax.process_count() > 1:
@@ -232,8 +232,8 @@ def save_checkpoint(path: str, state, round_: int, *, guard=None) -> None:
         "keys": [i for i, x in enumerate(jax.tree.leaves(state)) if _is_key(x)],
         "treedef": str(treedef),
     }
-    if guard is not None:
-        meta["guard"] = np.asarray(jax.device_get(guard)).tolist()
+    if records is not None:
+        meta["records"] = records
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
     arrays["meta"] = np.asarray(json.dumps(meta))
     with atomic_open(path, "wb", before_replace=_kill_hook(round_)) as f:
@@ -251,13 +251,6 @@ def _kill_hook(round_: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
     return kill
-
-
-def checkpoint_guard(path: str):
-    """The divergence-guard record saved with the checkpoint at `path`, or None."""
-    if not os.path.exists(path):
-        return None
-    return _read_checkpoint(path)[0].get("guard")
 
 
 def checkpoint_round(path: str) -> int | None:
@@ -278,23 +271,10 @@ def _read_checkpoint(path: str):
     return meta, leaves
 
 
-def restore_checkpoint(path: str, template):
-    """Loads a checkpoint into the structure of `template` (a state of the same config,
-    or its `jax.eval_shape`).
-
-    Returns:
-      `(state, round)`.
-
-    Raises:
-      UsageError: the file is unreadable, or its structure, shapes or dtypes differ
-        from the template's.
-    """
-    state, meta = _restore(path, template)
-    return state, int(meta["round"])
-
-
-def _restore(path: str, template):
-    """`restore_checkpoint`, returning the state and the whole `meta` record."""
+def restore(path: str, template):
+    """`(state, meta)` of the checkpoint at `path`, in the structure of `template` (a state,
+    or its `jax.eval_shape`); keys with the default implementation. `UsageError` for an
+    unreadable file or a structure, shape or dtype other than the template's."""
     meta, leaves = _read_checkpoint(path)
     t_leaves, treedef = jax.tree.flatten(template)
     if meta["treedef"] != str(treedef) or len(leaves) != len(t_leaves):
@@ -316,51 +296,38 @@ def _restore(path: str, template):
     return jax.tree.unflatten(treedef, out), meta
 
 
-# ----------------------------------------------------------------------- resume
-
-
 class Start(NamedTuple):
-    """Where a run starts: its state (None: fresh) and round, and the records kept."""
+    """Where a run starts: its state (None: fresh) and round, and what a resume keeps."""
 
     state: Any
     round: int
     records: list  # metrics records to keep (resume), else []
-    guard: Any = None  # the checkpoint's divergence-guard record, else None
+    running: dict = {}  # the checkpoint's running records (`save_checkpoint`)
 
 
-# ------------------------------------------------------------------------- lock
-
-
-class WorkdirLock:
+class WorkdirLock(NamedTuple):
     """An exclusive `flock` on a workdir, held until `release` or the process's death."""
 
-    def __init__(self, fd: int | None):
-        self._fd = fd
+    fd: int | None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # Closing the descriptor drops the lock.
-            self._fd = None
+        if self.fd is not None:
+            os.close(self.fd)  # Closing the descriptor drops the lock.
 
 
 def lock_workdir(wd: str) -> WorkdirLock:
-    """Creates `wd` if needed and locks it for this process.
-
-    The lock is `flock` on the directory itself (on a file system that cannot lock
-    a directory, on a `.lock` file in it). The kernel drops it when the process
-    exits or is killed, so only a running process ever holds it.
-
-    Raises:
-      UsageError: `wd` is a file, or another running process holds the lock.
-    """
+    """Creates `wd` if needed and `flock`s it (or a `.lock` file in it, where a directory
+    cannot be locked). `UsageError` when `wd` is a file or another running process holds
+    the lock; `IOFailure` when `wd` cannot be created."""
     if os.path.exists(wd) and not os.path.isdir(wd):
-        raise config_lib.usage("workdir", wd, "a directory (this is a file)")
+        raise usage("workdir", wd, "a directory (this is a file)")
+    with writing(wd):
+        os.makedirs(wd, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # No flock (Windows): run unlocked.
-        logging.warning("cannot lock %s on this platform; do not launch twice on it", wd)
+        log.warning("cannot lock %s on this platform; do not launch twice on it", wd)
         return WorkdirLock(None)
-    os.makedirs(wd, exist_ok=True)
     fd = None
     for target, flags in ((wd, os.O_RDONLY), (os.path.join(wd, ".lock"), os.O_RDWR | os.O_CREAT)):
         fd = os.open(target, flags, 0o666)
@@ -370,11 +337,11 @@ def lock_workdir(wd: str) -> WorkdirLock:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise config_lib.usage(
+                raise usage(
                     "workdir", wd, "a workdir no running process is using (another "
                     "experiments.train is running in it; wait for it to stop, then --resume)"
                 ) from None
-    logging.warning("cannot lock %s on this file system; do not launch twice on it", wd)
+    log.warning("cannot lock %s on this file system; do not launch twice on it", wd)
     return WorkdirLock(None)
 
 
@@ -382,15 +349,11 @@ _RUN_NAMES = "|".join(re.escape(n) for n in RUN_FILES)
 _TEMPORARY = re.compile(rf"^({_RUN_NAMES})\..+\.tmp$")
 
 
-def remove_stale_temporaries(wd: str) -> list[str]:
+def remove_stale_temporaries(wd: str) -> None:
     """Removes the temporary files a killed writer left in `wd` (call under the lock)."""
-    removed = []
-    for name in sorted(os.listdir(wd)) if os.path.isdir(wd) else []:
-        if _TEMPORARY.match(name):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(wd, name))
-                removed.append(name)
-    return removed
+    for name in filter(_TEMPORARY.match, os.listdir(wd)):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(wd, name))
 
 
 def on_grid(round_: int, f: Mapping[str, Any]) -> bool:
@@ -399,52 +362,42 @@ def on_grid(round_: int, f: Mapping[str, Any]) -> bool:
 
 
 def check_workdir(cfg: Config, abstract_state) -> Start:
-    """Checks the workdir against the flags and loads what a resume needs; writes nothing.
-
-    Raises:
-      UsageError: the workdir is a file, holds a run without `--resume`, or
-        (with `--resume`) holds a different config, a corrupt checkpoint, or a
-        checkpoint past `--rounds`.
-    """
+    """Where a run in the (locked) workdir starts, and what a resume keeps; writes nothing.
+    `UsageError` for a run without `--resume`, or (with it) a different config, a corrupt
+    checkpoint or one past `--rounds`."""
     f = cfg.flags
     wd = f["workdir"]
-    if os.path.exists(wd) and not os.path.isdir(wd):
-        raise config_lib.usage("workdir", wd, "a directory (this is a file)")
     existing = [n for n in RUN_FILES if os.path.exists(os.path.join(wd, n))]
     if not f["resume"]:
         if existing:
-            raise config_lib.usage("workdir", wd, f"a directory without a run (it holds "
-                                   f"{existing[0]}); pass --resume to continue it")
+            raise usage("workdir", wd, f"a directory without a run (it holds {existing[0]}); "
+                        "pass --resume to continue it")
         return Start(None, 0, [])
     config_path = os.path.join(wd, CONFIG)
     if not os.path.exists(config_path):
         if existing:
-            raise UsageError(f"{os.path.join(wd, existing[0])}: a run without "
-                             f"{CONFIG}; expected a workdir written by "
-                             "experiments.train")
-        logging.info("--resume: %s holds no run yet; starting from round 0", wd)
+            raise UsageError(f"{os.path.join(wd, existing[0])}: a run without {CONFIG}; "
+                             "expected a workdir written by experiments.train")
+        log.info("--resume: %s holds no run yet; starting from round 0", wd)
         return Start(None, 0, [])
-    saved = config_lib.with_legacy_values(read_json(config_path))
-    diffs = config_lib.semantic_differences(saved, f)
+    diffs = config_lib.semantic_differences(read_json(config_path), f)
     if diffs:
-        name = diffs[0]
-        if name not in saved:
-            raise UsageError(f"{config_path}: records no --{name}; expected a config "
-                             "written by this version of experiments.train")
-        raise config_lib.usage(name, f[name], f"{saved[name]!r}, the value saved in "
-                               f"{config_path} (a resumed run keeps its config)")
+        name, saved, current = diffs[0]
+        if saved is None:
+            raise usage(name, current, f"no --{name}: the run saved in {config_path} does "
+                        "not use it (a resumed run keeps its config)")
+        raise usage(name, current, f"{saved!r}, the value saved in {config_path} (a resumed "
+                    "run keeps its config)")
     checkpoint = os.path.join(wd, CHECKPOINT)
     if not os.path.exists(checkpoint):
-        logging.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
+        log.info("--resume: %s has no checkpoint yet; starting from round 0", wd)
         return Start(None, 0, [])
-    state, meta = _restore(checkpoint, abstract_state)
-    round_, guard = int(meta["round"]), meta.get("guard")
+    state, meta = restore(checkpoint, abstract_state)
+    round_ = int(meta["round"])
     if round_ > f["rounds"]:
-        raise config_lib.usage("rounds", f["rounds"], f"an integer >= {round_}, the round "
-                               f"of {checkpoint}")
-    records = read_jsonl(os.path.join(wd, METRICS))
-    keep = [r for r in records
+        raise usage("rounds", f["rounds"], f"an integer >= {round_}, the round of {checkpoint}")
+    keep = [r for r in read_jsonl(os.path.join(wd, METRICS))
             if r.get("round", math.inf) <= round_
             and (on_grid(r["round"], f) or r["round"] == f["rounds"])]
-    logging.info("--resume: continuing %s from round %d", wd, round_)
-    return Start(state, round_, keep, guard)
+    log.info("--resume: continuing %s from round %d", wd, round_)
+    return Start(state, round_, keep, meta.get("records", {}))

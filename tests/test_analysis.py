@@ -320,9 +320,10 @@ def test_hypergradient_validation(kwargs, match):
 
 
 def test_experiment_smoke(tmp_path):
-    from experiments import hypergradients
+    from experiments import flags, hypergradients, studies
 
-    settings = hypergradients.validate({"workdir": str(tmp_path), "smoke": True})
+    settings = studies.validate(hypergradients.FLAGS, {"workdir": str(tmp_path), "smoke": True},
+                                hypergradients.SMOKE)
     path = hypergradients.run(settings)
     assert path == os.path.join(str(tmp_path), "report.md")
     text = open(path).read()
@@ -333,5 +334,5 @@ def test_experiment_smoke(tmp_path):
         results = json.load(f)
     assert len(results["beta"]) == 3 * settings.beta_points  # sync and two async delays
     assert all(np.isfinite(r["dloss_dbeta"]) for r in results["beta"])
-    with pytest.raises(hypergradients.UsageError, match=r"^--rounds: got 0; expected"):
-        hypergradients.validate({"workdir": str(tmp_path), "rounds": 0})
+    with pytest.raises(flags.UsageError, match=r"^--rounds: got 0; expected"):
+        studies.validate(hypergradients.FLAGS, {"workdir": str(tmp_path), "rounds": 0})

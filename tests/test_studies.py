@@ -16,13 +16,20 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import consistency_table, convex_rates, error_feedback_study, studies
+from experiments import (
+    consistency_table,
+    convex_rates,
+    error_feedback_study,
+    flags,
+    hypergradients,
+    studies,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke(module, workdir, **overrides):
-    return studies.validate(module.SPECS, {"workdir": str(workdir), "smoke": True, **overrides},
+    return studies.validate(module.FLAGS, {"workdir": str(workdir), "smoke": True, **overrides},
                             smoke=module.SMOKE)
 
 
@@ -72,19 +79,19 @@ def test_validate_applies_smoke_sizes_unless_given():
     (consistency_table, {"nonsense": 1}, "nonsense"),
 ])
 def test_bad_flags_are_one_line_usage_errors(module, values, flag):
-    with pytest.raises(studies.UsageError) as excinfo:
-        studies.validate(module.SPECS, {"workdir": "/tmp/unused", **values})
+    with pytest.raises(flags.UsageError) as excinfo:
+        studies.validate(module.FLAGS, {"workdir": "/tmp/unused", **values})
     message = str(excinfo.value)
     assert "\n" not in message and message.startswith(f"--{flag}: got ")
 
 
 def test_delays_are_written_in_terms_of_the_worker_count():
-    s = studies.validate(error_feedback_study.SPECS,
+    s = studies.validate(error_feedback_study.FLAGS,
                          {"workdir": "/tmp/unused", "delays": "P-1,2P,3,P+2"})
     assert [d(8) for d in s.delays] == [7, 16, 3, 10]
     assert [str(d) for d in s.delays] == ["P-1", "2P", "3", "P+2"]
     short = s._replace(delays=s.delays[2:3])  # 3 < P - 1 for P = 8
-    with pytest.raises(studies.UsageError, match=r"^--delays: got '3'; expected"):
+    with pytest.raises(flags.UsageError, match=r"^--delays: got '3'; expected"):
         error_feedback_study.check(short)
 
 
@@ -97,6 +104,35 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "--max_delay: got 3; expected an integer >= num_workers - 1 = 7"]
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("module", [convex_rates, consistency_table, error_feedback_study,
+                                    hypergradients])
+def test_help_and_an_unwritable_workdir(module, capsys, tmp_path):
+    with pytest.raises(SystemExit) as excinfo:
+        module.main(["--helpfull"])
+    out = capsys.readouterr().out
+    assert excinfo.value.code == 0
+    assert re.findall(r"^  --(\w+)  \(default", out, re.MULTILINE) == [
+        f.name for f in module.FLAGS]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as excinfo:
+        module.main([f"--workdir={tmp_path / 'file' / 'run'}", "--smoke"])
+    err = capsys.readouterr().err.splitlines()
+    assert excinfo.value.code == flags.EXIT_USAGE and len(err) == 1, err
+    assert err[0].startswith(f"--workdir: got '{tmp_path / 'file' / 'run'}'; expected a "
+                             "directory this process can create and write (") and (
+        "Not a directory)" in err[0])
+
+
+def test_progress_lines_give_the_elapsed_time_and_an_eta(caplog):
+    progress = studies.Progress(4)
+    with caplog.at_level("INFO", logger="experiments"):
+        progress.step("first")
+        progress.step("second")
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"\[1/4\] first: \d+\.\d s; elapsed 0:\d\d, ETA 0:\d\d", lines[0])
+    assert lines[1].startswith("[2/4] second: ")
 
 
 def test_markdown_table_escapes_pipes():

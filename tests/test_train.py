@@ -1,15 +1,16 @@
-"""The experiments.train launcher: outputs, exact resume, seed batches, usage errors.
+"""The experiments.train launcher: outputs, exact resume, seed batches, flags, usage errors.
 
 Training runs use tiny settings (the MLP or a small least-squares problem, P = 2, a
-few rounds) and run in-process, where `experiments.problem.session` shares one
-compiled round between a run and its resumption; two launches go through a
-subprocess, for the exit status and stderr. Validation is fuzzed without compiling.
+few rounds) and run in-process, where `experiments.problem.session` shares the
+problem and algorithm, and with them `ej.run`'s compiled programs, between a run
+and its resumption; two launches go through a subprocess, for the exit status
+and stderr. Validation is table-driven and fuzzed without compiling.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import logging
 import os
 import re
 import subprocess
@@ -22,8 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import elastic_jax as ej
-from elastic_jax import base
-from experiments import config, problem, registry, train, workdir
+from experiments import config, flags, problem, train, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {  # Consistent reads: the async round then compiles about twice as fast.
@@ -33,7 +33,7 @@ TINY = {  # Consistent reads: the async round then compiles about twice as fast.
 OUTPUTS = ("config.json", "metrics.jsonl", "timing.jsonl", "checkpoint.npz", "loss.png",
            "accuracy.png", "consistency.png")
 WHOLE_ROUNDS = 12
-MESSAGE = re.compile(r"^--(\w+): got .+")
+MESSAGE = re.compile(r"^--(\w+): got .+; expected .+")
 
 
 def _run(directory, **overrides):
@@ -74,6 +74,14 @@ def _one_line_usage(excinfo, flag=None):
     return message
 
 
+def _main(capsys, *argv):
+    """`python -m experiments.train` in-process: (exit status, stdout, stderr lines)."""
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(list(argv))
+    out, err = capsys.readouterr()
+    return excinfo.value.code, out, err.splitlines()
+
+
 # ------------------------------------------------------------------------ runs
 
 
@@ -89,15 +97,19 @@ def test_shortened_default_run_writes_every_output_and_learns(tmp_path):
     assert [r["round"] for r in records] == [5, 10, 15, 20, 25, 30]
     for name in ("loss", "consistency/b_hat", "consistency/bound", "grad_norm/max",
                  "update_norm", "comm/bits", "learning_rate", "delay/mean", "ef/residual_norm",
-                 "aux/accuracy", "nonfinite/skipped_rounds"):
+                 "aux/accuracy", "nonfinite/skipped_rounds", "consistency/b_hat_peak",
+                 "consistency/ratio_peak", "consistency/bound_violations"):
         assert name in records[0], name
     assert "test/accuracy" in records[2] and "test/accuracy" not in records[1]
     assert records[-1] == last
     assert all(r["nonfinite/skipped_rounds"] == 0 for r in records)
+    assert all(r["consistency/bound_violations"] == 0 for r in records)
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     assert records[-1]["test/accuracy"] > 0.8
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved == {**config.DEFAULTS, "workdir": str(tmp_path), **overrides}
+    assert saved == flags.effective(config.FLAGS, {**config.DEFAULTS, "workdir": str(tmp_path),
+                                                   **overrides})
+    assert "period" not in saved and "max_outstanding" not in saved  # async does not use them
     timing = _strict_records(tmp_path / "timing.jsonl")
     assert all("rounds_per_s" in t for t in timing if "event" not in t)
     assert _state_arrays(tmp_path)[1] == 30
@@ -142,7 +154,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(whole, tmp_path):
 
 CONVEX = {"algorithm": "sync", "compressor": "none", "error_feedback": False,
           "dataset": "least_squares", "learning_rate": 0.1, "convex_samples": 256,
-          "convex_dim": 8, "rounds": 8}
+          "convex_dim": 8, "rounds": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4}
 
 
 def _host_leaves(state):
@@ -151,20 +163,19 @@ def _host_leaves(state):
 
 
 def test_convex_run_is_ej_run_and_trains_a_linear_model(tmp_path):
-    """With `--loop=python` a single-seed run follows `ej.run(..., loop="python")`
-    bitwise; the default (`auto`: chunks for a linear model) agrees with it to rounding."""
-    assert problem.DATA_TAG == base.TAG_DATA
-    last = _run(tmp_path / "python", **CONVEX, loop="python")
-    lines = _strict_records(tmp_path / "python" / "metrics.jsonl")
+    """With `--loop=python` a single-seed run is `ej.run(..., loop="python")` bitwise; the
+    default (`auto`: chunks for a linear model) agrees with it to rounding."""
+    python = tmp_path / "python"
+    last = train.train(config.validate({**CONVEX, "workdir": str(python), "loop": "python"}))
+    lines = _strict_records(python / "metrics.jsonl")
     assert "test/accuracy" not in last and "full/loss" in last
     assert lines[-1]["full/suboptimality"] < lines[1]["full/suboptimality"]
-    assert os.path.exists(tmp_path / "python" / "suboptimality.png")
+    assert os.path.exists(python / "suboptimality.png")
 
-    cfg = config.validate({**TINY, **CONVEX, "workdir": str(tmp_path), "loop": "python"})
-    loaded, init, _ = problem.session(cfg)  # The run's, already loaded.
-    state, _ = ej.run(cfg.algorithm, loaded.loss_fn, init(), batch_fn=loaded.batch_fn,
-                      rounds=CONVEX["rounds"], has_aux=loaded.has_aux, loop="python")
-    leaves, round_ = _state_arrays(tmp_path / "python")
+    session = problem.session(config.validate({**CONVEX, "workdir": "w", "loop": "python"}))
+    state, _ = ej.run(session.algorithm, session.problem.loss_fn, session.init(),
+                      batch_fn=session.problem.batch_fn, rounds=CONVEX["rounds"], loop="python")
+    leaves, round_ = _state_arrays(python)
     expected = _host_leaves(state)
     assert round_ == CONVEX["rounds"] and len(leaves) == len(expected)
     for got, want in zip(leaves, expected, strict=True):
@@ -172,7 +183,7 @@ def test_convex_run_is_ej_run_and_trains_a_linear_model(tmp_path):
 
     assert config.resolve_loop(config.validate({**CONVEX, "workdir": "w"}).flags,
                                "cpu") == "chunks"
-    chunked = _run(tmp_path / "chunks", **CONVEX)
+    chunked = train.train(config.validate({**CONVEX, "workdir": str(tmp_path / "chunks")}))
     chunked_lines = _strict_records(tmp_path / "chunks" / "metrics.jsonl")
     assert [r["round"] for r in chunked_lines] == [r["round"] for r in lines]
     for got, want in zip(chunked_lines, lines, strict=True):
@@ -185,7 +196,7 @@ def test_convex_run_is_ej_run_and_trains_a_linear_model(tmp_path):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
 
 
-def test_chunks_end_at_every_logged_evaluated_and_checkpointed_round():
+def test_calls_end_at_every_logged_evaluated_and_checkpointed_round():
     f = {"rounds": 45, "log_every": 10, "eval_every": 25, "checkpoint_every": 0}
     ends, r = [], 0
     while r < f["rounds"]:
@@ -218,7 +229,8 @@ def test_auto_loop_is_chunks_but_for_convolutions_on_the_cpu(overrides, platform
 
 def test_seed_batch_reports_mean_and_spread_and_resume_starts_fresh(tmp_path, caplog):
     with caplog.at_level("INFO"):
-        last = _run(tmp_path, **{**CONVEX, "rounds": 4}, num_seeds=3, resume=True)
+        last = train.train(config.validate({**CONVEX, "workdir": str(tmp_path), "rounds": 4,
+                                            "num_seeds": 3, "resume": True}))
     assert "starting from round 0" in caplog.text
     for name in ("loss", "consistency/b_hat", "full/loss", "full/suboptimality"):
         assert name + "/std" in last, name
@@ -227,58 +239,197 @@ def test_seed_batch_reports_mean_and_spread_and_resume_starts_fresh(tmp_path, ca
     assert all(x.shape[0] == 3 for x in leaves)
 
 
+# --------------------------------------------------- algorithms and their flags
+
+SMALL = {"dataset": "least_squares", "convex_samples": 64, "convex_dim": 8, "num_workers": 2,
+         "batch_size": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2}
+
+
+@pytest.mark.parametrize("algorithm", list(config.ALGORITHMS))
+def test_every_algorithm_runs_on_its_defaults_and_resumes(algorithm, tmp_path):
+    cfg = config.validate({"workdir": "w", "algorithm": algorithm})  # the defaults alone
+    assert isinstance(cfg.algorithm, ej.Algorithm)
+    _check_uses(cfg.saved, algorithm)
+    values = {**SMALL, "workdir": str(tmp_path), "algorithm": algorithm}
+    train.train(config.validate({**values, "rounds": 2}))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    _check_uses(saved, algorithm)
+    last = train.train(config.validate({**values, "rounds": 4, "resume": True}))
+    assert last["round"] == 4 and np.isfinite(last["loss"])
+
+
+def _check_uses(saved, algorithm):
+    """`saved` holds the flags of `algorithm` and none of the others'."""
+    rule = {"compressor", "error_feedback"}
+    own = {"sync": rule, "async": rule | {"reads", "max_delay"},
+           "message_passing": rule | {"max_delay", "drop_prob", "crashes"},
+           "elastic_scheduling": {"max_outstanding", "mode", "delay"},
+           "local_sgd": {"period"}}[algorithm]
+    specific = {"reads", "max_delay", "drop_prob", "crashes", "max_outstanding", "mode",
+                "period"} | rule
+    assert own <= set(saved) and not (specific - own) & set(saved), (algorithm, sorted(saved))
+
+
+# A valid value other than the default, for every flag: a new flag needs one here.
+NON_DEFAULT = {
+    "num_workers": 4, "max_delay": 12, "delay": "geometric", "reads": "consistent",
+    "compressor": "random_k", "k_fraction": 0.05, "qsgd_levels": 8, "error_feedback": False,
+    "ef_beta": 0.5, "clip_norm": 1.0, "drop_prob": 0.1, "retransmit": False, "crashes": 1,
+    "crash_horizon": 50, "max_outstanding": 4, "mode": "variance", "period": 2,
+    "learning_rate": 0.1, "schedule": "cosine", "schedule_rounds": 100,
+    "final_lr_fraction": 0.5, "batch_size": 16, "rounds": 20, "model": "mlp",
+    "dataset": "logistic", "data_dir": "/data", "convex_samples": 512, "convex_dim": 16,
+    "partition": "dirichlet", "dirichlet_alpha": 2.0, "seed": 3, "num_seeds": 2,
+    "workdir": "elsewhere", "log_every": 5, "eval_every": 10, "checkpoint_every": 10,
+    "resume": True, "on_nonfinite": "skip_round", "worker_loop": "vmap", "loop": "python",
+    "num_devices": 2, "num_processes": 2, "coordinator": "10.0.0.1:1234", "process_id": 1,
+}
+
+
+def test_every_flag_given_alone_is_used_or_refused_with_one_line():
+    assert set(NON_DEFAULT) | {"algorithm"} == set(config.TABLE)
+    used = {}
+    for algorithm in config.ALGORITHMS:
+        for name, value in NON_DEFAULT.items():
+            assert value != config.DEFAULTS[name], name
+            values = {"workdir": "w", "algorithm": algorithm, name: value}
+            try:
+                saved = config.validate(values).saved
+            except flags.UsageError as e:
+                assert "\n" not in str(e) and MESSAGE.match(str(e)), str(e)
+                continue
+            assert saved[name] == value, (algorithm, name)  # used: in the effective config
+            used.setdefault(name, set()).add(algorithm)
+    # Where the flag applies, it is used (with the companion it needs, if any).
+    assert used["reads"] == {"async"} and used["period"] == {"local_sgd"}
+    assert used["drop_prob"] == {"message_passing"}
+    assert used["max_delay"] == {"async", "message_passing"}
+    assert used["delay"] == {"async", "message_passing", "elastic_scheduling"}
+    assert used["compressor"] == used["error_feedback"] == {"sync", "async", "message_passing"}
+    assert used["clip_norm"] == used["learning_rate"] == set(config.ALGORITHMS)
+
+
+@pytest.mark.parametrize("values, flag, needs", [
+    ({"algorithm": "sync", "max_delay": 3}, "max_delay", "--algorithm=async or message_passing"),
+    ({"algorithm": "sync", "reads": "consistent"}, "reads", "--algorithm=async"),
+    ({"period": 10}, "period", "--algorithm=local_sgd"),
+    ({"max_outstanding": 3}, "max_outstanding", "--algorithm=elastic_scheduling"),
+    ({"mode": "variance"}, "mode", "--algorithm=elastic_scheduling"),
+    ({"retransmit": False}, "retransmit", "--algorithm=message_passing and --drop_prob > 0"),
+    ({"error_feedback": False, "ef_beta": 0.5}, "ef_beta", "--error_feedback"),
+    ({"compressor": "qsgd", "k_fraction": 0.5}, "k_fraction",
+     "--compressor=top_k, random_k or scaled_random_k"),
+    ({"qsgd_levels": 16}, "qsgd_levels", "--compressor=qsgd"),
+    ({"dirichlet_alpha": 2.0}, "dirichlet_alpha", "--partition=dirichlet"),
+    ({"final_lr_fraction": 0.5}, "final_lr_fraction", "--schedule=cosine, linear or exponential"),
+    ({"algorithm": "local_sgd", "delay": "geometric"}, "delay",
+     "--algorithm=async, message_passing or elastic_scheduling"),
+    ({"drop_prob": 0.5}, "drop_prob", "--algorithm=message_passing"),
+    ({"algorithm": "local_sgd", "compressor": "top_k"}, "compressor", "--algorithm=sync"),
+    ({"dataset": "least_squares", "model": "mlp"}, "model", "--dataset=digits, mnist or cifar10"),
+    ({"coordinator": "h:1"}, "coordinator", "--num_processes > 1"),
+])
+def test_a_flag_that_does_not_apply_is_refused_naming_what_would(values, flag, needs):
+    with pytest.raises(flags.UsageError) as excinfo:
+        config.validate({"workdir": "w", **values})
+    message = _one_line_usage(excinfo, flag)
+    assert f"expected --{flag} only with " in message and needs in message, message
+
+
+# ------------------------------------------------------------- b_hat's peaks
+
+
+def test_a_peak_between_logged_rounds_is_in_metrics(tmp_path):
+    """Local SGD with H = 8 logged every 10 rounds: b_hat peaks before each average."""
+    local = {**SMALL, "algorithm": "local_sgd", "period": 8, "rounds": 30, "eval_every": 0,
+             "checkpoint_every": 0}
+    train.train(config.validate({**local, "workdir": str(tmp_path / "every"), "log_every": 1}))
+    train.train(config.validate({**local, "workdir": str(tmp_path / "ten"), "log_every": 10}))
+    every = _strict_records(tmp_path / "every" / "metrics.jsonl")
+    ten = _strict_records(tmp_path / "ten" / "metrics.jsonl")
+    b_hat = {r["round"]: r["consistency/b_hat"] for r in every}
+    ratio = {r["round"]: r["consistency/b_hat"] / r["consistency/bound"] for r in every}
+    assert [r["round"] for r in ten] == [10, 20, 30]
+    for start, record in zip((0, 10, 20), ten, strict=True):
+        window = range(start + 1, record["round"] + 1)
+        peak = max(window, key=b_hat.get)
+        assert record["consistency/b_hat_peak"] == b_hat[peak]
+        assert record["consistency/b_hat_peak_round"] == peak
+        assert record["consistency/ratio_peak_round"] == max(window, key=ratio.get)
+        assert record["consistency/b_hat_peak"] > record["consistency/b_hat"]  # between logs
+    assert all(r["consistency/bound_violations"] == 0 for r in ten)
+
+
+def test_rounds_over_the_bound_are_counted_and_reported():
+    peaks = train.Peaks(deterministic=True)
+    m = {"consistency/b_hat": np.array([[1.0, 3.0, 2.0]]),
+         "consistency/bound": np.array([[2.0, 2.5, 2.0]]), "learning_rate": np.full((1, 3), 0.1)}
+    peaks.update(m, 10)
+    fields = peaks.flush(reset=True)
+    assert fields["consistency/b_hat_peak"] == 3.0 and fields["consistency/b_hat_peak_round"] == 12
+    assert fields["consistency/ratio_peak"] == 1.2 and fields["consistency/bound_violations"] == 1
+    assert peaks.verdict() == "b_hat exceeded its bound in 1 round(s), the first: round 12"
+    assert train.Peaks(True).verdict() == "b_hat <= bound held in every round"
+
+
 # ------------------------------------------------------------- usage errors
 
 
 def test_existing_run_is_refused_and_left_untouched(whole):
     before = _snapshot(whole)
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(whole, rounds=WHOLE_ROUNDS)
     assert "--resume" in _one_line_usage(excinfo, "workdir")
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(whole, rounds=20, resume=True, learning_rate=0.5)
     assert "0.05" in _one_line_usage(excinfo, "learning_rate")
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
+        _run(whole, rounds=20, resume=True, ef_beta=0.5)
+    assert "0.5" in _one_line_usage(excinfo, "ef_beta")
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(whole, rounds=5, resume=True)
     _one_line_usage(excinfo, "rounds")
     assert _snapshot(whole) == before
 
 
-def test_config_saved_before_the_loop_flag_resumes_with_the_python_loop(whole, tmp_path):
+def test_a_config_saved_with_every_flag_resumes(whole, tmp_path):
+    """Configs saved every flag before only the effective ones were saved, and none recorded
+    `--loop` before it existed: those runs were Python loops."""
     directory = tmp_path / "legacy"
     directory.mkdir()
     for name in os.listdir(whole):
         (directory / name).write_bytes((whole / name).read_bytes())
-    saved = json.loads((directory / "config.json").read_text())
-    del saved["loop"]  # As written before --loop existed: those runs were Python loops.
-    saved["workdir"] = str(directory)
+    saved = {**config.DEFAULTS, **TINY, "workdir": str(directory), "rounds": WHOLE_ROUNDS,
+             "compressor": "top_k", "period": 7}  # an unused value no longer blocks a resume
+    del saved["loop"]
     (directory / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(directory, rounds=WHOLE_ROUNDS, resume=True)
     assert "'python', the value saved in" in _one_line_usage(excinfo, "loop")
-    last = _run(directory, rounds=WHOLE_ROUNDS, resume=True, loop="python")
-    assert last["round"] == WHOLE_ROUNDS
+    last = _run(directory, rounds=WHOLE_ROUNDS + 2, resume=True, loop="python")
+    assert last["round"] == WHOLE_ROUNDS + 2
 
 
 def test_decaying_schedule_over_rounds_pins_rounds_on_resume(tmp_path):
-    f = config.validate({**TINY, "workdir": str(tmp_path), "schedule": "cosine"}).flags
+    cfg = config.validate({**TINY, "workdir": str(tmp_path), "schedule": "cosine"})
     os.makedirs(tmp_path, exist_ok=True)
-    workdir.write_json(str(tmp_path / "config.json"), f)
-    with pytest.raises(config.UsageError) as excinfo:
-        _run(tmp_path, schedule="cosine", rounds=f["rounds"] + 1, resume=True)
+    workdir.write_json(str(tmp_path / "config.json"), cfg.saved)
+    with pytest.raises(flags.UsageError) as excinfo:
+        _run(tmp_path, schedule="cosine", rounds=cfg.flags["rounds"] + 1, resume=True)
     _one_line_usage(excinfo, "rounds")
     # A fixed horizon (--schedule_rounds) frees --rounds again.
-    fixed = {**f, "schedule_rounds": 100}
+    fixed = {**cfg.flags, "schedule_rounds": 100}
     assert config.semantic_differences({**fixed, "rounds": 3}, fixed) == []
-    assert config.semantic_differences({**f, "rounds": 3}, f) == ["rounds"]
+    assert config.semantic_differences({**cfg.saved, "rounds": 3}, cfg.flags) == [
+        ("rounds", 3, 500)]
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
-    f = config.validate({**TINY, "workdir": str(tmp_path)}).flags
-    workdir.write_json(str(tmp_path / "config.json"), f)
+    workdir.write_json(str(tmp_path / "config.json"),
+                       config.validate({**TINY, "workdir": str(tmp_path)}).saved)
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip file")
     before = _snapshot(tmp_path)
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(tmp_path, resume=True)
     assert _one_line_usage(excinfo).startswith(str(tmp_path / "checkpoint.npz") + ": ")
     assert _snapshot(tmp_path) == before
@@ -288,15 +439,15 @@ def test_missing_and_corrupt_data_files(tmp_path):
     data_dir = tmp_path / "mnist"
     data_dir.mkdir()
     work = tmp_path / "work"
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(work, dataset="mnist", data_dir=str(data_dir))
     assert _one_line_usage(excinfo).startswith(str(data_dir / "train-images-idx3-ubyte"))
     (data_dir / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
     (data_dir / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01")
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(work, dataset="mnist", data_dir=str(data_dir))
     assert _one_line_usage(excinfo).startswith(str(data_dir / "train-images-idx3-ubyte") + ":")
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         _run(work, dataset="cifar10", data_dir=str(tmp_path / "absent"))
     assert _one_line_usage(excinfo).startswith(str(tmp_path / "absent") + ":")
     assert not work.exists()
@@ -317,32 +468,48 @@ def test_missing_and_corrupt_data_files(tmp_path):
     ({"schedule": "exponential", "final_lr_fraction": 0.0}, "final_lr_fraction"),
     ({"workdir": ""}, "workdir"),
     ({"bogus": 1}, "bogus"),
+    ({"num_processes": 2}, "coordinator"),
 ])
 def test_validation_names_the_flag(overrides, flag):
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         config.validate({"workdir": "w", **overrides})
     _one_line_usage(excinfo, flag)
 
 
+def test_error_feedback_with_an_unbiased_compressor_names_the_way_out():
+    with pytest.raises(flags.UsageError) as excinfo:
+        config.validate({"workdir": "w", "compressor": "qsgd"})
+    assert _one_line_usage(excinfo, "compressor").endswith("(or --noerror_feedback)")
+    config.validate({"workdir": "w", "compressor": "qsgd", "error_feedback": False})
+
+
 def test_crash_count_needs_a_horizon():
-    with pytest.raises(config.UsageError) as excinfo:
+    with pytest.raises(flags.UsageError) as excinfo:
         config.validate({"workdir": "w", "algorithm": "message_passing", "crashes": 2})
     _one_line_usage(excinfo, "crash_horizon")
     config.validate({"workdir": "w", "algorithm": "message_passing", "crashes": 2,
                      "crash_horizon": 50})
 
 
-def _flag_strategy(spec: config.FlagSpec):
-    wrong = st.sampled_from([None, "3", [1]])
+def test_too_many_devices_says_how_to_get_more(tmp_path):
+    with pytest.raises(flags.UsageError) as excinfo:
+        train.train(config.validate({**CONVEX, "workdir": str(tmp_path), "num_devices": 16,
+                                     "num_workers": 16}))
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=N" in _one_line_usage(
+        excinfo, "num_devices")
+
+
+def _flag_strategy(spec: flags.Flag):
+    wrong = st.sampled_from([None, "x3", [1]])
     if spec.kind == "bool":
         return st.one_of(st.booleans(), st.sampled_from([0, 1, "yes"]))
     if spec.kind == "enum":
         return st.one_of(st.sampled_from(spec.choices), st.sampled_from(["bogus", 3]))
-    if spec.kind == "string":
+    if spec.kind in ("str", "path"):
         return st.sampled_from(["", "some/dir", 3])
     lo = int(spec.lo) if spec.lo is not None else -5
     if spec.kind == "int":
-        return st.one_of(st.integers(lo - 2, lo + 12), st.sampled_from([int(spec.hi) + 1, 2.0]),
+        return st.one_of(st.integers(lo - 2, lo + 12), st.sampled_from([int(spec.hi) + 1, 2.5]),
                          st.booleans(), wrong)
     hi = spec.hi if spec.hi is not None else 10.0
     return st.one_of(st.floats(lo - 1.0, hi + 1.0), st.sampled_from([lo, hi, 1]),
@@ -351,7 +518,7 @@ def _flag_strategy(spec: config.FlagSpec):
 
 FLAG_DICTS = st.fixed_dictionaries(
     {"workdir": st.just("w")},
-    optional={s.name: _flag_strategy(s) for s in config.FLAG_SPECS if s.name != "workdir"}
+    optional={s.name: _flag_strategy(s) for s in config.FLAGS if s.name != "workdir"}
     | {"bogus": st.just(1)},
 )
 
@@ -361,48 +528,114 @@ FLAG_DICTS = st.fixed_dictionaries(
 def test_validation_fuzz_validates_or_names_one_flag(values):
     try:
         cfg = config.validate(values)
-    except config.UsageError as e:
+    except flags.UsageError as e:
         message = str(e)
         assert "\n" not in message
         match = MESSAGE.match(message)
-        assert match and match.group(1) in (*config.SPECS, "bogus"), message
+        assert match and match.group(1) in (*config.TABLE, "bogus"), message
     else:
         assert isinstance(cfg.algorithm, ej.Algorithm)
-        assert set(cfg.flags) == set(config.SPECS)
+        assert set(values) <= set(cfg.saved) <= set(config.TABLE)
 
 
-# ---------------------------------------------------------- absl and processes
+# ---------------------------------------------------------- command lines
 
 
-def test_every_flag_is_declared_with_its_range():
-    for spec in config.FLAG_SPECS:
-        flag = train.FLAGS[spec.name]
-        assert flag.default == spec.default and spec.help in flag.help, spec.name
-        if spec.kind in ("int", "float"):
-            assert f"Range: {spec.expected}." in flag.help
-        if spec.kind == "enum":
-            assert list(flag.parser.enum_values) == list(spec.choices)
-    assert set(registry.ALGORITHMS) >= {"sync", "async"}
+def test_help_exits_0_and_lists_only_the_launchers_flags(capsys):
+    for argv in (["--helpfull"], ["--help"], ["--workdir=w", "--helpfull"]):
+        code, out, err = _main(capsys, *argv)
+        assert code == 0 and not err
+        listed = re.findall(r"^  --(\w+)  \(default", out, re.MULTILINE)
+        assert listed == [f.name for f in config.FLAGS]
+        for spec in config.FLAGS:
+            assert f"Valid: {spec.expected}." in out
+    assert "Applies with --algorithm=async." in out  # --reads
 
 
-def test_flag_parsing_errors_are_one_line(capsys):
-    absl_level = logging.getLogger("absl").level  # Parsing --verbosity changes it.
-    try:
-        with pytest.raises(SystemExit) as excinfo:
-            train.parse_flags(["train", "--num_workers=abc"])
-        assert excinfo.value.code == 2
-        err = capsys.readouterr().err
-        assert err == "--num_workers: got 'abc'; expected an integer in [1, 4096]\n"
-        train.parse_flags(["train", "--workdir=w", "--algorithm=sync", "--error_feedback",
-                           "--compressor=qsgd"])
-        with pytest.raises(SystemExit) as excinfo:
-            train.main([])
-        assert excinfo.value.code == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("--compressor: got qsgd")
-    finally:
-        train.FLAGS.unparse_flags()
-        logging.getLogger("absl").setLevel(absl_level)
+@pytest.mark.parametrize("argv, line", [
+    (["--num_workers=abc"], "--num_workers: got 'abc'; expected an integer in [1, 4096]"),
+    (["--workdir=w", "--num_workers"], "--num_workers: got no value; expected an integer in "
+     "[1, 4096]"),
+    (["--workdir=w", "--bogus=1"], "--bogus: got an unknown flag; expected a flag of this "
+     "program (see --help)"),
+    (["--workdir=w", "positional"], "argv: got ['positional']; expected no positional "
+     "arguments"),
+    (["--workdir=w", "--algorithm=sync", "--max_delay", "3"], "--max_delay: got 3; expected "
+     "--max_delay only with --algorithm=async or message_passing (here --algorithm=sync)"),
+    (["--workdir=w", "--algorithm=sync", "--noerror_feedback", "--ef_beta=0.5"], "--ef_beta: "
+     "got 0.5; expected --ef_beta only with --algorithm=sync, async or message_passing and "
+     "--error_feedback (here --noerror_feedback)"),
+    (["--workdir=w", "--resume=maybe"], "--resume: got 'maybe'; expected true or false"),
+])
+def test_command_line_errors_are_one_line_and_exit_2(capsys, argv, line):
+    code, out, err = _main(capsys, *argv)
+    assert (code, out, err) == (2, "", [line])
+
+
+# ---------------------------------------------------------- workdir failures
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("{tmp}/file/run", "Not a directory"),  # a path through a file
+    ("/proc/ej_test/run", "No such file or directory"),
+    ("/sys/ej_test", "Operation not permitted"),
+])
+def test_a_workdir_that_cannot_be_created_costs_one_line_and_exit_2(capsys, tmp_path, path,
+                                                                   reason):
+    (tmp_path / "file").write_text("")
+    path = path.format(tmp=tmp_path)
+    code, out, err = _main(capsys, f"--workdir={path}", "--dataset=least_squares",
+                           "--convex_dim=8", "--convex_samples=64")
+    assert code == flags.EXIT_USAGE and out == "" and len(err) == 1, err
+    assert err[0].startswith(f"--workdir: got '{path}'; expected a directory this process can "
+                             "create and write (") and f": {reason})" in err[0], err
+
+
+def _failing(monkeypatch, name, code, after=0):
+    """Makes the writes of `name` fail with `code` (errno) from its `after`-th on."""
+    calls = []
+
+    def fail(path):
+        if os.path.basename(path) == name:
+            calls.append(path)
+            if len(calls) > after:
+                raise OSError(code, os.strerror(code), path)
+
+    monkeypatch.setattr(workdir, "before_write", fail)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_workdir_that_refuses_writes_costs_one_line_and_exit_2(capsys, monkeypatch, tmp_path,
+                                                                 code):
+    _failing(monkeypatch, "config.json", code)
+    status, out, err = _main(capsys, f"--workdir={tmp_path}", *_argv(SMALL, rounds=4))
+    assert status == flags.EXIT_USAGE and out == "" and err == [
+        f"--workdir: got '{tmp_path}'; expected a directory this process can create and write "
+        f"({tmp_path / 'config.json'}: {os.strerror(code)})"]
+    assert os.listdir(tmp_path) == []  # the temporary file is gone too
+
+
+def _argv(values, **overrides):
+    return [f"--{k}={v}" for k, v in {**values, **overrides}.items()]
+
+
+@pytest.mark.parametrize("name, after", [("checkpoint.npz", 1), ("metrics.jsonl", 2)])
+def test_a_full_disk_during_a_run_costs_one_line_and_exit_4(capsys, monkeypatch, tmp_path,
+                                                            name, after):
+    """The second checkpoint (round 4), or the round-4 line (the file's third write), fails."""
+    _failing(monkeypatch, name, errno.ENOSPC, after)
+    status, out, err = _main(capsys, f"--workdir={tmp_path}", *_argv(SMALL, rounds=8))
+    assert status == flags.EXIT_IO and out == "", err
+    assert "Traceback" not in "\n".join(err)
+    kept = workdir.checkpoint_round(str(tmp_path / workdir.CHECKPOINT))
+    assert err[-1] == (f"{tmp_path / name}: No space left on device; stopped at round 4; the "
+                       "last checkpoint, round 2, is intact; --resume continues from it")
+    assert kept == 2
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    monkeypatch.setattr(workdir, "before_write", lambda path: None)
+    status, _, err = _main(capsys, f"--workdir={tmp_path}", *_argv(SMALL, rounds=8),
+                           "--resume")
+    assert status == 0, err
 
 
 def _launch(*args):
@@ -411,15 +644,12 @@ def _launch(*args):
                           env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--num_workers=8", "--max_delay=3"], "--max_delay: "),  # found by the factory
-    (["--resume=maybe"], "--resume: "),  # found by absl's parser
-])
-def test_launch_usage_error_exits_2_with_one_line(tmp_path, args, flag):
+def test_launch_usage_error_exits_2_with_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     before = _snapshot(tmp_path)
-    result = _launch(f"--workdir={tmp_path}", *args)
+    result = _launch(f"--workdir={tmp_path}", "--num_workers=8", "--max_delay=3")
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(flag), result.stderr
+    assert result.stderr.startswith("--max_delay: ") and result.stderr.count("\n") == 1, (
+        result.stderr)
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert _snapshot(tmp_path) == before
