@@ -107,6 +107,29 @@ def _resolve(alg, loss_fn, has_aux, worker_loop, shared, worker_states, batch, p
                            block=block, platform=platform)
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(alg, loss_fn, has_aux, loop, worker_loop, mesh, state_signature, batch_signature):
+    """`choose_loops` for a configuration, from shapes only, remembered (one trace each)."""
+    state, batch = _abstract(state_signature), _abstract(batch_signature)
+    block = alg.num_workers if mesh is None else alg.num_workers // mesh.shape[
+        base.WORKER_AXIS]
+    platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
+    convolutional = False
+    if worker_loop == "auto":
+        worker = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                              state.workers)
+        view = jax.eval_shape(alg.view, jnp.int32(0), worker, state.shared)
+        one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+        convolutional = _convolutional(loss_fn, has_aux, view, one_batch)
+    return choose_loops(loop, worker_loop, mesh=mesh, platform=platform,
+                        convolutional=convolutional, block=block)
+
+
+def _abstract(signature):
+    treedef, leaves = signature
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+
+
 def _signature(tree):
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
@@ -115,9 +138,8 @@ def _signature(tree):
 @functools.lru_cache(maxsize=64)
 def _batch_shapes(batch_fn, num_workers, key_signature):
     """The shapes `batch_fn` returns for a round, remembered per function (one trace)."""
-    treedef, ((shape, dtype),) = key_signature
-    key = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype)])
-    return jax.eval_shape(lambda k: _sample(batch_fn, num_workers, jnp.int32(0), k), key)
+    return jax.eval_shape(lambda k: _sample(batch_fn, num_workers, jnp.int32(0), k),
+                          _abstract(key_signature))
 
 
 def _convolutional(loss_fn, has_aux, view, batch) -> bool:
@@ -127,12 +149,8 @@ def _convolutional(loss_fn, has_aux, view, batch) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _convolutional_cached(loss_fn, has_aux, view_signature, batch_signature) -> bool:
-    def abstract(signature):
-        treedef, leaves = signature
-        return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
-
-    return workers.is_convolutional(loss_fn, has_aux, abstract(view_signature),
-                                    abstract(batch_signature))
+    return workers.is_convolutional(loss_fn, has_aux, _abstract(view_signature),
+                                    _abstract(batch_signature))
 
 
 def make_step(
@@ -425,16 +443,8 @@ def run(
                                  parallel.make_mesh(1) if mesh is None else mesh)
     if rounds == 0:
         return state, {}
-    block = alg.num_workers if mesh is None else alg.num_workers // mesh.shape[
-        base.WORKER_AXIS]
-    view = jax.eval_shape(lambda s: alg.view(jnp.int32(0), jax.tree.map(lambda x: x[0],
-                                                                        s.workers), s.shared),
-                          base.replicated(state))
-    platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
-    one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), first_batch)
-    convolutional = worker_loop == "auto" and _convolutional(loss_fn, has_aux, view, one_batch)
-    loop, worker_loop = choose_loops(loop, worker_loop, mesh=mesh, platform=platform,
-                                     convolutional=convolutional, block=block)
+    loop, worker_loop = _plan(alg, loss_fn, has_aux, loop, worker_loop, mesh,
+                              _signature(state), _signature(first_batch))
     length = {"python": 1, "chunks": int(chunk), "scan": rounds}[loop]
     program = _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn,
                        length, donate)

@@ -58,7 +58,7 @@ def _finite(state, seeded: bool) -> jax.Array:
 
 def _skip(old, new, failed: np.ndarray, seeded: bool):
     """`new`, except that the seeds in `failed` keep `old` with `new`'s round counter."""
-    kept = old._replace(shared=old.shared._replace(round=new.shared.round))
+    kept = old.replace(shared=old.shared._replace(round=new.shared.round))
 
     def pick(o, n):
         if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
