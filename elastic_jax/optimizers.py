@@ -1,4 +1,4 @@
-"""Base optimizers of the per-worker chain: SGD with momentum, weight decay, any optax transformation.
+"""Base optimizers of the per-worker chain: SGD with momentum, weight decay, optax transforms.
 
 The chain's one `"optimizer"` link turns the gradient `g` (after the gradient
 links) into the update `u` with the round's learning rate `eta_r`, in optax's

@@ -1,4 +1,4 @@
-"""Synchronous data-parallel SGD with any per-worker chain, its optimizer at the workers or the server.
+"""Synchronous data-parallel SGD with any per-worker chain; its optimizer at workers or server.
 
 Every worker computes its gradient at the current model and the round applies
 the mean of the workers' updates (docs/theory.md section 5):
