@@ -541,10 +541,10 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
            "(`ej.chain(ej.ef21(top_k), ej.sgd(momentum=mu))`), the momentum at the server "
            "(`optimizer_placement=\"server\"`: error feedback before momentum)"
            if s.sync_panel else "") +
-        f". Every arm runs at the constant learning rate (1 - mu) {s.learning_rate:g}, the "
-        f"same effective rate eta / (1 - mu) = {s.learning_rate:g} (docs/theory.md section "
-        f"9); seeds {s.seed}..{s.seed + s.num_seeds - 1} run one after another (worker loop "
-        f"`{s.worker_loop}`). The training loss is the mean cross-entropy "
+        f". Every arm runs at the constant learning rate `(1 - mu) * {s.learning_rate:g}`: "
+        f"the same effective rate `eta / (1 - mu) = {s.learning_rate:g}` (docs/theory.md "
+        f"section 9); seeds {s.seed}..{s.seed + s.num_seeds - 1} run one after another "
+        f"(worker loop `{s.worker_loop}`). The training loss is the mean cross-entropy "
         f"of the actual model over the first {s.train_eval_size} training samples "
         f"(all of them if fewer), checked every {s.eval_every} rounds; the target loss is "
         f"{s.target_loss:g}. Values are mean ± standard deviation over seeds.",
