@@ -213,6 +213,26 @@ def test_server_placement_virtual_iterate_follows_uncompressed_sgd():
     assert np.linalg.norm(h.flat(ej.model(state)) - h.flat(ej.params(state))) > 1e-3
 
 
+def test_grad_with_respect_to_momentum_and_decay_matches_a_central_difference():
+    """Tracers pass the links' checks: hypergradients through `ej.run` (float64)."""
+    with jax.enable_x64(True):
+        params, batches = problem(jnp.float64)
+
+        def final_loss(hp):
+            rule = ej.chain(ej.weight_decay(hp[1]), ej.sgd(momentum=hp[0], nesterov=True))
+            alg = ej.async_sgd(LR, 1, 0, rule=rule)
+            state, _ = ej.run(alg, least_squares, alg.init(params, 0), batches)
+            return least_squares(ej.params(state), jax.tree.map(lambda x: x[0, 0], batches))
+
+        point, step = jnp.array([0.5, WD]), 1e-6
+        grad = jax.grad(final_loss)(point)
+        shifts = jnp.concatenate([jnp.eye(2), -jnp.eye(2)]) * step
+        values = jax.vmap(final_loss)(point[None] + shifts)
+        central = (values[:2] - values[2:]) / (2 * step)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(central), rtol=1e-6)
+    assert np.all(np.abs(np.asarray(grad)) > 1e-3)
+
+
 # ------------------------------------------------------------------ bad input
 
 
