@@ -37,7 +37,8 @@ from elastic_jax.compressors import (
 from elastic_jax.drivers import make_step, run
 from elastic_jax.ef21 import ef21
 from elastic_jax.error_feedback import error_feedback
-from elastic_jax.links import Link, clip, sgd
+from elastic_jax.links import Link, clip
+from elastic_jax.optimizers import adamw, from_optax, sgd, weight_decay
 from elastic_jax.rounds import update, views
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "Link",
     "Rule",
     "State",
+    "adamw",
     "analysis",
     "async_sgd",
     "bounds",
@@ -63,6 +65,7 @@ __all__ = [
     "ef21",
     "elastic_scheduling",
     "error_feedback",
+    "from_optax",
     "identity",
     "local_sgd",
     "make_step",
@@ -79,5 +82,6 @@ __all__ = [
     "top_k",
     "update",
     "views",
+    "weight_decay",
     "workers",
 ]

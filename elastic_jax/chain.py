@@ -27,10 +27,11 @@ import jax.numpy as jnp
 from elastic_jax import compressors as compressors_lib
 from elastic_jax import consistency, validation
 from elastic_jax import error_feedback as error_feedback_lib
-from elastic_jax.links import Context, Link, clip, compress, sgd
+from elastic_jax.links import Context, Link, clip, compress
+from elastic_jax.optimizers import raw_gradient, sgd
 
-_EXPECTED = ("links such as ej.clip(1.0), ej.sgd(), ej.top_k(...), ej.error_feedback(...), "
-             "ej.ef21(...)")
+_EXPECTED = ("links such as ej.clip(1.0), ej.weight_decay(1e-4), ej.sgd(momentum=0.9), "
+             "ej.adamw(), ej.top_k(...), ej.error_feedback(...), ej.ef21(...)")
 
 
 class Sent(NamedTuple):
@@ -146,6 +147,21 @@ class Rule(NamedTuple):
         """The position of the base optimizer link."""
         return [link.facts.stage for link in self.links].index("optimizer")
 
+    def placed(self, placement: str) -> tuple[Rule, Link | None]:
+        """`(the workers' chain, the server's optimizer)` under an optimizer placement.
+
+        `"worker"`: the chain itself, and no server optimizer (each worker keeps
+        its optimizer state). `"server"`: the chain with its base optimizer
+        replaced by the raw gradient (`u = g`, so compression and error
+        feedback act on the gradient and their bounds are in gradient units),
+        and that base optimizer, which `combine` applies once to the mean of the
+        workers' outputs (docs/theory.md section 9).
+        """
+        if placement == "worker":
+            return self, None
+        at = self.optimizer_at
+        return Rule(self.links[:at] + (raw_gradient(),) + self.links[at + 1:]), self.links[at]
+
     def gradient_bound(self, m_hat, params):
         """`M`, the bound on the base optimizer's input norms.
 
@@ -186,7 +202,8 @@ class Rule(NamedTuple):
 def chain(*links) -> Rule:
     """The per-worker update rule: `links` applied to each worker's gradient in order.
 
-    Exactly one base optimizer (`ej.sgd()`), gradient links (`ej.clip`,
+    Exactly one base optimizer (`ej.sgd(...)`, `ej.adamw(...)`,
+    `ej.from_optax(tx)`), gradient links (`ej.clip`, `ej.weight_decay`,
     `ej.ef21`) before it, update links (a compressor, `ej.error_feedback`)
     after it, at most one link that compresses. A bare compressor stands for
     compression without error feedback.
@@ -199,7 +216,8 @@ def chain(*links) -> Rule:
     rule = Rule(links)
     stages = [link.facts.stage for link in links]
     if stages.count("optimizer") != 1:
-        validation.fail("rule", rule, "exactly one base optimizer link, e.g. ej.sgd()")
+        validation.fail("rule", rule, "exactly one base optimizer link, e.g. ej.sgd() or "
+                        "ej.adamw()")
     at = stages.index("optimizer")
     for i, link in enumerate(links):
         if (i < at and link.facts.stage == "update") or (i > at and link.facts.stage == "gradient"):

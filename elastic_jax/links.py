@@ -1,4 +1,4 @@
-"""Links of the per-worker update rule: the type, and clipping, SGD and compression.
+"""Links of the per-worker update rule: the type, and clipping and compression.
 
 A worker turns its stochastic gradient `g` into the update `u` it sends or
 writes by a chain of links, in the optax manner (`ej.chain`): each link maps a
@@ -7,9 +7,10 @@ the worker axis. What a link computes is its `update`; what the consistency
 bounds need to know about it is its `Facts`, static and declared once:
 
 - its *stage*: `"gradient"` links act on the gradient before the base
-  optimizer (clipping, EF21), the one `"optimizer"` link turns it into an
-  update using the round's learning rate (`ej.sgd`), `"update"` links act on
-  the update (a compressor, EF14 error feedback);
+  optimizer (clipping, EF21, weight decay), the one `"optimizer"` link turns
+  it into an update using the round's learning rate (`ej.sgd`, `ej.adamw`,
+  `ej.from_optax`: `elastic_jax.optimizers`), `"update"` links act on the
+  update (a compressor, EF14 error feedback);
 - how it moves a norm bound: `out_bound(b, params)` bounds the norm of its
   output given a bound `b` on its input's (None: not known, the library then
   measures the update norm, `u_hat`); `residual_bound(b, params)` bounds what
@@ -128,20 +129,6 @@ def clip(max_norm) -> Link:
 
     return Link(_empty, update, Facts(f"ej.clip({max_norm!r})", "gradient",
                                       out_bound=out_bound))
-
-
-def scale(eta, tree):
-    """`eta * tree`, leaf by leaf in each leaf's dtype."""
-    return jax.tree.map(lambda g: jnp.asarray(eta).astype(g.dtype) * g, tree)
-
-
-def sgd() -> Link:
-    """The plain SGD base optimizer: `u = eta g`, with the round's learning rate `eta`."""
-
-    def update(tree, state, context):
-        return scale(context.learning_rate, tree), state, {}
-
-    return Link(_empty, update, Facts("ej.sgd()", "optimizer"))
 
 
 def _measured(bound, params):

@@ -203,10 +203,10 @@ _COMPRESSOR = _text("compressor", "None (send the update as is) or a bare compre
 _ERROR_FEEDBACK = _text("error_feedback", "False, True (beta = 1) or a float beta in [0, 1] "
                         "(a tracer passes)")
 _RULE = _text("rule", "None or a chain built by ej.chain(...): exactly one base optimizer "
-              "(ej.sgd()), gradient links (ej.clip, ej.ef21) before it, update links (a "
-              "compressor, ej.error_feedback) after it, at most one that compresses; "
-              "exclusive with compressor, error_feedback and clip_norm; ej.ef21 with "
-              "sync_sgd only")
+              "(ej.sgd(...), ej.adamw(...), ej.from_optax(tx)), gradient links (ej.clip, "
+              "ej.weight_decay, ej.ef21) before it, update links (a compressor, "
+              "ej.error_feedback) after it, at most one that compresses; exclusive with "
+              "compressor, error_feedback and clip_norm; ej.ef21 with sync_sgd only")
 _UNCOMPRESSED_RULE = _text("rule", "None or a chain built by ej.chain(...) without a link "
                            "that compresses or holds back (the updates are sent dense); "
                            "exclusive with clip_norm")
@@ -220,6 +220,9 @@ _K = _text("k", "None or an integer in [1, d], d the entries the compressor sees
            "init); exactly one of k and fraction")
 _FRACTION = ArgumentSpec("fraction", "real", lo=0.0, hi=1.0, lo_open=True,
                          note="or None; keeps k = max(1, floor(fraction d))")
+_WORKER_PLACEMENT = ArgumentSpec("optimizer_placement", "choice", choices=("worker",),
+                                 note="server placement is defined for sync_sgd only")
+_UNIT_DECAY = {"lo": 0.0, "hi": 1.0, "hi_open": True}
 _KEY = _text("key", "an int seed or a jax.random key (standalone use; algorithms pass their "
              "own keys)")
 
@@ -228,7 +231,12 @@ _KEY = _text("key", "an int seed or a jax.random key (standalone use; algorithms
 # range, and `python -m experiments.arguments` prints it (docs/arguments.md).
 FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
     "sync_sgd": (_LEARNING_RATE, _NUM_WORKERS, _RULE, _COMPRESSOR, _ERROR_FEEDBACK,
-                 _CLIP_NORM),
+                 _CLIP_NORM,
+                 ArgumentSpec("optimizer_placement", "choice", choices=("worker", "server"),
+                              note="worker: each worker runs the chain's base optimizer; "
+                              "server: the workers send their chain's output on the raw "
+                              "gradient and the server runs the base optimizer once, on the "
+                              "mean")),
     "async_sgd": (
         _LEARNING_RATE, _NUM_WORKERS,
         ArgumentSpec("max_delay", "int", lo=0, note="and >= num_workers - 1 (the i-th update "
@@ -237,7 +245,7 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
               "[rounds, num_workers] with worker p's lags in [p, max_delay]"),
         ArgumentSpec("reads", "choice", choices=("consistent", "inconsistent"),
                      note="a trace needs 'consistent'"),
-        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
+        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS, _WORKER_PLACEMENT,
     ),
     "message_passing_sgd": (
         _LEARNING_RATE, _NUM_WORKERS,
@@ -250,21 +258,31 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
               "num_workers - 1 of them, rounds >= 0"),
         _text("crash_horizon", "None, or an integer in [2, inf] (required with a crash count: "
               "crash rounds are drawn in [1, crash_horizon))"),
-        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS,
+        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS, _WORKER_PLACEMENT,
     ),
     "elastic_scheduling": (
         _LEARNING_RATE, _NUM_WORKERS,
         ArgumentSpec("max_outstanding", "int", lo=0, note="tau; 0 is synchronous SGD"),
         _DELAY_LAW,
         ArgumentSpec("mode", "choice", choices=("norm", "variance")),
-        _UNCOMPRESSED_RULE, _CLIP_NORM, _STALENESS,
+        _UNCOMPRESSED_RULE, _CLIP_NORM, _STALENESS, _WORKER_PLACEMENT,
     ),
     "local_sgd": (_LEARNING_RATE, _NUM_WORKERS,
                   ArgumentSpec("period", "int", lo=1, note="H; 1 is synchronous SGD"),
-                  _UNCOMPRESSED_RULE, _CLIP_NORM),
+                  _UNCOMPRESSED_RULE, _CLIP_NORM, _WORKER_PLACEMENT),
     "clip": (ArgumentSpec("max_norm", "real", lo=0.0, lo_open=True,
                           note="the global norm C gradients are clipped to"),),
-    "sgd": (),
+    "sgd": (ArgumentSpec("momentum", "real", **_UNIT_DECAY,
+                         note="mu; 0: plain SGD (a tracer passes)"),
+            _text("nesterov", "a bool (True: Nesterov's form, optax's)")),
+    "weight_decay": (ArgumentSpec("decay", "real", lo=0.0,
+                                  note="g <- g + decay v at the worker's view v (a tracer "
+                                  "passes)"),),
+    "adamw": (ArgumentSpec("b1", "real", **_UNIT_DECAY), ArgumentSpec("b2", "real", **_UNIT_DECAY),
+              ArgumentSpec("eps", "real", lo=0.0, lo_open=True),
+              ArgumentSpec("weight_decay", "real", lo=0.0)),
+    "from_optax": (_text("tx", "a rate-free optax GradientTransformation (optax.scale_by_adam(), "
+                         "a chain with optax.add_decayed_weights(...), ...; not a compressor)"),),
     "ef21": (_text("compressor", "a bare contractive compressor: ej.identity(), ej.top_k(...), "
                    "ej.random_k(..., scaled=False), ej.scaled_sign()"),),
     "identity": (),

@@ -49,7 +49,8 @@ CONVEX_DATASETS = ("least_squares", "logistic")
 CONV_MODELS = ("cnn", "resnet20")  # their loss convolves: a Python loop on the CPU
 
 ALGORITHMS = {  # name -> (flags, learning rate, shared keyword arguments) -> ej.Algorithm
-    "sync": lambda f, lr, kw: ej.sync_sgd(lr, f["num_workers"], **kw),
+    "sync": lambda f, lr, kw: ej.sync_sgd(lr, f["num_workers"],
+                                          optimizer_placement=f["optimizer_placement"], **kw),
     "async": lambda f, lr, kw: ej.async_sgd(lr, f["num_workers"], f["max_delay"],
                                             reads=f["reads"], delay=f["delay"], **kw),
     "message_passing": lambda f, lr, kw: ej.message_passing_sgd(
@@ -110,6 +111,23 @@ FLAGS: tuple[Flag, ...] = (
     Flag("period", "int", 4, "Rounds between model averages.", 1, 100_000,
          when=_on("algorithm", "local_sgd")),
     # The optimiser.
+    Flag("optimizer", "enum", "sgd", "The base optimizer of every worker's chain, in optax's "
+         "terms: sgd (optax.sgd: --momentum, --nesterov) or adamw (optax.adamw with b1 0.9, "
+         "b2 0.999, eps 1e-8; --weight_decay is its weight_decay). Bounds with adamw use the "
+         "measured update norm u_hat.", choices=("sgd", "adamw")),
+    Flag("momentum", "float", 0.0, "Momentum mu of sgd: m <- mu m + g, update eta m (0: plain "
+         "SGD). Every bound then uses M / (1 - mu).", 0.0, 1.0, hi_open=True,
+         when=_on("optimizer", "sgd")),
+    Flag("nesterov", "bool", False, "Nesterov's form of the momentum (optax's): update "
+         "eta (g + mu m).", when=(("momentum", ">0"),)),
+    Flag("weight_decay", "float", 0.0, "Decoupled weight decay wd: with sgd, g <- g + wd v at "
+         "the worker's view v before the optimizer (optax.add_decayed_weights); with adamw, "
+         "its weight_decay (optax.adamw's own default is 1e-4). 0: none.", 0.0),
+    Flag("optimizer_placement", "enum", "worker", "Where the base optimizer runs: worker (each "
+         "worker keeps its optimizer state; the compressor and error feedback act on its "
+         "output) or server (the workers compress their raw gradients, error feedback "
+         "included, and the server runs the optimizer once on their mean, as PowerSGD and "
+         "DDP do).", choices=("worker", "server"), when=_on("algorithm", "sync")),
     Flag("learning_rate", "float", 0.05, "Base learning rate eta.", 0.0, lo_open=True),
     Flag("schedule", "enum", "constant", "Learning-rate schedule over --schedule_rounds "
          "(cosine, linear: from eta to eta * final_lr_fraction, then flat; exponential: "
@@ -257,16 +275,33 @@ def validate(given: Mapping[str, Any]) -> Config:
     """
     f = flags.validate(FLAGS, given)
     _check_combinations(f)
-    kw = {"clip_norm": f["clip_norm"] or None}
     try:
-        if f["algorithm"] in UPDATE_RULE:
-            kw["compressor"] = make_compressor(f)
-            kw["error_feedback"] = f["error_feedback"] and (f["ef_beta"] if f["ef_beta"] < 1
-                                                            else True)
-        algorithm = ALGORITHMS[f["algorithm"]](f, make_schedule(f), kw)
+        algorithm = ALGORITHMS[f["algorithm"]](f, make_schedule(f), {"rule": make_rule(f)})
     except ValueError as e:
         raise from_library_error(e) from None
     return Config(f, algorithm)
+
+
+def make_rule(f: Mapping[str, Any]) -> ej.Rule:
+    """Every worker's chain: [clip] + [weight decay] + the base optimizer + [compression].
+
+    With sgd, weight decay is a gradient link before it (optax.add_decayed_weights,
+    then optax.sgd); with adamw it is AdamW's own. Compression, with or without
+    error feedback, applies to the algorithms with a compressor (`UPDATE_RULE`).
+    """
+    links = [ej.clip(f["clip_norm"])] if f["clip_norm"] else []
+    if f["optimizer"] == "adamw":
+        links.append(ej.adamw(weight_decay=f["weight_decay"]))
+    else:
+        links += [ej.weight_decay(f["weight_decay"])] if f["weight_decay"] else []
+        links.append(ej.sgd(momentum=f["momentum"], nesterov=f["nesterov"]))
+    if f["algorithm"] in UPDATE_RULE:
+        compressor = make_compressor(f)
+        if f["error_feedback"]:
+            links.append(ej.error_feedback(compressor or ej.identity(), beta=f["ef_beta"]))
+        elif compressor is not None:
+            links.append(compressor)
+    return ej.chain(*links)
 
 
 def make_schedule(f: Mapping[str, Any]):
@@ -322,6 +357,14 @@ def describe(f: Mapping[str, Any]) -> str:
         parts.append(compressor + (f" + EF{beta}" if f["error_feedback"] else ", no EF"))
     if f["clip_norm"]:
         parts.append(f"clip {f['clip_norm']:g}")
+    if f["optimizer"] == "adamw" or f["momentum"] or f["weight_decay"]:
+        optimizer = ("AdamW" if f["optimizer"] == "adamw" else
+                     f"{'Nesterov' if f['nesterov'] else 'momentum'} {f['momentum']:g}"
+                     if f["momentum"] else "SGD")
+        decay = f" + weight decay {f['weight_decay']:g}" if f["weight_decay"] else ""
+        where = " at the server" if name == "sync" and f["optimizer_placement"] == "server" \
+            else ""
+        parts.append(optimizer + where + decay)
     data = f["dataset"] + (f" ({f['model']})" if f["dataset"] in IMAGE_DATASETS else "")
     seeds = f", {f['num_seeds']} seeds" if f["num_seeds"] > 1 else ""
     return ", ".join(parts) + f" on {data}{seeds}"
@@ -343,21 +386,23 @@ def rounds_matter(f: Mapping[str, Any]) -> bool:
 
 
 # Semantic flags added after configs were first saved, with the behaviour a config
-# that does not record them had: before `--loop`, every run was a Python loop.
+# that does not record them had where it is not the flag's default: before `--loop`,
+# every run was a Python loop. (Before --optimizer and its flags, every run was plain
+# SGD at the workers: their defaults.)
 LEGACY_VALUES: dict[str, Any] = {"loop": "python"}
 
 
 def semantic_differences(saved: Mapping[str, Any], f: Mapping[str, Any]) -> list[tuple]:
     """`(flag, saved value, current value)` for each semantic flag on which they differ.
 
-    Both are compared as effective configurations (None: the flag does not apply);
-    a config saved with every flag (as before only the applying ones were saved)
-    is reduced to those that apply to it. `--rounds` counts when a decaying
-    schedule spans it.
+    Both are compared as effective configurations (None: the flag does not apply):
+    a flag the saved config does not record (one added since, or one that did not
+    apply) takes its `LEGACY_VALUES` value or its default, and a config saved with
+    every flag (as before only the applying ones were saved) is reduced to those
+    that apply to it. `--rounds` counts when a decaying schedule spans it.
     """
-    saved = {**LEGACY_VALUES, **saved}
-    if set(TABLE) <= set(saved):
-        saved = flags.effective(FLAGS, {n: saved[n] for n in TABLE})
+    saved = flags.effective(FLAGS, {**DEFAULTS, **LEGACY_VALUES,
+                                    **{n: v for n, v in saved.items() if n in TABLE}})
     current = flags.effective(FLAGS, f)
     names = [s.name for s in FLAGS if s.semantic] + ["rounds"] * rounds_matter(f)
     return [(n, saved.get(n), current.get(n)) for n in names if saved.get(n) != current.get(n)]

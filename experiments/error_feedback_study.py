@@ -6,15 +6,22 @@ Nadiradze et al. (arXiv:2001.05918) report that error feedback "may not
 necessarily help" Top-k sparsified *asynchronous* SGD: it removes the
 compressor's bias but raises the elastic consistency constant `B` by a term of
 order `(d/k) M` (docs/theory.md section 3). For every Top-k fraction
-(`--k_fractions`), worker count `P` (`--workers`) and largest staleness
-(`--delays`, in updates, in terms of `P`: `P-1`, `2P`) this trains asynchronous
-SGD (otherwise `experiments.train`'s defaults) with EF14 and without, the small
-CNN on the bundled digits (and ResNet-20 on CIFAR-10 when `--data_dir` holds
-`cifar-10-batches-bin`). Each configuration is `experiments.config.validate`'s,
-run through `ej.run` on the launcher's problem, seeds one after another (faster
-here than the vmapped batch: see the report's "Cost"); seed `s` initialises the
-model with `fold_in(key(s), 0)` and the algorithm with `fold_in(key(s), 1)`, the
-data split is drawn from `--seed`.
+(`--k_fractions`), worker count `P` (`--workers`), largest staleness
+(`--delays`, in updates, in terms of `P`: `P-1`, `2P`) and momentum
+(`--momenta`: heavy ball at the workers, so error feedback acts on the
+momentum) this trains asynchronous SGD (otherwise `experiments.train`'s
+defaults) with EF14 and without, the small CNN on the bundled digits (and
+ResNet-20 on CIFAR-10 when `--data_dir` holds `cifar-10-batches-bin`). Since
+the question is asked with momentum in practice, a synchronous panel
+(`--sync_panel`) compares EF14 with EF21 for every `k`, `P` and momentum, the
+momentum at the server (error feedback before momentum, docs/theory.md section
+9). An arm with momentum `mu` runs at the learning rate `(1 - mu) eta`, so
+that its effective rate `eta / (1 - mu)` is the plain arms' `eta`. Each
+configuration is `experiments.config.validate`'s (the EF21 arm's algorithm is
+built from the same flags), run through `ej.run` on the launcher's problem,
+seeds one after another (faster here than the vmapped batch: see the report's
+"Cost"); seed `s` initialises the model with `fold_in(key(s), 0)` and the
+algorithm with `fold_in(key(s), 1)`, the data split is drawn from `--seed`.
 
 Measured, as mean ± std over seeds: the final training loss of the actual model
 (over at most `--train_eval_size` training samples), the test accuracy, the
@@ -45,13 +52,14 @@ from experiments.flags import Flag, usage
 
 MODULE = "experiments.error_feedback_study"
 # The reference grid of the study: a run on another grid reports how it differs.
-REFERENCE_GRID = {"k_fractions": "0.001,0.01,0.1", "workers": "4,8", "delays": "P-1,2P"}
+REFERENCE_GRID = {"k_fractions": "0.001,0.01,0.1", "workers": "4,8", "delays": "P-1,2P",
+                  "momenta": "0,0.9", "sync_panel": "true"}
 FLAGS = (
     Flag("workdir", "path", "", "Directory for report.md and the PNGs (created if missing; "
          "required)."),
     Flag("smoke", "bool", False, "Tiny sizes for CI (rounds 12, num_seeds 2, k_fractions "
-         "0.01, workers 2, delays P-1, batch_size 8, eval_every 4) unless those flags are "
-         "given."),
+         "0.01, workers 2, delays P-1, momenta 0.9, batch_size 8, eval_every 4, model mlp) "
+         "unless those flags are given."),
     Flag("rounds", "int", 250, "Rounds of every run.", 1, 10_000_000),
     Flag("num_seeds", "int", 3, "Seeds per configuration (seed, seed + 1, ...).", 1, 1024),
     Flag("seed", "int", 0, "First seed; it also draws the data split.", 0, 2**31 - 1),
@@ -60,8 +68,14 @@ FLAGS = (
     Flag("workers", "ints", "4,8", "Worker counts P of the grid.", 1, 4096),
     Flag("delays", "delays", "P-1,2P", "Largest staleness in updates, per P (async needs "
          ">= P - 1 for every P of the grid)."),
-    Flag("learning_rate", "float", 0.05, "Learning rate eta (constant).", 0.0, 100.0,
-         lo_open=True),
+    Flag("momenta", "floats", "0,0.9", "Heavy-ball momenta mu of the grid: at the workers in "
+         "the async arms, at the server in the sync panel; an arm with momentum mu runs at "
+         "the learning rate (1 - mu) --learning_rate (the same effective rate).", 0.0, 1.0,
+         hi_open=True),
+    Flag("sync_panel", "bool", True, "Also run synchronous Top-k SGD with EF14 and with EF21 "
+         "for every k, P and momentum (momentum at the server)."),
+    Flag("learning_rate", "float", 0.05, "Learning rate eta (constant) of the arms without "
+         "momentum.", 0.0, 100.0, lo_open=True),
     Flag("batch_size", "int", 32, "Samples per worker per round.", 1, 65_536),
     Flag("reads", "enum", "inconsistent", "Stale reads: one lag per update (consistent) or per "
          "coordinate (inconsistent, experiments.train's default).",
@@ -85,7 +99,10 @@ FLAGS = (
          "backend).", choices=("auto", "map", "unroll", "vmap")),
 )
 SMOKE = {"rounds": 12, "num_seeds": 2, "k_fractions": "0.01", "workers": "2",
-         "delays": "P-1", "batch_size": 8, "eval_every": 4}
+         "delays": "P-1", "momenta": "0.9", "batch_size": 8, "eval_every": 4, "model": "mlp"}
+
+
+FEEDBACK = {"async": ("none", "EF14"), "sync": ("EF14", "EF21")}  # the arms compared
 
 
 class Point(NamedTuple):
@@ -93,10 +110,12 @@ class Point(NamedTuple):
 
     dataset: str
     model: str
+    algorithm: str  # "async" (momentum at the workers) or "sync" (momentum at the server)
     k: float
     num_workers: int
-    max_delay: int
-    error_feedback: bool
+    max_delay: int  # 0 for sync
+    momentum: float
+    feedback: str  # one of FEEDBACK[algorithm]
 
 
 def datasets(s) -> list[tuple[str, str]]:
@@ -108,20 +127,42 @@ def datasets(s) -> list[tuple[str, str]]:
 
 
 def grid(s) -> list[Point]:
-    return [Point(dataset, model, k, p, delay(p), ef) for dataset, model in datasets(s)
-            for k in s.k_fractions for p in s.workers for delay in s.delays
-            for ef in (False, True)]
+    """The async arms, then (with `--sync_panel`) the sync panel's."""
+    points = [Point(dataset, model, "async", k, p, delay(p), mu, feedback)
+              for dataset, model in datasets(s) for k in s.k_fractions for p in s.workers
+              for delay in s.delays for mu in s.momenta for feedback in FEEDBACK["async"]]
+    if s.sync_panel:
+        points += [Point(dataset, model, "sync", k, p, 0, mu, feedback)
+                   for dataset, model in datasets(s) for k in s.k_fractions
+                   for p in s.workers for mu in s.momenta for feedback in FEEDBACK["sync"]]
+    return points
 
 
 def launcher_values(s, point: Point) -> dict[str, Any]:
-    """The `experiments.train` flags of one configuration."""
-    values = {"algorithm": "async", "num_workers": point.num_workers, "max_delay":
-              point.max_delay, "delay": s.delay, "reads": s.reads, "compressor": "top_k",
-              "k_fraction": point.k, "error_feedback": point.error_feedback,
-              "learning_rate": s.learning_rate, "batch_size": s.batch_size, "rounds": s.rounds,
-              "model": point.model, "dataset": point.dataset, "seed": s.seed,
-              "workdir": s.workdir, "worker_loop": s.worker_loop}
+    """The `experiments.train` flags of one configuration (the EF21 arm: its EF14 arm's)."""
+    values = {"algorithm": point.algorithm, "num_workers": point.num_workers,
+              "compressor": "top_k", "k_fraction": point.k,
+              "error_feedback": point.feedback != "none", "momentum": point.momentum,
+              "learning_rate": s.learning_rate * (1.0 - point.momentum),
+              "batch_size": s.batch_size, "rounds": s.rounds, "model": point.model,
+              "dataset": point.dataset, "seed": s.seed, "workdir": s.workdir,
+              "worker_loop": s.worker_loop}
+    if point.algorithm == "async":
+        values.update(max_delay=point.max_delay, delay=s.delay, reads=s.reads)
+    else:
+        values["optimizer_placement"] = "server"
     return values if point.dataset == "digits" else {**values, "data_dir": s.data_dir}
+
+
+def configure(s, point: Point) -> config_lib.Config:
+    """The launcher's config of one configuration; EF21's algorithm is built from its flags."""
+    cfg = config_lib.validate(launcher_values(s, point))
+    if point.feedback != "EF21":
+        return cfg
+    f = cfg.flags
+    rule = ej.chain(ej.ef21(ej.top_k(fraction=point.k)), ej.sgd(momentum=point.momentum))
+    return cfg._replace(algorithm=ej.sync_sgd(f["learning_rate"], f["num_workers"], rule=rule,
+                                              optimizer_placement="server"))
 
 
 def check(s) -> list[tuple[Point, config_lib.Config]]:
@@ -131,7 +172,7 @@ def check(s) -> list[tuple[Point, config_lib.Config]]:
             if delay(p) < p - 1:
                 raise usage("delays", str(delay), f"delays >= P - 1 for every P in --workers "
                             f"(P = {p} gives {delay(p)})")
-    return [(point, config_lib.validate(launcher_values(s, point))) for point in grid(s)]
+    return [(point, configure(s, point)) for point in grid(s)]
 
 
 class Outcome(NamedTuple):
@@ -235,45 +276,56 @@ def run_grid(s) -> list[Outcome]:
         if key[:2] not in losses:
             losses[key[:2]] = train_loss_fn(point.dataset, point.model, s)
         outcomes.append(run_point(point, cfg, problems[key], losses[key[:2]], s))
-        progress.step(f"{point.dataset}, k={point.k:g}, P={point.num_workers}, max_delay="
-                      f"{point.max_delay}, {'EF' if point.error_feedback else 'no EF'}")
+        delay = f", max_delay={point.max_delay}" if point.algorithm == "async" else ""
+        progress.step(f"{point.dataset}, {point.algorithm}, k={point.k:g}, P={point.num_workers}"
+                      f"{delay}, momentum {point.momentum:g}, {point.feedback}")
     return outcomes
 
 
 class Comparison(NamedTuple):
+    """Two arms of one configuration: `with_ef` (EF14; EF21 in the sync panel) against
+    `without` (no EF; EF14 in the sync panel)."""
+
     dataset: str
     k: float
     num_workers: int
     max_delay: int
+    momentum: float
     without: Outcome
     with_ef: Outcome
     verdict: str  # "lower", "higher" or "within"
 
 
-def compare(outcomes: list[Outcome]) -> list[Comparison]:
-    """Pairs EF with no EF per configuration; the verdict on EF's final training loss.
+def verdict(on: Outcome, off: Outcome) -> str:
+    """`on`'s final training loss against `off`'s.
 
-    `lower` (`higher`): EF's `mean + std` is below the other's `mean - std` (its
+    `lower` (`higher`): `on`'s `mean + std` is below the other's `mean - std` (its
     `mean - std` above the other's `mean + std`); otherwise `within` the spread;
     `one seed` when there is no spread to compare against.
     """
+    m_on, s_on = studies.mean_std(on.final_loss)
+    m_off, s_off = studies.mean_std(off.final_loss)
+    if min(len(on.final_loss), len(off.final_loss)) < 2:
+        return "one seed"  # no spread to compare against
+    if m_on + s_on < m_off - s_off:
+        return "lower"
+    if m_on - s_on > m_off + s_off:
+        return "higher"
+    return "within"
+
+
+def compare(outcomes: list[Outcome], algorithm: str = "async") -> list[Comparison]:
+    """Pairs the two arms of every configuration of `algorithm`: async EF14 against no EF,
+    sync EF21 against EF14; the verdict on the second arm's final training loss."""
+    off_arm, on_arm = FEEDBACK[algorithm]
     out = []
     for on in outcomes:
-        if not on.point.error_feedback:
+        if on.point.algorithm != algorithm or on.point.feedback != on_arm:
             continue
-        off = next(o for o in outcomes if o.point == on.point._replace(error_feedback=False))
-        m_on, s_on = studies.mean_std(on.final_loss)
-        m_off, s_off = studies.mean_std(off.final_loss)
-        if min(len(on.final_loss), len(off.final_loss)) < 2:
-            verdict = "one seed"  # no spread to compare against
-        elif m_on + s_on < m_off - s_off:
-            verdict = "lower"
-        elif m_on - s_on > m_off + s_off:
-            verdict = "higher"
-        else:
-            verdict = "within"
+        off = next(o for o in outcomes if o.point == on.point._replace(feedback=off_arm))
         p = on.point
-        out.append(Comparison(p.dataset, p.k, p.num_workers, p.max_delay, off, on, verdict))
+        out.append(Comparison(p.dataset, p.k, p.num_workers, p.max_delay, p.momentum, off, on,
+                              verdict(on, off)))
     return out
 
 
@@ -285,22 +337,30 @@ def _reached(o: Outcome) -> str:
 
 
 def outcome_table(outcomes: list[Outcome]) -> list[str]:
-    header = ("dataset", "k", "P", "max_delay", "EF", "final train loss", "test accuracy",
-              "rounds to target", "max b_hat")
-    rows = [(o.point.dataset, f"{o.point.k:g}", o.point.num_workers, o.point.max_delay,
-             "yes" if o.point.error_feedback else "no", studies.fmt_mean_std(o.final_loss),
+    header = ("dataset", "algorithm", "k", "P", "max_delay", "momentum", "feedback",
+              "final train loss", "test accuracy", "rounds to target", "max b_hat")
+    rows = [(o.point.dataset, o.point.algorithm, f"{o.point.k:g}", o.point.num_workers,
+             o.point.max_delay if o.point.algorithm == "async" else "-",
+             f"{o.point.momentum:g}", o.point.feedback, studies.fmt_mean_std(o.final_loss),
              studies.fmt_mean_std(o.test_accuracy, 3), _reached(o),
              studies.fmt_mean_std(o.max_b_hat, 3)) for o in outcomes]
     return studies.markdown_table(header, rows)
 
 
-def comparison_table(comparisons: list[Comparison]) -> list[str]:
-    header = ("dataset", "k", "P", "max_delay", "loss without EF", "loss with EF",
-              "EF - no EF", "EF's loss vs the spread")
+# The comparison table's last four columns, per algorithm.
+COLUMNS = {"async": ("loss without EF", "loss with EF", "EF - no EF", "EF's loss vs the spread"),
+           "sync": ("loss with EF14", "loss with EF21", "EF21 - EF14",
+                    "EF21's loss vs the spread")}
+
+
+def comparison_table(comparisons: list[Comparison], algorithm: str = "async") -> list[str]:
+    delay = ("max_delay",) if algorithm == "async" else ()
+    header = ("dataset", "k", "P", *delay, "momentum", *COLUMNS[algorithm])
     rows = []
     for c in comparisons:
         diff = np.mean(c.with_ef.final_loss) - np.mean(c.without.final_loss)
-        rows.append((c.dataset, f"{c.k:g}", c.num_workers, c.max_delay,
+        rows.append((c.dataset, f"{c.k:g}", c.num_workers,
+                     *((c.max_delay,) if algorithm == "async" else ()), f"{c.momentum:g}",
                      studies.fmt_mean_std(c.without.final_loss),
                      studies.fmt_mean_std(c.with_ef.final_loss), f"{diff:+.4g}", c.verdict))
     return studies.markdown_table(header, rows)
@@ -316,10 +376,15 @@ def finding(comparisons: list[Comparison]) -> list[str]:
     lines = [f"Error feedback's final training loss was lower than without it beyond the "
              f"seeds' spread in {count['lower']} of {n} configurations, higher beyond the "
              f"spread in {count['higher']}, and within the spread in {count['within']}."]
-    for k in sorted({c.k for c in comparisons}):
-        sel = [c.verdict for c in comparisons if c.k == k]
-        lines.append(f"- k = {k:g}: EF lower in {sel.count('lower')}, within the spread in "
-                     f"{sel.count('within')}, higher in {sel.count('higher')} of {len(sel)}.")
+    groups = [("k", k, [c.verdict for c in comparisons if c.k == k])
+              for k in sorted({c.k for c in comparisons})]
+    momenta = sorted({c.momentum for c in comparisons})
+    groups += [("momentum", mu, [c.verdict for c in comparisons if c.momentum == mu])
+               for mu in momenta if len(momenta) > 1]
+    for name, value, sel in groups:
+        lines.append(f"- {name} = {value:g}: EF lower in {sel.count('lower')}, within the "
+                     f"spread in {sel.count('within')}, higher in {sel.count('higher')} of "
+                     f"{len(sel)}.")
     faster = slower = 0
     for c in comparisons:
         on, off = c.with_ef.rounds_to_target, c.without.rounds_to_target
@@ -354,8 +419,39 @@ def finding(comparisons: list[Comparison]) -> list[str]:
                     f"k = {ks}, not as a configuration where it hurt."]
 
 
+def panel_finding(comparisons: list[Comparison], outcomes: list[Outcome]) -> list[str]:
+    """The sync panel in words: EF21 against EF14, and momentum at the server against none."""
+    if not comparisons:
+        return []
+    count = {v: sum(c.verdict == v for c in comparisons) for v in ("lower", "within", "higher")}
+    lines = [f"EF21's final training loss against EF14's (synchronous Top-k SGD, momentum at "
+             f"the server): lower beyond the seeds' spread in {count['lower']} of "
+             f"{len(comparisons)} configurations, higher in {count['higher']}, within the "
+             f"spread in {count['within']}."]
+    sync = [o for o in outcomes if o.point.algorithm == "sync"]
+    for feedback in FEEDBACK["sync"]:
+        pairs = [(o, next(b for b in sync if b.point == o.point._replace(momentum=0.0)))
+                 for o in sync if o.point.feedback == feedback and o.point.momentum > 0
+                 and any(b.point == o.point._replace(momentum=0.0) for b in sync)]
+        if pairs:
+            sel = [verdict(on, off) for on, off in pairs]
+            lines.append(f"- {feedback} with momentum at the server against without: lower "
+                         f"in {sel.count('lower')}, within the spread in "
+                         f"{sel.count('within')}, higher in {sel.count('higher')} of "
+                         f"{len(sel)}.")
+    return lines
+
+
+def _style(point: Point) -> tuple[str, str]:
+    """A curve's line style and label suffix: EF solid, no EF dashed; momentum dotted."""
+    ef = point.feedback != "none"
+    if point.momentum:
+        return ("-." if ef else ":"), f"{'EF' if ef else 'no EF'}, mu={point.momentum:g}"
+    return ("-" if ef else "--"), ("EF" if ef else "no EF")
+
+
 def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
-    sel = [o for o in outcomes if o.point.dataset == dataset]
+    sel = [o for o in outcomes if o.point.dataset == dataset and o.point.algorithm == "async"]
     workers = sorted({o.point.num_workers for o in sel})
     fig, axes = studies.figure(len(workers), len(s.delays), (6.0, 4.2))
     colors = {k: f"C{i}" for i, k in enumerate(s.k_fractions)}
@@ -363,9 +459,9 @@ def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
         ax = axes[i, j]
         for o in sel:
             if o.point.num_workers == p and o.point.max_delay == delay(p):
-                ef = "EF" if o.point.error_feedback else "no EF"
-                ax.plot(o.eval_rounds, o.curves.mean(0), "-" if o.point.error_feedback
-                        else "--", color=colors[o.point.k], label=f"k={o.point.k:g}, {ef}")
+                style, arm = _style(o.point)
+                ax.plot(o.eval_rounds, o.curves.mean(0), style, color=colors[o.point.k],
+                        label=f"k={o.point.k:g}, {arm}")
                 ax.fill_between(o.eval_rounds, o.curves.min(0), o.curves.max(0),
                                 color=colors[o.point.k], alpha=0.12, lw=0,
                                 label="shaded: min to max over seeds")
@@ -381,21 +477,26 @@ def plot_curves(outcomes: list[Outcome], dataset: str, s, path: str) -> str:
     return studies.save_figure(fig, path)
 
 
-def plot_final(comparisons: list[Comparison], dataset: str, path: str) -> str:
+def plot_final(comparisons: list[Comparison], dataset: str, path: str,
+               algorithm: str = "async") -> str:
     sel = [c for c in comparisons if c.dataset == dataset]
     fig, axes = studies.figure(1, 1, (max(6.0, 0.7 * len(sel) + 2), 4.0))
     ax = axes[0, 0]
     x = np.arange(len(sel))
-    for offset, attr, label in ((-0.2, "without", "no EF"), (0.2, "with_ef", "EF")):
+    off, on = ("no EF", "EF") if algorithm == "async" else FEEDBACK["sync"]
+    for offset, attr, label in ((-0.2, "without", off), (0.2, "with_ef", on)):
         means = [np.mean(getattr(c, attr).final_loss) for c in sel]
         stds = [np.std(getattr(c, attr).final_loss) for c in sel]
         ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3,
                label=f"{label} (bar: mean over seeds; line: ± 1 std)")
-    ax.set_xticks(x, [f"k={c.k:g}\nP={c.num_workers}\nD={c.max_delay}" for c in sel],
-                  fontsize=9)
+    delay = (lambda c: f"\nD={c.max_delay}") if algorithm == "async" else (lambda c: "")
+    ax.set_xticks(x, [f"k={c.k:g}\nP={c.num_workers}{delay(c)}\nmu={c.momentum:g}"
+                      for c in sel], fontsize=9)
     ax.set_yscale("log")
     ax.set_ylabel("final training loss (mean ± std)")
-    ax.set_title(f"{dataset}: async Top-k SGD with and without error feedback")
+    ax.set_title(f"{dataset}: async Top-k SGD with and without error feedback"
+                 if algorithm == "async" else
+                 f"{dataset}: sync Top-k SGD, EF14 and EF21, momentum at the server")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return studies.save_figure(fig, path)
@@ -416,7 +517,8 @@ def run(s, invocation=None) -> str:
     outcomes = run_grid(s)
     batching = None
     if s.compare_seed_batching:
-        point, cfg = check(s)[-1]  # the largest P and max_delay, with error feedback
+        # The largest P and max_delay of the async arms, with error feedback.
+        point, cfg = [(p, c) for p, c in check(s) if p.algorithm == "async"][-1]
         batching = seed_batching(point, problem_lib.load_problem(cfg.flags), s)
     seconds = time.perf_counter() - start
     return write(s, outcomes, seconds, invocation, batching)
@@ -425,15 +527,24 @@ def run(s, invocation=None) -> str:
 def write(s, outcomes: list[Outcome], seconds: float, invocation,
           batching: Batching | None = None) -> str:
     comparisons = compare(outcomes)
+    panel = compare(outcomes, "sync")
     lines = studies.header("Error feedback in sparsified asynchronous SGD", MODULE, FLAGS, s,
                            invocation, seconds)
     names = ", ".join(f"{d} ({m})" for d, m in datasets(s))
+    momenta = ", ".join(f"{mu:g}" for mu in s.momenta)
     lines += [
         f"Asynchronous Top-k SGD (`ej.async_sgd`: {s.reads} reads, {s.delay} lags up to "
-        f"max_delay updates, constant learning rate {s.learning_rate:g}, batch "
-        f"{s.batch_size} per worker, {s.rounds} rounds) with EF14 error feedback and "
-        f"without, on {names}; seeds {s.seed}..{s.seed + s.num_seeds - 1} run one after "
-        f"another (worker loop `{s.worker_loop}`). The training loss is the mean cross-entropy "
+        f"max_delay updates, batch {s.batch_size} per worker, {s.rounds} rounds) with EF14 "
+        f"error feedback and without, with heavy-ball momentum mu in {{{momenta}}} at the "
+        f"workers (`ej.sgd(momentum=mu)`: error feedback acts on the momentum), on {names}"
+        + ("; and a synchronous panel (`ej.sync_sgd`) of Top-k SGD with EF14 and with EF21 "
+           "(`ej.chain(ej.ef21(top_k), ej.sgd(momentum=mu))`), the momentum at the server "
+           "(`optimizer_placement=\"server\"`: error feedback before momentum)"
+           if s.sync_panel else "") +
+        f". Every arm runs at the constant learning rate `(1 - mu) * {s.learning_rate:g}`: "
+        f"the same effective rate `eta / (1 - mu) = {s.learning_rate:g}` (docs/theory.md "
+        f"section 9); seeds {s.seed}..{s.seed + s.num_seeds - 1} run one after another "
+        f"(worker loop `{s.worker_loop}`). The training loss is the mean cross-entropy "
         f"of the actual model over the first {s.train_eval_size} training samples "
         f"(all of them if fewer), checked every {s.eval_every} rounds; the target loss is "
         f"{s.target_loss:g}. Values are mean ± standard deviation over seeds.",
@@ -446,6 +557,9 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
         lines += ["Differs from the reference grid: " + "; ".join(cut) + ".", ""]
     lines += ["## The paper's finding, measured", ""] + finding(comparisons)
     lines += ["", "## EF against no EF", ""] + comparison_table(comparisons)
+    if panel:
+        lines += ["", "## Synchronous panel: EF14 and EF21, momentum at the server", ""]
+        lines += panel_finding(panel, outcomes) + [""] + comparison_table(panel, "sync")
     lines += ["", "## Every configuration", ""] + outcome_table(outcomes)
     lines += ["", "## Plots", ""]
     for dataset, _ in datasets(s):
@@ -455,6 +569,10 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
                                                               f"final_loss_{dataset}.png"))
         lines += [f"![training loss, {dataset}]({os.path.basename(curves)})", "",
                   f"![final loss, {dataset}]({os.path.basename(final)})", ""]
+        if panel:
+            sync = plot_final(panel, dataset, os.path.join(
+                s.workdir, f"final_loss_sync_{dataset}.png"), "sync")
+            lines += [f"![final loss, sync panel, {dataset}]({os.path.basename(sync)})", ""]
     lines += [
         "## Cost",
         "",

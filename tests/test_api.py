@@ -4,11 +4,11 @@ import elastic_jax as ej
 
 PUBLIC = {
     "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "Link",
-    "Rule", "State", "analysis", "async_sgd", "bounds", "chain", "checks", "clip",
+    "Rule", "State", "adamw", "analysis", "async_sgd", "bounds", "chain", "checks", "clip",
     "compression_info", "delays", "derive_key", "ef21", "elastic_scheduling", "error_feedback",
-    "identity", "local_sgd", "make_step", "message_passing_sgd", "model", "parallel", "params",
-    "qsgd", "random_k", "run", "scaled_sign", "sgd", "sync_sgd", "top_k", "update", "views",
-    "workers",
+    "from_optax", "identity", "local_sgd", "make_step", "message_passing_sgd", "model",
+    "parallel", "params", "qsgd", "random_k", "run", "scaled_sign", "sgd", "sync_sgd", "top_k",
+    "update", "views", "weight_decay", "workers",
 }
 
 
@@ -21,7 +21,7 @@ def test_public_surface():
     exported = {n for n in dir(ej) if not n.startswith("_")}
     # Submodules imported by the package are visible too; nothing else is.
     assert exported - PUBLIC <= {"algorithms", "base", "compressors", "consistency", "drivers",
-                                 "links", "rounds", "validation"}
+                                 "links", "optimizers", "rounds", "validation"}
 
 
 def test_algorithm_is_a_namedtuple_of_functions():

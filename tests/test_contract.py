@@ -28,6 +28,15 @@ def _ef21(compressor):
     return ej.chain(ej.ef21(compressor), ej.sgd())
 
 
+MU, WD = 0.9, 0.01
+
+
+def _server_nesterov(compressor):
+    """Weight decay, Nesterov momentum at the server, EF14 on the raw gradients."""
+    return ej.chain(ej.weight_decay(WD), ej.sgd(momentum=MU, nesterov=True),
+                    ej.error_feedback(compressor))
+
+
 # name -> factory of (learning rate, number of workers): every algorithm, and
 # every link, in a representative configuration.
 ALGORITHMS = {
@@ -35,6 +44,8 @@ ALGORITHMS = {
     "sync_top_k_ef": lambda lr, p: ej.sync_sgd(lr, p, compressor=ej.top_k(fraction=0.34),
                                                error_feedback=True),
     "sync_ef21": lambda lr, p: ej.sync_sgd(lr, p, rule=_ef21(ej.top_k(fraction=0.34))),
+    "sync_server_nesterov_top_k_ef": lambda lr, p: ej.sync_sgd(
+        lr, p, rule=_server_nesterov(ej.top_k(fraction=0.34)), optimizer_placement="server"),
     "async_inconsistent_top_k_ef": lambda lr, p: ej.async_sgd(
         lr, p, p + 1, reads="inconsistent", compressor=ej.top_k(fraction=0.34),
         error_feedback=True),
@@ -47,18 +58,24 @@ ALGORITHMS = {
 }
 
 # name -> the same variant in its degenerate setting (one worker, no delay, no
-# compression, period 1): plain SGD.
+# compression, period 1): its base optimizer run by optax (`REFERENCE`, else plain SGD).
 DEGENERATE = {
     "sync": lambda lr: ej.sync_sgd(lr, 1),
     "sync_top_k_ef": lambda lr: ej.sync_sgd(lr, 1, compressor=ej.identity(),
                                             error_feedback=True),
     "sync_ef21": lambda lr: ej.sync_sgd(lr, 1, rule=_ef21(ej.identity())),
+    "sync_server_nesterov_top_k_ef": lambda lr: ej.sync_sgd(
+        lr, 1, rule=_server_nesterov(ej.identity()), optimizer_placement="server"),
     "async_inconsistent_top_k_ef": lambda lr: ej.async_sgd(lr, 1, 0, reads="inconsistent",
                                                            compressor=ej.top_k(fraction=1.0),
                                                            error_feedback=True),
     "message_passing_faults_top_k_ef": lambda lr: ej.message_passing_sgd(lr, 1),
     "elastic_scheduling_variance": lambda lr: ej.elastic_scheduling(lr, 1, 0, mode="variance"),
     "local_sgd_clipped": lambda lr: ej.local_sgd(lr, 1, 1),
+}
+REFERENCE = {
+    "sync_server_nesterov_top_k_ef": lambda lr: optax.chain(
+        optax.add_decayed_weights(WD), optax.sgd(lr, momentum=MU, nesterov=True)),
 }
 
 
@@ -92,6 +109,7 @@ TOTAL_BITS = {
     "sync": R * P * _bits(False),
     "sync_top_k_ef": R * P * _bits(True),
     "sync_ef21": R * P * _bits(True),
+    "sync_server_nesterov_top_k_ef": R * P * _bits(True),
     "async_inconsistent_top_k_ef": R * P * _bits(True),
     # Node 1 crashes at round 5: it still sends in round 5, not after.
     "message_passing_faults_top_k_ef": (6 * P + (R - 6) * (P - 1)) * _bits(True),
@@ -143,11 +161,11 @@ def test_state_bound_bits_and_split_runs(name):
 
 
 @pytest.mark.parametrize("name", sorted(DEGENERATE))
-def test_degenerate_setting_is_a_jitted_optax_sgd_loop(name):
+def test_degenerate_setting_is_a_jitted_optax_loop(name):
     params, batches = problem(jnp.float32, workers=1)
     alg = DEGENERATE[name](LR)
     state, _ = ej.run(alg, least_squares, alg.init(params, 0), batches)
-    opt = optax.sgd(LR)
+    opt = REFERENCE.get(name, optax.sgd)(LR)
 
     @jax.jit
     def reference(params):

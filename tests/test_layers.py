@@ -16,7 +16,7 @@ LAYERS = [
     {"base", "validation", "consistency", "bounds"},  # types, state protocol, keys, numerics
     {"compressors", "delays"},
     {"links"},  # the per-worker chain: its link type and basic links
-    {"error_feedback", "ef21"},
+    {"error_feedback", "ef21", "optimizers"},  # links built on the type
     {"chain"},
     {"algorithms._common"},
     {"algorithms.sync", "algorithms.asynchronous", "algorithms.message_passing",

@@ -34,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -102,6 +103,7 @@ BASE = {
     "top_k": {"k": 1}, "random_k": {"k": 1}, "qsgd": {"levels": 1},
     "error_feedback": {"compressor": top_k(k=1)},
     "clip": {"max_norm": 1.0}, "sgd": {}, "ef21": {"compressor": top_k(k=1)},
+    "weight_decay": {"decay": 0.1}, "adamw": {}, "from_optax": {"tx": optax.scale_by_adam()},
     "delays.fixed": {}, "delays.uniform": {}, "delays.geometric": {},
     "delays.trace": {"lags": np.zeros((1, 1), np.int32)},
 }
@@ -118,6 +120,8 @@ BAD_TEXT = {
     "levels": {"levels": 0},
     "lags": {"lags": np.zeros(3)},
     "rule": {"rule": "sgd"},
+    "nesterov": {"nesterov": 1},
+    "tx": {"tx": top_k(k=1)},
 }
 ERROR_FEEDBACK_BAD = {"compressor": ej.qsgd(2)}
 

@@ -75,6 +75,7 @@ def test_validate_applies_smoke_sizes_unless_given():
     (error_feedback_study, {"k_fractions": "0,0.1"}, "k_fractions"),
     (error_feedback_study, {"delays": "P-1,Q"}, "delays"),
     (error_feedback_study, {"workers": "4,x"}, "workers"),
+    (error_feedback_study, {"momenta": "0,1"}, "momenta"),
     (consistency_table, {"learning_rate": float("nan")}, "learning_rate"),
     (consistency_table, {"nonsense": 1}, "nonsense"),
 ])
@@ -156,13 +157,18 @@ def test_ef_study_runs_both_arms_of_every_configuration(ef_study):
     s, outcomes, path = ef_study
     grid = error_feedback_study.grid(s)
     assert [o.point for o in outcomes] == grid
-    pairs = {p._replace(error_feedback=None) for p in grid}
+    pairs = {p._replace(feedback=None) for p in grid}
     assert len(grid) == 2 * len(pairs)
+    # The momentum arm (async, workers) and the sync panel (EF14, EF21; server).
+    assert {(p.algorithm, p.momentum, p.feedback) for p in grid} == {
+        ("async", 0.9, "none"), ("async", 0.9, "EF14"), ("sync", 0.9, "EF14"),
+        ("sync", 0.9, "EF21")}
     for o in outcomes:
         assert len(o.final_loss) == s.num_seeds
         assert all(math.isfinite(x) and x > 0 for x in o.final_loss)
         assert all(0.0 <= a <= 1.0 for a in o.test_accuracy)
-        assert all(b > 0 for b in o.max_b_hat)  # stale reads: views differ from x
+        # Stale reads and EF14's residuals: views differ from x; EF21's views are x.
+        assert all((b > 0) == (o.point.feedback != "EF21") for b in o.max_b_hat), o.point
         assert o.curves.shape == (s.num_seeds, len(o.eval_rounds))
         assert o.eval_rounds[-1] == s.rounds
         np.testing.assert_allclose(o.curves[:, -1], o.final_loss)
@@ -181,14 +187,17 @@ def test_ef_study_report_has_one_row_per_configuration(ef_study):
     assert len(every) == len(outcomes)
     arms = {}
     for row in every:
-        arms.setdefault(tuple(row[:4]), []).append(row[4])
-    assert all(sorted(v) == ["no", "yes"] for v in arms.values())  # both arms, every config
+        arms.setdefault(tuple(row[:6]), []).append(row[6])
+    both = {"async": ["EF14", "none"], "sync": ["EF14", "EF21"]}  # both arms, every config
+    assert all(sorted(v) == both[key[1]] for key, v in arms.items())
     for row in every:
-        assert math.isfinite(_number(row[5])) and math.isfinite(_number(row[6]))
-    _, comparison = _table(text.split("## EF against no EF")[1], "dataset")
-    assert len(comparison) == len(outcomes) // 2
-    assert all(r[-1] in ("lower", "higher", "within") for r in comparison)
-    for name in ("loss_digits.png", "final_loss_digits.png"):
+        assert math.isfinite(_number(row[7])) and math.isfinite(_number(row[8]))
+    for section, algorithm in (("## EF against no EF", "async"),
+                               ("## Synchronous panel", "sync")):
+        _, comparison = _table(text.split(section)[1], "dataset")
+        assert len(comparison) == sum(o.point.algorithm == algorithm for o in outcomes) // 2
+        assert all(r[-1] in ("lower", "higher", "within") for r in comparison)
+    for name in ("loss_digits.png", "final_loss_digits.png", "final_loss_sync_digits.png"):
         assert os.path.getsize(os.path.join(s.workdir, name)) > 0
     _no_temporary_files(s.workdir)
 
@@ -196,7 +205,7 @@ def test_ef_study_report_has_one_row_per_configuration(ef_study):
 def test_ef_verdict_uses_the_seeds_spread(ef_study):
     _, outcomes, _ = ef_study
     off, on = outcomes[0], outcomes[1]
-    assert not off.point.error_feedback and on.point.error_feedback
+    assert (off.point.feedback, on.point.feedback) == ("none", "EF14")
 
     def verdict(loss_off, loss_on):
         return error_feedback_study.compare(

@@ -258,15 +258,34 @@ def test_every_algorithm_runs_on_its_defaults_and_resumes(algorithm, tmp_path):
     assert last["round"] == 4 and np.isfinite(last["loss"])
 
 
+def test_server_momentum_resumes_exactly(tmp_path):
+    """The server's optimizer state (one copy, in the shared state) is checkpointed too."""
+    values = {**SMALL, "algorithm": "sync", "momentum": 0.9, "nesterov": True,
+              "weight_decay": 1e-3, "optimizer_placement": "server", "rounds": 4}
+    train.train(config.validate({**values, "workdir": str(tmp_path / "whole")}))
+    part = str(tmp_path / "part")
+    train.train(config.validate({**values, "workdir": part, "rounds": 2}))
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert saved["optimizer_placement"] == "server" and saved["momentum"] == 0.9
+    train.train(config.validate({**values, "workdir": part, "resume": True}))
+    (got, _), (want, _) = _state_arrays(part), _state_arrays(tmp_path / "whole")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(flags.UsageError) as excinfo:  # momentum is semantic
+        train.train(config.validate({**values, "workdir": part, "momentum": 0.5,
+                                     "rounds": 6, "resume": True}))
+    _one_line_usage(excinfo, "momentum")
+
+
 def _check_uses(saved, algorithm):
     """`saved` holds the flags of `algorithm` and none of the others'."""
     rule = {"compressor", "error_feedback"}
-    own = {"sync": rule, "async": rule | {"reads", "max_delay"},
+    own = {"sync": rule | {"optimizer_placement"}, "async": rule | {"reads", "max_delay"},
            "message_passing": rule | {"max_delay", "drop_prob", "crashes"},
            "elastic_scheduling": {"max_outstanding", "mode", "delay"},
            "local_sgd": {"period"}}[algorithm]
     specific = {"reads", "max_delay", "drop_prob", "crashes", "max_outstanding", "mode",
-                "period"} | rule
+                "period", "optimizer_placement"} | rule
     assert own <= set(saved) and not (specific - own) & set(saved), (algorithm, sorted(saved))
 
 
@@ -276,8 +295,10 @@ NON_DEFAULT = {
     "compressor": "random_k", "k_fraction": 0.05, "qsgd_levels": 8, "error_feedback": False,
     "ef_beta": 0.5, "clip_norm": 1.0, "drop_prob": 0.1, "retransmit": False, "crashes": 1,
     "crash_horizon": 50, "max_outstanding": 4, "mode": "variance", "period": 2,
-    "learning_rate": 0.1, "schedule": "cosine", "schedule_rounds": 100,
-    "final_lr_fraction": 0.5, "batch_size": 16, "rounds": 20, "model": "mlp",
+    "optimizer": "adamw", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+    "optimizer_placement": "server", "learning_rate": 0.1, "schedule": "cosine",
+    "schedule_rounds": 100, "final_lr_fraction": 0.5, "batch_size": 16, "rounds": 20,
+    "model": "mlp",
     "dataset": "logistic", "data_dir": "/data", "convex_samples": 512, "convex_dim": 16,
     "partition": "dirichlet", "dirichlet_alpha": 2.0, "seed": 3, "num_seeds": 2,
     "workdir": "elsewhere", "log_every": 5, "eval_every": 10, "checkpoint_every": 10,
@@ -307,6 +328,8 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     assert used["delay"] == {"async", "message_passing", "elastic_scheduling"}
     assert used["compressor"] == used["error_feedback"] == {"sync", "async", "message_passing"}
     assert used["clip_norm"] == used["learning_rate"] == set(config.ALGORITHMS)
+    assert used["optimizer"] == used["momentum"] == used["weight_decay"] == set(config.ALGORITHMS)
+    assert used["optimizer_placement"] == {"sync"} and "nesterov" not in used  # needs momentum
 
 
 @pytest.mark.parametrize("values, flag, needs", [
@@ -328,6 +351,11 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     ({"algorithm": "local_sgd", "compressor": "top_k"}, "compressor", "--algorithm=sync"),
     ({"dataset": "least_squares", "model": "mlp"}, "model", "--dataset=digits, mnist or cifar10"),
     ({"coordinator": "h:1"}, "coordinator", "--num_processes > 1"),
+    ({"optimizer": "adamw", "momentum": 0.9}, "momentum", "--optimizer=sgd (here"),
+    ({"optimizer": "adamw", "nesterov": True}, "nesterov",
+     "--optimizer=sgd and --momentum > 0 (here --optimizer=adamw)"),
+    ({"nesterov": True}, "nesterov", "--momentum > 0 (here --momentum=0.0)"),
+    ({"optimizer_placement": "server"}, "optimizer_placement", "--algorithm=sync (here"),
 ])
 def test_a_flag_that_does_not_apply_is_refused_naming_what_would(values, flag, needs):
     with pytest.raises(flags.UsageError) as excinfo:
@@ -469,6 +497,8 @@ def test_missing_and_corrupt_data_files(tmp_path):
     ({"workdir": ""}, "workdir"),
     ({"bogus": 1}, "bogus"),
     ({"num_processes": 2}, "coordinator"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": -1e-4}, "weight_decay"),
 ])
 def test_validation_names_the_flag(overrides, flag):
     with pytest.raises(flags.UsageError) as excinfo:

@@ -21,6 +21,20 @@ def setup(learning_rate, num_workers):
             validation.check_int("num_workers", num_workers, lo=1))
 
 
+def check_placement(optimizer_placement, choices=("worker",)) -> str:
+    """`optimizer_placement` among `choices` (one line naming it otherwise).
+
+    Every variant keeps its base optimizer at the workers (`"worker"`);
+    `sync_sgd` also offers `"server"` (docs/theory.md section 9).
+    """
+    if not isinstance(optimizer_placement, str) or optimizer_placement not in choices:
+        note = "" if "server" in choices else (" (server placement is defined for sync_sgd "
+                                               "only)")
+        validation.fail("optimizer_placement", optimizer_placement,
+                        "one of " + ", ".join(repr(c) for c in choices) + note)
+    return optimizer_placement
+
+
 def counters(params, key) -> dict:
     """`round`, `key` and `stats` of a fresh shared state."""
     dtype = jnp.result_type(*jax.tree.leaves(params))

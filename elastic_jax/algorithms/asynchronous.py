@@ -74,6 +74,7 @@ def async_sgd(
     error_feedback=False,
     clip_norm=None,
     staleness=1.0,
+    optimizer_placement: str = "worker",
 ) -> base.Algorithm:
     """Asynchronous shared-memory SGD with lags of at most `max_delay` updates.
 
@@ -116,6 +117,8 @@ def async_sgd(
       staleness: `s` in [0, 1], a float or a traced value: how far each read
         goes from the freshest allowed one (`s = 0`) to the delayed one
         (`s = 1`, the default).
+      optimizer_placement: `"worker"` only (each worker runs its chain's base
+        optimizer); server placement is defined for `ej.sync_sgd`.
 
     Returns:
       An `ej.Algorithm`.
@@ -139,6 +142,7 @@ def async_sgd(
                         "per update, not per coordinate")
     delays.check_trace(law, num_workers, max_delay, min_lags=jnp.arange(num_workers)[None])
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "async_sgd")
+    _common.check_placement(optimizer_placement)
     _common.check_staleness(staleness)
     size = max_delay + 1
     rounds_back = math.ceil(max_delay / num_workers)

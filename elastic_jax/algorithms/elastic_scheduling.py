@@ -93,6 +93,7 @@ def elastic_scheduling(
     rule=None,
     clip_norm=None,
     staleness=1.0,
+    optimizer_placement: str = "worker",
 ) -> base.Algorithm:
     """Elastic scheduling with at most `max_outstanding` averages in flight per node.
 
@@ -113,6 +114,8 @@ def elastic_scheduling(
       clip_norm: shorthand: clip each gradient to this global norm (> 0).
       staleness: `s` in [0, 1], a float or a traced value: how far each view
         goes from `x` (`s = 0`) to the scheduled view (`s = 1`, the default).
+      optimizer_placement: `"worker"` only (each worker runs its chain's base
+        optimizer); server placement is defined for `ej.sync_sgd`.
 
     Returns:
       An `ej.Algorithm`.
@@ -128,6 +131,7 @@ def elastic_scheduling(
         validation.fail("delay", validation.Text("a recorded trace"),
                         "'fixed', 'uniform', 'geometric' or a DelayLaw")
     rule = chain.resolve(rule, None, False, clip_norm, "elastic_scheduling", compression=False)
+    _common.check_placement(optimizer_placement)
     _common.check_staleness(staleness)
     size = tau + 1
     variance = mode == "variance"

@@ -37,7 +37,7 @@ class LocalShared(NamedTuple):
 
 
 def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
-              clip_norm=None) -> base.Algorithm:
+              clip_norm=None, optimizer_placement: str = "worker") -> base.Algorithm:
     """Local SGD with `num_workers` nodes averaging every `period` rounds.
 
     Update rule: `v^p <- v^p - u^p`; after round `r` with `(r + 1) % H == 0`,
@@ -51,6 +51,8 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
       rule: the per-worker chain (`ej.chain(...)`, without compression: the
         local models are averaged dense); exclusive with `clip_norm`.
       clip_norm: shorthand: clip each gradient to this global norm (> 0).
+      optimizer_placement: `"worker"` only (each worker runs its chain's base
+        optimizer); server placement is defined for `ej.sync_sgd`.
 
     Returns:
       An `ej.Algorithm`.
@@ -61,6 +63,7 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
     schedule, num_workers = _common.setup(learning_rate, num_workers)
     period = validation.check_int("period", period, lo=1)
     rule = chain.resolve(rule, None, False, clip_norm, "local_sgd", compression=False)
+    _common.check_placement(optimizer_placement)
 
     def init(params, key):
         shared = LocalShared(params=_common.copy_params(params),

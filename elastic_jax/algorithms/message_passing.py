@@ -163,6 +163,7 @@ def message_passing_sgd(
     error_feedback=False,
     clip_norm=None,
     staleness=1.0,
+    optimizer_placement: str = "worker",
 ) -> base.Algorithm:
     """Message-passing SGD with bounded delays, drops and crash faults.
 
@@ -202,6 +203,8 @@ def message_passing_sgd(
       staleness: `s` in [0, 1], a float or a traced value: how far each view
         goes from `x` (`s = 0`, every message delivered) to the delayed view
         (`s = 1`, the default).
+      optimizer_placement: `"worker"` only (each worker runs its chain's base
+        optimizer); server placement is defined for `ej.sync_sgd`.
 
     Returns:
       An `ej.Algorithm`.
@@ -221,6 +224,7 @@ def message_passing_sgd(
         validation.fail("retransmit", retransmit, "a bool")
     num_crashes, explicit_rounds = _crash_table(crashes, crash_horizon, num_workers)
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "message_passing_sgd")
+    _common.check_placement(optimizer_placement)
     _common.check_staleness(staleness)
     drop_value = validation.concrete_number(drop_prob)
     may_drop = drop_value is None or drop_value > 0.0

@@ -1,4 +1,4 @@
-"""Synchronous data-parallel SGD with any per-worker chain.
+"""Synchronous data-parallel SGD with any per-worker chain; its optimizer at workers or server.
 
 Every worker computes its gradient at the current model and the round applies
 the mean of the workers' updates (docs/theory.md section 5):
@@ -8,6 +8,16 @@ the mean of the workers' updates (docs/theory.md section 5):
 e.g. `eta g^p`, `C(eta g^p)`, EF14's `C(e^p + eta g^p)` or EF21's `eta g^p_est`.
 The views are the model `X`; the auxiliary model is `X` minus the mean of what
 the chains hold back (EF14's virtual iterate `x = X - (1/P) sum_p e^p`).
+
+With `optimizer_placement="server"` the workers' chains run with the raw
+gradient in place of their base optimizer and the server applies that
+optimizer, with one state, to the mean of what they send (docs/theory.md
+section 9):
+
+    c^p = the chain's output for g^p (in gradient units),
+    X_{r+1} = X_r - opt_r((1/P) sum_p c^p),    e.g. opt: m <- mu m + cbar, eta_r m,
+
+and the auxiliary model is `x = X - eta_r (1/P) sum_p e^p`.
 
 References:
   G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
@@ -21,8 +31,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import base, bounds, chain, consistency
+from elastic_jax import base, bounds, chain, consistency, optimizers
 from elastic_jax.algorithms import _common
+from elastic_jax.links import Context
 
 
 class SyncWorkers(NamedTuple):
@@ -34,6 +45,7 @@ class SyncShared(NamedTuple):
     key: jax.Array  # [] typed key: the base key
     params: Any  # the actual model X
     stats: consistency.ConsistencyState
+    optimizer: Any = ()  # the base optimizer's state under server placement (one copy)
 
 
 def sync_sgd(
@@ -44,16 +56,25 @@ def sync_sgd(
     compressor=None,
     error_feedback=False,
     clip_norm=None,
+    optimizer_placement: str = "worker",
 ) -> base.Algorithm:
     """Synchronous SGD over `num_workers` workers.
 
     Update rule (round `r`, `P` workers, `u^p` the chain's output):
 
-        X_{r+1} = X_r - (1/P) sum_p u^p
+        worker placement:  X_{r+1} = X_r - (1/P) sum_p u^p
+        server placement:  X_{r+1} = X_r - opt_r((1/P) sum_p c^p),
+
+    `c^p` the output of the chain with the raw gradient in place of its base
+    optimizer `opt` (e.g. `c^p = C(e^p + g^p)` under EF14), `opt` applied once,
+    at the server, with one state (`m <- mu m + cbar`, `eta_r m` for momentum).
 
     Elastic consistency (`ej.bounds.sync_sgd`): `B = R`, the bound on the mean
     of what the chains hold back: 0 without error feedback (compressed or not,
-    EF21 included), `rho M` with EF14.
+    EF21 included), `rho M` with EF14 (around the momentum's output under
+    worker placement, around the raw gradient under server placement, where
+    the auxiliary model is `X - eta_r (1/P) sum_p e^p`; docs/theory.md
+    section 9).
 
     Args:
       learning_rate: a non-negative float or an optax schedule of the round.
@@ -66,6 +87,9 @@ def sync_sgd(
         [0, 1]; without a compressor, error feedback wraps the identity.
       clip_norm: shorthand: clip each worker's gradient to this global norm
         (> 0); makes `M = clip_norm` known before the run.
+      optimizer_placement: `"worker"` (each worker runs its chain's base
+        optimizer, the default) or `"server"` (the server runs it once on the
+        mean of the workers' outputs: error feedback before momentum).
 
     Returns:
       An `ej.Algorithm`.
@@ -73,14 +97,23 @@ def sync_sgd(
     Example:
       >>> alg = ej.sync_sgd(0.1, num_workers=4, compressor=ej.top_k(fraction=0.1),
       ...                   error_feedback=True)
+      >>> rule = ej.chain(ej.sgd(momentum=0.9), ej.error_feedback(ej.top_k(fraction=0.1)))
+      >>> alg = ej.sync_sgd(0.1, 4, rule=rule, optimizer_placement="server")
     """
     schedule, num_workers = _common.setup(learning_rate, num_workers)
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "sync_sgd")
+    placement = _common.check_placement(optimizer_placement, ("worker", "server"))
+    workers_rule, server = rule.placed(placement)
+
+    def owed(eta, tree):
+        """What the model owes for `tree` held back: in gradient units at the server."""
+        return tree if server is None else optimizers.scale(eta, tree)
 
     def init(params, key):
         rule.validate(params)
-        shared = SyncShared(**_common.counters(params, key), params=_common.copy_params(params))
-        return shared, SyncWorkers(rule.init(params, num_workers))
+        shared = SyncShared(**_common.counters(params, key), params=_common.copy_params(params),
+                            optimizer=() if server is None else server.init(params))
+        return shared, SyncWorkers(workers_rule.init(params, num_workers))
 
     def view(index, worker, shared):
         del index, worker
@@ -88,33 +121,47 @@ def sync_sgd(
 
     def local(index, worker, grad, key, shared):
         del index
-        sent, state = rule.apply(grad, worker.rule, schedule(shared.round), key, shared.params)
+        sent, state = workers_rule.apply(grad, worker.rule, schedule(shared.round), key,
+                                         shared.params)
         return SyncWorkers(state), sent
 
     def combine(shared, sent):
         eta = schedule(shared.round)
-        params = _common.apply(shared.params, jax.tree.map(consistency.worker_mean, sent.update))
+        step = jax.tree.map(consistency.worker_mean, sent.update)
+        optimizer = shared.optimizer
+        if server is not None:
+            step, optimizer, _ = server.update(step, optimizer, Context(eta, None, shared.params))
+            # u_hat folds in the update applied, not the workers' gradient-sized messages.
+            sent = sent._replace(update_norm=consistency.tree_norm(step)[None])
+        params = _common.apply(shared.params, step)
         stats = _common.observe(shared.stats, sent, eta)
         dtype = stats.m_hat.dtype
         if sent.pending is None:
             # Every view is the model itself.
             sq_dists, bound_b, etabar = jnp.zeros((1,), dtype), jnp.zeros((), dtype), eta
         else:
-            mean_pending = jax.tree.map(consistency.worker_mean, sent.pending)
+            mean_pending = owed(eta, jax.tree.map(consistency.worker_mean, sent.pending))
             sq_dists = consistency.tree_sq_norm(mean_pending).astype(dtype)[None]
-            _, residual = _common.bounds(rule, stats, shared.params)
-            bound_b, etabar = bounds.sync_sgd(residual=residual), stats.eta_max
+            _, residual = _common.bounds(workers_rule, stats, shared.params)
+            # A residual in gradient units is owed at the current rate; one in
+            # update units carries the rates of the rounds it was formed in.
+            bound_b = bounds.sync_sgd(residual=residual)
+            etabar = stats.eta_max if server is None else eta
         metrics = consistency.metrics(sq_dists, eta, bound_b, etabar)
-        metrics.update(_common.metrics(rule, stats, eta, sent, shared.params, params,
+        metrics.update(_common.metrics(workers_rule, stats, eta, sent, shared.params, params,
                                        num_workers))
-        return shared._replace(round=shared.round + 1, params=params, stats=stats), metrics
+        new_shared = shared._replace(round=shared.round + 1, params=params, stats=stats,
+                                     optimizer=optimizer)
+        return new_shared, metrics
 
     def actual(state):
         return state.shared.params
 
     def auxiliary(state):
-        mean = _common.reduce_pending(rule, state.workers.rule, consistency.worker_mean)
-        return actual(state) if mean is None else _common.apply(actual(state), mean)
+        mean = _common.reduce_pending(workers_rule, state.workers.rule, consistency.worker_mean)
+        if mean is None:
+            return actual(state)
+        return _common.apply(actual(state), owed(schedule(state.shared.round), mean))
 
     return base.algorithm("sync_sgd", num_workers, rule.bound_kind, init=init, view=view,
                           local=local, combine=combine, auxiliary=auxiliary, actual=actual,
