@@ -62,7 +62,7 @@ MAX_WORK = 2e9
 
 _EXPECTED = ("one of " + ", ".join(repr(n) for n in NAMES) + ", or a doubly stochastic matrix "
              "[P, P] or a sequence of them [T, P, P] (non-negative, rows and columns summing to "
-             f"1 within {TOLERANCE:g})")
+             "1 within 1e-9)")
 
 
 class Mixing(NamedTuple):
@@ -240,20 +240,21 @@ def _check_matrices(topology, p: int) -> tuple[np.ndarray, ...]:
                         f"[P, P] or [T, P, P] with P = num_workers = {p}")
     bad = np.argwhere(~np.isfinite(array))
     if bad.size:
-        validation.fail("topology", validation.Text(f"a non-finite entry at {list(bad[0])}"),
+        validation.fail("topology", validation.Text(f"a non-finite entry at {bad[0].tolist()}"),
                         "finite, non-negative entries")
     bad = np.argwhere(array < 0)
     if bad.size:
         validation.fail("topology", validation.Text(
-            f"the entry {array[tuple(bad[0])]!r} at {list(bad[0])}"), "non-negative entries")
+            f"the entry {float(array[tuple(bad[0])])!r} at {bad[0].tolist()}"),
+            "non-negative entries")
     for axis, what in ((2, "row"), (1, "column")):
         sums = array.sum(axis=axis)
         bad = np.argwhere(np.abs(sums - 1.0) > TOLERANCE)
         if bad.size:
             t, i = bad[0]
             validation.fail("topology", validation.Text(
-                f"a matrix whose {what} {i} sums to {sums[t, i]!r} (matrix {t})"),
-                f"rows and columns summing to 1 within {TOLERANCE:g} (doubly stochastic)")
+                f"a matrix whose {what} {i} sums to {float(sums[t, i])!r} (matrix {t})"),
+                "rows and columns summing to 1 within 1e-9 (doubly stochastic)")
     return tuple(np.ascontiguousarray(w) for w in array)
 
 
