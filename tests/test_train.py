@@ -264,9 +264,10 @@ def _check_uses(saved, algorithm):
     own = {"sync": rule, "async": rule | {"reads", "max_delay"},
            "message_passing": rule | {"max_delay", "drop_prob", "crashes"},
            "elastic_scheduling": {"max_outstanding", "mode", "delay"},
-           "local_sgd": {"period"}}[algorithm]
+           "local_sgd": {"period"},
+           "gossip": {"topology", "local_steps", "gossip_compressor"}}[algorithm]
     specific = {"reads", "max_delay", "drop_prob", "crashes", "max_outstanding", "mode",
-                "period"} | rule
+                "period", "topology", "local_steps", "gossip_compressor"} | rule
     assert own <= set(saved) and not (specific - own) & set(saved), (algorithm, sorted(saved))
 
 
@@ -276,6 +277,8 @@ NON_DEFAULT = {
     "compressor": "random_k", "k_fraction": 0.05, "qsgd_levels": 8, "error_feedback": False,
     "ef_beta": 0.5, "clip_norm": 1.0, "drop_prob": 0.1, "retransmit": False, "crashes": 1,
     "crash_horizon": 50, "max_outstanding": 4, "mode": "variance", "period": 2,
+    "topology": "torus", "local_steps": 2, "gossip_compressor": "top_k",
+    "gossip_k_fraction": 0.05, "gossip_gamma": 0.25,
     "learning_rate": 0.1, "schedule": "cosine", "schedule_rounds": 100,
     "final_lr_fraction": 0.5, "batch_size": 16, "rounds": 20, "model": "mlp",
     "dataset": "logistic", "data_dir": "/data", "convex_samples": 512, "convex_dim": 16,
@@ -302,6 +305,7 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
             used.setdefault(name, set()).add(algorithm)
     # Where the flag applies, it is used (with the companion it needs, if any).
     assert used["reads"] == {"async"} and used["period"] == {"local_sgd"}
+    assert used["topology"] == used["local_steps"] == used["gossip_compressor"] == {"gossip"}
     assert used["drop_prob"] == {"message_passing"}
     assert used["max_delay"] == {"async", "message_passing"}
     assert used["delay"] == {"async", "message_passing", "elastic_scheduling"}
@@ -328,6 +332,9 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     ({"algorithm": "local_sgd", "compressor": "top_k"}, "compressor", "--algorithm=sync"),
     ({"dataset": "least_squares", "model": "mlp"}, "model", "--dataset=digits, mnist or cifar10"),
     ({"coordinator": "h:1"}, "coordinator", "--num_processes > 1"),
+    ({"algorithm": "local_sgd", "topology": "ring"}, "topology", "--algorithm=gossip"),
+    ({"algorithm": "gossip", "gossip_gamma": 0.5}, "gossip_gamma",
+     "--algorithm=gossip and --gossip_compressor=identity, top_k, random_k or scaled_sign"),
 ])
 def test_a_flag_that_does_not_apply_is_refused_naming_what_would(values, flag, needs):
     with pytest.raises(flags.UsageError) as excinfo:
