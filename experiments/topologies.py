@@ -242,6 +242,7 @@ class Ordering(NamedTuple):
     reversed: int  # the narrower gap ahead, beyond the spread
     within: int  # the difference within the spread
     measure: str  # what was compared
+    reversed_pairs: tuple[str, ...] = ()  # "narrower ahead of wider" for each reversed pair
 
 
 def ordering(group: list[Outcome], target: float) -> Ordering:
@@ -252,44 +253,58 @@ def ordering(group: list[Outcome], target: float) -> Ordering:
     by_rounds = all(None not in v for v in reached.values())
     score = {o.point.topology: studies.mean_std(reached[o.point.topology] if by_rounds
                                                 else o.curves.loss[:, -1]) for o in group}
-    counts = [0, 0, 0]
+    counts, reversed_pairs = [0, 0, 0], []
     for a, b in itertools.combinations(group, 2):
         if abs(a.spectral_gap - b.spectral_gap) <= 1e-9:
             continue
         wider, narrower = (a, b) if a.spectral_gap > b.spectral_gap else (b, a)
         (mw, sw), (mn, sn) = score[wider.point.topology], score[narrower.point.topology]
-        counts[0 if mw + sw < mn - sn else 1 if mw - sw > mn + sn else 2] += 1
-    return Ordering(*counts, "rounds to the target" if by_rounds else "final training loss")
+        kind = 0 if mw + sw < mn - sn else 1 if mw - sw > mn + sn else 2
+        counts[kind] += 1
+        if kind == 1:
+            reversed_pairs.append(f"{narrower.point.topology} ahead of {wider.point.topology}")
+    return Ordering(*counts, "rounds to the target" if by_rounds else "final training loss",
+                    tuple(reversed_pairs))
+
+
+def _level(values: dict[str, tuple[float, float]]) -> tuple[str, list[str]]:
+    """The topology with the lowest mean, and the others whose `mean ± std` overlaps its."""
+    best = min(values, key=lambda t: values[t][0])
+    mean, std = values[best]
+    level = [t for t, (m, sd) in values.items() if t != best and m - sd <= mean + std]
+    return best, level
 
 
 def findings(outcomes: list[Outcome], s) -> list[str]:
     """Per group: who reached the target first (rounds, bits), and the spectral gap's order."""
     lines = []
     for (model, partition, p), group in groups(outcomes).items():
-        head = f"- {model}, {partition}, P = {p}:"
         parts = []
         for axis, unit in (("round", "rounds"), ("bits", "bits")):
-            means = {o.point.topology: _mean_of_reached(first_reached(o, axis, s.target_loss))
-                     for o in group}
-            done = {t: v for t, v in means.items() if v is not None}
+            reached = {o.point.topology: first_reached(o, axis, s.target_loss) for o in group}
+            done = {t: studies.mean_std(v) for t, v in reached.items() if None not in v}
             if not done:
                 parts.append(f"no topology reached the target loss {s.target_loss:g} on "
                              "every seed")
                 break
-            best = min(done, key=done.get)
-            ties = [t for t, v in done.items() if v == done[best] and t != best]
-            parts.append(f"first to the target in {unit}: {best} ({studies.fmt(done[best])}"
-                         f" {unit}, mean over seeds" + (f"; tied with {', '.join(ties)}"
-                                                       if ties else "") + ")")
+            best, level = _level(done)
+            parts.append(f"first to the target in {unit}: {best} ({studies.fmt(done[best][0])}"
+                         f" {unit}, mean over seeds" + (
+                             f"; within the seeds' spread of it: {', '.join(level)}" if level
+                             else "; every other beyond the seeds' spread") + ")")
         o = ordering(group, s.target_loss)
         pairs = o.ordered + o.reversed + o.within
         verdict = ("no two topologies differ in spectral gap" if not pairs else
                    "the spectral gap ordered them" if o.ordered == pairs else
-                   "the spectral gap did not order them")
+                   "the spectral gap did not order them" if o.reversed else
+                   "consistent with the spectral gap where they differed" if o.ordered else
+                   "no pair differed beyond the seeds' spread")
         parts.append(f"{verdict}: of {pairs} pairs with different gaps, the wider gap was "
                      f"ahead in {o.measure} beyond the seeds' spread in {o.ordered}, behind "
-                     f"in {o.reversed}, within the spread in {o.within}")
-        lines.append(head + " " + "; ".join(parts) + ".")
+                     f"in {o.reversed}" + (f" ({', '.join(o.reversed_pairs)})"
+                                           if o.reversed else "") +
+                     f", within the spread in {o.within}")
+        lines.append(f"- {model}, {partition}, P = {p}: " + "; ".join(parts) + ".")
     return lines
 
 
@@ -375,18 +390,24 @@ def plot_consistency(outcomes: list[Outcome], s, path: str) -> str:
             left.plot(o.curves.x["round"], o.curves.consensus.mean(0), styles[o.point[:2]],
                       color=colors[o.point.topology],
                       label=f"{o.point.topology}, {o.point.model}, {o.point.partition}")
-        left.set(yscale="log", xlabel="round", ylabel="consensus distance\n"
-                 "(1/P) sum_i ||xbar - x_i||^2, mean over seeds")
-        left.set_title(f"P={p}: consensus distance", fontsize=10)
+        # A topology that averages exactly (complete) disagrees by rounding only (~1e-12):
+        # the axis starts below the others' smallest value.
+        means = np.concatenate([o.curves.consensus.mean(0) for o in sel])
+        floor = means[means > 1e-9 * means.max()].min() / 3
+        left.set(yscale="log", ylim=(floor, None), xlabel="round",
+                 ylabel="consensus distance\n(1/P) sum_i ||xbar - x_i||^2, mean over seeds")
+        left.set_title(f"P={p}: consensus distance (rounding-level curves below the axis)",
+                       fontsize=10)
         left.grid(alpha=0.3)
-        left.legend(fontsize=7)
+        left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2,
+                    frameon=False)
         names = [t for t in s.topologies if any(o.point.topology == t for o in sel)]
         x = np.arange(len(names))
         measured = [max(max(o.max_b_hat) for o in sel if o.point.topology == t) for t in names]
         bounds = [max(o.bound for o in sel if o.point.topology == t) for t in names]
         right.bar(x - 0.2, measured, 0.4, label="max b_hat (all seeds and runs)")
         right.bar(x + 0.2, [b if np.isfinite(b) else 0 for b in bounds], 0.4,
-                  label="bound B (none drawn: no deterministic bound)")
+                  label="bound B (no bar: inf, or 0 for complete)")
         right.set_xticks(x, [t.replace("_", "\n") for t in names], fontsize=8)
         right.set(yscale="log", ylabel="b_hat and its bound")
         right.set_title(f"P={p}: measured B against the bound", fontsize=10)

@@ -374,4 +374,4 @@ def test_topology_ordering_counts_pairs_beyond_the_seeds_spread():
     got = topologies_study.ordering(group, target=0.01)  # nobody reaches it: final losses
     # a-b, a-c, d-c ordered (the wider gap, the lower loss); a-d reversed (d's gap is
     # narrower, its loss lower); b-c within the spread; b-d have equal gaps (no pair).
-    assert got == topologies_study.Ordering(3, 1, 1, "final training loss")
+    assert got == topologies_study.Ordering(3, 1, 1, "final training loss", ("d ahead of a",))
