@@ -19,8 +19,8 @@ the bits put on the wire so far; over the run, the largest `b_hat` against the
 bound, and both spectral gaps. The curves are indexed by every axis of `AXES`
 (rounds, bits): an axis is one more column of `Curves.x`. The report gives
 means ± standard deviations over seeds, which topology reached `--target_loss`
-first (in rounds and in bits), and whether the spectral gap ordered the
-topologies.
+first (in rounds and in bits), and whether the spectral gap, or the measured
+consensus distance, ordered the topologies.
 """
 
 from __future__ import annotations
@@ -235,34 +235,45 @@ def groups(outcomes: list[Outcome]) -> dict[tuple, list[Outcome]]:
     return out
 
 
-class Ordering(NamedTuple):
-    """How the spectral gap ranked the topologies of one group, pair by pair."""
+# What may predict the order of the topologies: name -> (outcome -> a score where higher
+# should mean ahead, the pair's wording).
+PREDICTORS = {
+    "spectral gap": (lambda o: o.spectral_gap, "the wider gap"),
+    "consensus distance": (lambda o: -float(np.mean(o.curves.consensus)),
+                           "the smaller mean consensus distance"),
+}
 
-    ordered: int  # the wider gap ahead, beyond the seeds' spread
-    reversed: int  # the narrower gap ahead, beyond the spread
+
+class Ordering(NamedTuple):
+    """How a predictor ranked the topologies of one group, pair by pair."""
+
+    ordered: int  # the predicted one ahead, beyond the seeds' spread
+    reversed: int  # the other one ahead, beyond the spread
     within: int  # the difference within the spread
     measure: str  # what was compared
-    reversed_pairs: tuple[str, ...] = ()  # "narrower ahead of wider" for each reversed pair
+    reversed_pairs: tuple[str, ...] = ()  # "X ahead of Y" for each reversed pair
 
 
-def ordering(group: list[Outcome], target: float) -> Ordering:
-    """Every pair of topologies with different spectral gaps, compared on the rounds to the
-    target when every seed of the group reached it (else on the final training loss):
-    "ahead" beyond the spread when the two `mean ± std` intervals do not overlap."""
+def ordering(group: list[Outcome], target: float, predictor: str = "spectral gap") -> Ordering:
+    """Every pair of topologies the predictor tells apart (by more than 1e-9 relative),
+    compared on the rounds to the target when every seed of the group reached it (else on
+    the final training loss): "ahead" beyond the spread when the two `mean ± std`
+    intervals do not overlap."""
+    predict = PREDICTORS[predictor][0]
     reached = {o.point.topology: first_reached(o, "round", target) for o in group}
     by_rounds = all(None not in v for v in reached.values())
     score = {o.point.topology: studies.mean_std(reached[o.point.topology] if by_rounds
                                                 else o.curves.loss[:, -1]) for o in group}
     counts, reversed_pairs = [0, 0, 0], []
     for a, b in itertools.combinations(group, 2):
-        if abs(a.spectral_gap - b.spectral_gap) <= 1e-9:
+        if abs(predict(a) - predict(b)) <= 1e-9 * max(abs(predict(a)), abs(predict(b))):
             continue
-        wider, narrower = (a, b) if a.spectral_gap > b.spectral_gap else (b, a)
-        (mw, sw), (mn, sn) = score[wider.point.topology], score[narrower.point.topology]
-        kind = 0 if mw + sw < mn - sn else 1 if mw - sw > mn + sn else 2
+        first, second = (a, b) if predict(a) > predict(b) else (b, a)
+        (m1, s1), (m2, s2) = score[first.point.topology], score[second.point.topology]
+        kind = 0 if m1 + s1 < m2 - s2 else 1 if m1 - s1 > m2 + s2 else 2
         counts[kind] += 1
         if kind == 1:
-            reversed_pairs.append(f"{narrower.point.topology} ahead of {wider.point.topology}")
+            reversed_pairs.append(f"{second.point.topology} ahead of {first.point.topology}")
     return Ordering(*counts, "rounds to the target" if by_rounds else "final training loss",
                     tuple(reversed_pairs))
 
@@ -292,18 +303,18 @@ def findings(outcomes: list[Outcome], s) -> list[str]:
                          f" {unit}, mean over seeds" + (
                              f"; within the seeds' spread of it: {', '.join(level)}" if level
                              else "; every other beyond the seeds' spread") + ")")
-        o = ordering(group, s.target_loss)
-        pairs = o.ordered + o.reversed + o.within
-        verdict = ("no two topologies differ in spectral gap" if not pairs else
-                   "the spectral gap ordered them" if o.ordered == pairs else
-                   "the spectral gap did not order them" if o.reversed else
-                   "consistent with the spectral gap where they differed" if o.ordered else
-                   "no pair differed beyond the seeds' spread")
-        parts.append(f"{verdict}: of {pairs} pairs with different gaps, the wider gap was "
-                     f"ahead in {o.measure} beyond the seeds' spread in {o.ordered}, behind "
-                     f"in {o.reversed}" + (f" ({', '.join(o.reversed_pairs)})"
-                                           if o.reversed else "") +
-                     f", within the spread in {o.within}")
+        for predictor, (_, wording) in PREDICTORS.items():
+            o = ordering(group, s.target_loss, predictor)
+            pairs = o.ordered + o.reversed + o.within
+            verdict = (f"no two topologies differ in {predictor}" if not pairs else
+                       f"the {predictor} ordered them" if o.ordered == pairs else
+                       f"the {predictor} did not order them" if o.reversed else
+                       f"consistent with the {predictor} where they differed" if o.ordered
+                       else "no pair differed beyond the seeds' spread")
+            parts.append(f"{verdict}: of {pairs} pairs, {wording} was ahead in {o.measure} "
+                         f"beyond the seeds' spread in {o.ordered}, behind in {o.reversed}" + (
+                             f" ({', '.join(o.reversed_pairs)})" if o.reversed else "") +
+                         f", within the spread in {o.within}")
         lines.append(f"- {model}, {partition}, P = {p}: " + "; ".join(parts) + ".")
     return lines
 

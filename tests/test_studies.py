@@ -371,7 +371,7 @@ def test_topology_ordering_counts_pairs_beyond_the_seeds_spread():
 
     group = [outcome("a", 0.9, [1.0, 1.1]), outcome("b", 0.5, [2.0, 2.1]),
              outcome("c", 0.1, [2.05, 2.0]), outcome("d", 0.5, [0.1, 0.2])]
-    got = topologies_study.ordering(group, target=0.01)  # nobody reaches it: final losses
+    got = topologies_study.ordering(group, 0.01, "spectral gap")  # final losses compared
     # a-b, a-c, d-c ordered (the wider gap, the lower loss); a-d reversed (d's gap is
     # narrower, its loss lower); b-c within the spread; b-d have equal gaps (no pair).
     assert got == topologies_study.Ordering(3, 1, 1, "final training loss", ("d ahead of a",))
