@@ -8,9 +8,10 @@ evaluates gradients at `ej.views(alg, state)` and hands them to
 `ej.update(alg, state, grads)`, or lets `ej.run` do it for a loss.
 """
 
-from elastic_jax import analysis, bounds, checks, delays, parallel, workers
+from elastic_jax import analysis, bounds, checks, delays, parallel, topologies, workers
 from elastic_jax.algorithms.asynchronous import async_sgd
 from elastic_jax.algorithms.elastic_scheduling import elastic_scheduling
+from elastic_jax.algorithms.gossip import gossip_sgd
 from elastic_jax.algorithms.local import local_sgd
 from elastic_jax.algorithms.message_passing import message_passing_sgd
 from elastic_jax.algorithms.sync import sync_sgd
@@ -66,6 +67,7 @@ __all__ = [
     "elastic_scheduling",
     "error_feedback",
     "from_optax",
+    "gossip_sgd",
     "identity",
     "local_sgd",
     "make_step",
@@ -80,6 +82,7 @@ __all__ = [
     "sgd",
     "sync_sgd",
     "top_k",
+    "topologies",
     "update",
     "views",
     "weight_decay",

@@ -38,6 +38,7 @@ TAG_LOCAL = 1  # a worker's own draws in `local` (compressor randomness)
 TAG_DELAY = 2  # lags of stale reads and message delays
 TAG_DATA = 3  # per-worker batch sampling in `run(batch_fn=...)`
 TAG_FAULT = 4  # drops, crashes, partial deliveries
+TAG_TOPOLOGY = 5  # a round's random mixing matrix (gossip's random matching)
 
 
 class AlgorithmInfo(NamedTuple):

@@ -141,3 +141,22 @@ def local_sgd(*, period, num_workers, update):
     <= 2 eta U (1 - 1/P)`:  `B = 2 (H - 1) U (1 - 1/P)`.
     """
     return 2.0 * (period - 1) * update * (1.0 - 1.0 / num_workers)
+
+
+def gossip_sgd(*, factor, update, residual=0.0):
+    """`B` for gossip SGD: `factor U + R`, `factor` the topology's consensus constant.
+
+    Starting from consensus, the nodes' disagreement is
+    `X_t (I - J) = -sum_{s<t} U_s (W_s ... W_{t-1} - J)` (`W_r = I` on rounds
+    that do not mix), so node `i`'s distance from the mean is at most
+    `eta U sum_{s<t} ||(W_s ... W_{t-1} - J) e_i||_1`; `factor` is the supremum
+    over `t` and `i` of that sum (`ej.topologies.consensus_factor`, exact:
+    an adversarial sequence of updates of norm `eta U` reaches it). Under EF14
+    the auxiliary model is the mean minus the mean residual (`<= eta R`):
+
+        B = factor U + R.
+
+    With `W = J` and `H` rounds per mixing, `factor = 2 (H - 1)(1 - 1/P)`:
+    local SGD's bound.
+    """
+    return factor * update + residual

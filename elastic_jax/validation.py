@@ -270,6 +270,23 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
     "local_sgd": (_LEARNING_RATE, _NUM_WORKERS,
                   ArgumentSpec("period", "int", lo=1, note="H; 1 is synchronous SGD"),
                   _UNCOMPRESSED_RULE, _CLIP_NORM, _WORKER_PLACEMENT),
+    "gossip_sgd": (
+        _LEARNING_RATE, _NUM_WORKERS,
+        _text("topology", "one of 'ring', 'torus', 'hypercube' (num_workers a power of two), "
+              "'exponential', 'one_peer_exponential', 'random_matching', 'star', 'complete'; "
+              "or a doubly stochastic matrix [P, P] or a sequence of them [T, P, P] "
+              "(non-negative, rows and columns summing to 1 within 1e-9), P = num_workers"),
+        ArgumentSpec("local_steps", "int", lo=1, note="H, rounds per mixing round; 1: mix "
+                     "every round"),
+        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM,
+        _text("gossip_compressor", "None (nodes send their models) or a bare compressor for "
+              "CHOCO-SGD: ej.identity(), ej.top_k(...), ej.random_k(...), ej.qsgd(...), "
+              "ej.scaled_sign(); never one wrapped by ej.error_feedback"),
+        ArgumentSpec("gamma", "real", lo=0.0, hi=1.0, lo_open=True,
+                     note="CHOCO's mixing step; 1.0 without gossip_compressor (a tracer "
+                     "passes)"),
+        _WORKER_PLACEMENT,
+    ),
     "clip": (ArgumentSpec("max_norm", "real", lo=0.0, lo_open=True,
                           note="the global norm C gradients are clipped to"),),
     "sgd": (ArgumentSpec("momentum", "real", **_UNIT_DECAY,

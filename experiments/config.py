@@ -47,6 +47,7 @@ SCHEDULES = ("constant", "cosine", "linear", "exponential")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
 CONVEX_DATASETS = ("least_squares", "logistic")
 CONV_MODELS = ("cnn", "resnet20")  # their loss convolves: a Python loop on the CPU
+GOSSIP_COMPRESSORS = ("none", "identity", "top_k", "random_k", "scaled_sign")  # CHOCO's
 
 ALGORITHMS = {  # name -> (flags, learning rate, shared keyword arguments) -> ej.Algorithm
     "sync": lambda f, lr, kw: ej.sync_sgd(lr, f["num_workers"],
@@ -60,6 +61,10 @@ ALGORITHMS = {  # name -> (flags, learning rate, shared keyword arguments) -> ej
     "elastic_scheduling": lambda f, lr, kw: ej.elastic_scheduling(
         lr, f["num_workers"], f["max_outstanding"], delay=f["delay"], mode=f["mode"], **kw),
     "local_sgd": lambda f, lr, kw: ej.local_sgd(lr, f["num_workers"], f["period"], **kw),
+    "gossip": lambda f, lr, kw: ej.gossip_sgd(
+        lr, f["num_workers"], topology=f["topology"], local_steps=f["local_steps"],
+        gossip_compressor=make_gossip_compressor(f),
+        gamma=f["gossip_gamma"] if f["gossip_compressor"] != "none" else 1.0, **kw),
 }
 
 
@@ -110,6 +115,20 @@ FLAGS: tuple[Flag, ...] = (
          when=_on("algorithm", "elastic_scheduling")),
     Flag("period", "int", 4, "Rounds between model averages.", 1, 100_000,
          when=_on("algorithm", "local_sgd")),
+    Flag("topology", "enum", "ring", "Who averages with whom (docs/theory.md section 10): "
+         "lazy ring (1/3 each), 2-D torus (1/5), hypercube (P a power of two), static "
+         "exponential graph, one-peer exponential graph (exact averaging every log2 P rounds "
+         "for P a power of two), a random matching per round, a star, the complete graph.",
+         choices=ej.topologies.NAMES, when=_on("algorithm", "gossip")),
+    Flag("local_steps", "int", 1, "Rounds per mixing round (local steps between mixings).",
+         1, 100_000, when=_on("algorithm", "gossip")),
+    Flag("gossip_compressor", "enum", "none", "CHOCO-SGD: each node sends C(model - public "
+         "copy) instead of its model (none: plain gossip).", choices=GOSSIP_COMPRESSORS,
+         when=_on("algorithm", "gossip")),
+    Flag("gossip_k_fraction", "float", 0.1, "Fraction of entries CHOCO's top_k / random_k "
+         "keep.", 0.0, 1.0, lo_open=True, when=_on("gossip_compressor", "top_k", "random_k")),
+    Flag("gossip_gamma", "float", 0.5, "CHOCO's mixing step gamma.", 0.0, 1.0, lo_open=True,
+         when=_on("gossip_compressor", *GOSSIP_COMPRESSORS[1:])),
     # The optimiser.
     Flag("optimizer", "enum", "sgd", "The base optimizer of every worker's chain, in optax's "
          "terms: sgd (optax.sgd: --momentum, --nesterov) or adamw (optax.adamw with b1 0.9, "
@@ -223,7 +242,7 @@ _ARGUMENT_FLAGS = {
     "fraction": "k_fraction", "k": "k_fraction", "levels": "qsgd_levels",
     "beta": "ef_beta", "decay_steps": "schedule_rounds", "transition_steps": "schedule_rounds",
     "alpha": "dirichlet_alpha", "kind": "partition", "num_samples": "convex_samples",
-    "dim": "convex_dim",
+    "dim": "convex_dim", "gamma": "gossip_gamma",
 }
 
 
@@ -317,6 +336,15 @@ def make_schedule(f: Mapping[str, Any]):
     return eta  # a number, so that the factory checks it too
 
 
+def make_gossip_compressor(f: Mapping[str, Any]):
+    """CHOCO's compressor `--gossip_compressor` names, or None (plain gossip)."""
+    name = f["gossip_compressor"]
+    if name in ("top_k", "random_k"):
+        return getattr(ej, name)(fraction=f["gossip_k_fraction"])
+    return {"none": lambda: None, "identity": ej.identity,
+            "scaled_sign": ej.scaled_sign}[name]()
+
+
 def make_compressor(f: Mapping[str, Any]):
     """The compressor `--compressor` names, or None."""
     name = f["compressor"]
@@ -347,6 +375,14 @@ def describe(f: Mapping[str, Any]) -> str:
                      f"{f['delay']} delays")
     if name == "local_sgd":
         parts.append(f"period {f['period']}")
+    if name == "gossip":
+        parts.append(f"{f['topology'].replace('_', ' ')}" + (
+            f", {f['local_steps']} local steps" if f["local_steps"] > 1 else ""))
+        if f["gossip_compressor"] != "none":
+            what = f["gossip_compressor"].replace("_", " ")
+            if f["gossip_compressor"] in ("top_k", "random_k"):
+                what += f" {100 * f['gossip_k_fraction']:.3g}%"
+            parts.append(f"CHOCO {what}, gamma {f['gossip_gamma']:g}")
     if name in UPDATE_RULE:
         k = f"{100 * f['k_fraction']:.3g}%"
         compressor = {"none": "uncompressed", "top_k": f"Top-{k}", "random_k": f"random-{k}",

@@ -55,6 +55,11 @@ ALGORITHMS = {
     "elastic_scheduling_variance": lambda lr, p: ej.elastic_scheduling(lr, p, 2,
                                                                        mode="variance"),
     "local_sgd_clipped": lambda lr, p: ej.local_sgd(lr, p, 3, clip_norm=5.0),
+    # A time-varying topology (one mixing matrix per phase), local steps, and EF14
+    # around each node's own update.
+    "gossip_one_peer_local_top_k_ef": lambda lr, p: ej.gossip_sgd(
+        lr, p, topology="one_peer_exponential", local_steps=2,
+        compressor=ej.top_k(fraction=0.34), error_feedback=True),
 }
 
 # name -> the same variant in its degenerate setting (one worker, no delay, no
@@ -72,6 +77,8 @@ DEGENERATE = {
     "message_passing_faults_top_k_ef": lambda lr: ej.message_passing_sgd(lr, 1),
     "elastic_scheduling_variance": lambda lr: ej.elastic_scheduling(lr, 1, 0, mode="variance"),
     "local_sgd_clipped": lambda lr: ej.local_sgd(lr, 1, 1),
+    "gossip_one_peer_local_top_k_ef": lambda lr: ej.gossip_sgd(
+        lr, 1, topology="one_peer_exponential", compressor=ej.identity(), error_feedback=True),
 }
 REFERENCE = {
     "sync_server_nesterov_top_k_ef": lambda lr: optax.chain(
@@ -116,6 +123,8 @@ TOTAL_BITS = {
     "elastic_scheduling_variance": R * P * _bits(False),
     # Only the averaging rounds communicate: R / H of them.
     "local_sgd_clipped": (R // 3) * P * _bits(False),
+    # Each node sends its (dense) model in every mixing round: R / H of them.
+    "gossip_one_peer_local_top_k_ef": (R // 2) * P * _bits(False),
 }
 
 
@@ -123,7 +132,7 @@ def test_the_registries_cover_every_factory():
     assert set(DEGENERATE) == set(ALGORITHMS) == set(TOTAL_BITS)
     names = {ALGORITHMS[n](LR, P).info.name for n in ALGORITHMS}
     assert names == {"sync_sgd", "async_sgd", "message_passing_sgd", "elastic_scheduling",
-                     "local_sgd"}
+                     "local_sgd", "gossip_sgd"}
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))

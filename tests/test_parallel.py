@@ -18,8 +18,16 @@ from tests.test_contract import ALGORITHMS
 ROUNDS = 20
 
 # Every algorithm of the contract registry (tests/test_contract.py), at P = 8
-# for the meshes of 1, 2, 4 and 8 devices.
+# for the meshes of 1, 2, 4 and 8 devices, and configurations without a finite
+# bound (outside the contract registry) whose draws must not depend on the placement.
 CONFIGS = {name: functools.partial(make, 0.1) for name, make in ALGORITHMS.items()}
+UNBOUNDED = {
+    # A random matching drawn every round; CHOCO's stochastic compressor per node.
+    "gossip_choco_random_matching": lambda p: ej.gossip_sgd(
+        0.1, p, topology="random_matching", gossip_compressor=ej.random_k(fraction=0.34),
+        gamma=0.5),
+}
+CONFIGS.update(UNBOUNDED)
 
 
 def run(alg, mesh):
@@ -91,11 +99,16 @@ def in_fresh_process(name, num_workers, device_counts, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_one_two_four_eight_devices_are_bitwise_identical(name, tmp_path):
     # And the accessors on a state split over an explicit mesh of four devices
     # (two workers each, the chains' residuals split over them).
     in_fresh_process(name, 8, (1, 2, 4, 8), tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(UNBOUNDED))
+def test_unbounded_configurations_on_one_and_four_devices(name, tmp_path):
+    in_fresh_process(name, 8, (4,), tmp_path)  # against the one-device reference
 
 
 def test_sixteen_workers_on_eight_devices(tmp_path):

@@ -99,6 +99,7 @@ BASE = {
     "message_passing_sgd": {"learning_rate": 0.1, "num_workers": 1},
     "elastic_scheduling": {"learning_rate": 0.1, "num_workers": 1, "max_outstanding": 0},
     "local_sgd": {"learning_rate": 0.1, "num_workers": 1, "period": 1},
+    "gossip_sgd": {"learning_rate": 0.1, "num_workers": 1, "topology": "ring"},
     "identity": {}, "scaled_sign": {},
     "top_k": {"k": 1}, "random_k": {"k": 1}, "qsgd": {"levels": 1},
     "error_feedback": {"compressor": top_k(k=1)},
@@ -122,6 +123,8 @@ BAD_TEXT = {
     "rule": {"rule": "sgd"},
     "nesterov": {"nesterov": 1},
     "tx": {"tx": top_k(k=1)},
+    "topology": {"num_workers": 2, "topology": [[1.0, 0.0], [0.5, 0.5]]},
+    "gossip_compressor": {"gossip_compressor": "top_k"},
 }
 ERROR_FEEDBACK_BAD = {"compressor": ej.qsgd(2)}
 

@@ -13,17 +13,21 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+import elastic_jax as ej
 from experiments import (
     consistency_table,
     convex_rates,
     error_feedback_study,
     flags,
     hypergradients,
+    models,
     studies,
 )
+from experiments import topologies as topologies_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +82,9 @@ def test_validate_applies_smoke_sizes_unless_given():
     (error_feedback_study, {"momenta": "0,1"}, "momenta"),
     (consistency_table, {"learning_rate": float("nan")}, "learning_rate"),
     (consistency_table, {"nonsense": 1}, "nonsense"),
+    (topologies_study, {"topologies": "ring,ring"}, "topologies"),
+    (topologies_study, {"topologies": "ring,mesh"}, "topologies"),
+    (topologies_study, {"workers": "1"}, "workers"),
 ])
 def test_bad_flags_are_one_line_usage_errors(module, values, flag):
     with pytest.raises(flags.UsageError) as excinfo:
@@ -108,7 +115,7 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("module", [convex_rates, consistency_table, error_feedback_study,
-                                    hypergradients])
+                                    hypergradients, topologies_study])
 def test_help_and_an_unwritable_workdir(module, capsys, tmp_path):
     with pytest.raises(SystemExit) as excinfo:
         module.main(["--helpfull"])
@@ -316,3 +323,64 @@ def test_convex_bound_formula_matches_theory():
     np.testing.assert_allclose(got, want)
     assert convex_rates.nonconvex_bound(1.0, 2.0, 3.0, 4.0, 100, 0.5) == pytest.approx(
         (1.0 / 0.5 + 2 * 3 * 4 + 2 * 9 / (2 * 0.5)) / 10)
+
+
+# ------------------------------------------------- topologies study
+
+
+def test_topologies_study_refuses_a_hypercube_of_six_nodes():
+    s = _smoke(topologies_study, "/tmp/unused", topologies="hypercube", workers="6")
+    with pytest.raises(flags.UsageError, match=r"^--workers: got 6; expected powers of two"):
+        topologies_study.check(s)
+
+
+@pytest.fixture(scope="module")
+def topologies_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("topologies")
+    s = _smoke(topologies_study, directory)
+    outcomes = topologies_study.run_grid(s)
+    path = topologies_study.write(s, outcomes, 0.0, ["--smoke"])
+    return s, outcomes, path
+
+
+def test_topologies_study_measures_every_configuration(topologies_run):
+    s, outcomes, path = topologies_run
+    assert [o.point for o in outcomes] == topologies_study.grid(s)
+    d = models.num_params(models.make_model("mlp", 10, (8, 8, 1))[1](jax.random.key(0)))
+    for o in outcomes:
+        p = o.point.num_workers
+        records = o.curves.x["round"]
+        assert set(o.curves.x) == set(topologies_study.AXES)
+        assert o.curves.loss.shape == o.curves.accuracy.shape == (s.num_seeds, len(records))
+        # Every round mixes: each node sends its model, 32 d bits.
+        np.testing.assert_array_equal(o.curves.x["bits"], records * p * 32 * d)
+        gaps = ej.topologies.gaps(ej.topologies.mixing(o.point.topology, p))
+        np.testing.assert_allclose((o.spectral_gap, o.norm_gap), gaps, rtol=1e-6)
+        if o.point.topology == "random_matching":
+            assert o.bound == math.inf
+        else:  # a deterministic bound, above every b_hat of the run
+            assert 0 < max(o.max_b_hat) <= o.bound < math.inf
+    text = open(path).read()
+    _, rows = _table(text, "model")
+    assert [(r[0], r[1], int(r[2]), r[3]) for r in rows] == [o.point for o in outcomes]
+    assert text.count("\n- mlp, iid, P = 8:") == 1 and "spectral gap" in text
+    assert "**A reduced grid**" in text
+    for name in ("loss_mlp_iid.png", "accuracy_mlp_iid.png", "consistency.png"):
+        assert os.path.getsize(os.path.join(s.workdir, name)) > 0
+    _no_temporary_files(s.workdir)
+
+
+def test_topology_ordering_counts_pairs_beyond_the_seeds_spread():
+    def outcome(topology, gap, losses):
+        losses = np.asarray(losses, float)[:, None]
+        curves = topologies_study.Curves({"round": np.array([10.0])}, losses, losses,
+                                         losses)
+        point = topologies_study.Point("mlp", "iid", 8, topology)
+        return topologies_study.Outcome(point, curves, [0.0], 1.0, 1.0, gap, gap, 0.0)
+
+    group = [outcome("a", 0.9, [1.0, 1.1]), outcome("b", 0.5, [2.0, 2.1]),
+             outcome("c", 0.1, [2.05, 2.0]), outcome("d", 0.5, [0.1, 0.2])]
+    got = topologies_study.ordering(group, 0.01, "spectral gap")  # final losses compared
+    # a-b, a-c, d-c ordered (the wider gap, the lower loss); a-d reversed (d's gap is
+    # narrower, its loss lower); b-c within the spread; b-d have equal gaps (no pair).
+    assert got == topologies_study.Ordering(3, 1, 1, "final training loss", ("d ahead of a",))

@@ -283,9 +283,11 @@ def _check_uses(saved, algorithm):
     own = {"sync": rule | {"optimizer_placement"}, "async": rule | {"reads", "max_delay"},
            "message_passing": rule | {"max_delay", "drop_prob", "crashes"},
            "elastic_scheduling": {"max_outstanding", "mode", "delay"},
-           "local_sgd": {"period"}}[algorithm]
+           "local_sgd": {"period"},
+           "gossip": {"topology", "local_steps", "gossip_compressor"}}[algorithm]
     specific = {"reads", "max_delay", "drop_prob", "crashes", "max_outstanding", "mode",
-                "period", "optimizer_placement"} | rule
+                "period", "optimizer_placement", "topology", "local_steps",
+                "gossip_compressor"} | rule
     assert own <= set(saved) and not (specific - own) & set(saved), (algorithm, sorted(saved))
 
 
@@ -296,9 +298,11 @@ NON_DEFAULT = {
     "ef_beta": 0.5, "clip_norm": 1.0, "drop_prob": 0.1, "retransmit": False, "crashes": 1,
     "crash_horizon": 50, "max_outstanding": 4, "mode": "variance", "period": 2,
     "optimizer": "adamw", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
-    "optimizer_placement": "server", "learning_rate": 0.1, "schedule": "cosine",
-    "schedule_rounds": 100, "final_lr_fraction": 0.5, "batch_size": 16, "rounds": 20,
-    "model": "mlp",
+    "optimizer_placement": "server",
+    "topology": "torus", "local_steps": 2, "gossip_compressor": "top_k",
+    "gossip_k_fraction": 0.05, "gossip_gamma": 0.25,
+    "learning_rate": 0.1, "schedule": "cosine", "schedule_rounds": 100,
+    "final_lr_fraction": 0.5, "batch_size": 16, "rounds": 20, "model": "mlp",
     "dataset": "logistic", "data_dir": "/data", "convex_samples": 512, "convex_dim": 16,
     "partition": "dirichlet", "dirichlet_alpha": 2.0, "seed": 3, "num_seeds": 2,
     "workdir": "elsewhere", "log_every": 5, "eval_every": 10, "checkpoint_every": 10,
@@ -323,6 +327,7 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
             used.setdefault(name, set()).add(algorithm)
     # Where the flag applies, it is used (with the companion it needs, if any).
     assert used["reads"] == {"async"} and used["period"] == {"local_sgd"}
+    assert used["topology"] == used["local_steps"] == used["gossip_compressor"] == {"gossip"}
     assert used["drop_prob"] == {"message_passing"}
     assert used["max_delay"] == {"async", "message_passing"}
     assert used["delay"] == {"async", "message_passing", "elastic_scheduling"}
@@ -351,11 +356,12 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     ({"algorithm": "local_sgd", "compressor": "top_k"}, "compressor", "--algorithm=sync"),
     ({"dataset": "least_squares", "model": "mlp"}, "model", "--dataset=digits, mnist or cifar10"),
     ({"coordinator": "h:1"}, "coordinator", "--num_processes > 1"),
-    ({"optimizer": "adamw", "momentum": 0.9}, "momentum", "--optimizer=sgd (here"),
-    ({"optimizer": "adamw", "nesterov": True}, "nesterov",
-     "--optimizer=sgd and --momentum > 0 (here --optimizer=adamw)"),
-    ({"nesterov": True}, "nesterov", "--momentum > 0 (here --momentum=0.0)"),
-    ({"optimizer_placement": "server"}, "optimizer_placement", "--algorithm=sync (here"),
+    "optimizer": "adamw", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+    "optimizer_placement": "server",
+    "topology": "torus", "local_steps": 2, "gossip_compressor": "top_k",
+    "gossip_k_fraction": 0.05, "gossip_gamma": 0.25,
+    "learning_rate": 0.1, "schedule": "cosine", "schedule_rounds": 100,
+    "final_lr_fraction": 0.5, "batch_size": 16, "rounds": 20, "model": "mlp",
 ])
 def test_a_flag_that_does_not_apply_is_refused_naming_what_would(values, flag, needs):
     with pytest.raises(flags.UsageError) as excinfo:

@@ -108,21 +108,23 @@ def bounds(rule: Rule, stats: consistency.ConsistencyState, params):
     return jnp.asarray(update, dtype), jnp.asarray(residual, dtype)
 
 
-def metrics(rule: Rule, stats, eta, sent: Sent, old, new, senders, live=None) -> dict:
+def metrics(rule: Rule, stats, eta, sent: Sent, old, new, senders, live=None,
+            bits=None) -> dict:
     """`grad_norm/max`, `update_norm`, `comm/bits`, `learning_rate`, the links' metrics.
 
     `grad_norm/max` is `m_hat`, the largest norm the base optimizer received
     (after clipping, where the chain clips).
 
-    `comm/bits` is `senders` messages of the chain's bits (docs/theory.md
-    section 7); `update_norm` is `||new - old|| / eta`.
+    `comm/bits` is `senders` messages of `bits` each, by default the chain's
+    (docs/theory.md section 7); `update_norm` is `||new - old|| / eta`.
     """
     dtype = stats.m_hat.dtype
     diff = jax.tree.map(lambda a, b: a - b, new, old)
     out = {
         "grad_norm/max": stats.m_hat,
         "update_norm": consistency.per_eta(consistency.tree_norm(diff).astype(dtype), eta),
-        "comm/bits": float(rule.bits(old)) * jnp.asarray(senders, dtype),
+        "comm/bits": float(rule.bits(old) if bits is None else bits)
+        * jnp.asarray(senders, dtype),
         "learning_rate": jnp.asarray(eta, dtype),
     }
     if rule.holds_back:
