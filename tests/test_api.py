@@ -4,7 +4,8 @@ import elastic_jax as ej
 
 PUBLIC = {
     "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "Link",
-    "Rule", "State", "analysis", "async_sgd", "bounds", "chain", "checks", "clip",
+    "Rule", "State", "analysis", "async_sgd", "bounds", "chain", "checks", "clip", "clock",
+    "clock_async_sgd",
     "compression_info", "delays", "derive_key", "ef21", "elastic_scheduling", "error_feedback",
     "identity", "local_sgd", "make_step", "message_passing_sgd", "model", "parallel", "params",
     "qsgd", "random_k", "run", "scaled_sign", "sgd", "sync_sgd", "top_k", "update", "views",

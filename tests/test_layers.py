@@ -14,13 +14,13 @@ PACKAGE = pathlib.Path(elastic_jax.__file__).parent
 # Bottom up (docs/design.md, "Layers"); a module imports only modules of lower rank.
 LAYERS = [
     {"base", "validation", "consistency", "bounds"},  # types, state protocol, keys, numerics
-    {"compressors", "delays"},
+    {"compressors", "delays", "clock"},  # and the system model (compute times, network)
     {"links"},  # the per-worker chain: its link type and basic links
     {"error_feedback", "ef21"},
     {"chain"},
     {"algorithms._common"},
     {"algorithms.sync", "algorithms.asynchronous", "algorithms.message_passing",
-     "algorithms.elastic_scheduling", "algorithms.local"},
+     "algorithms.elastic_scheduling", "algorithms.local", "algorithms.clock_async"},
     {"workers"},  # the round: how a device maps its workers
     {"rounds"},
     {"parallel", "checks"},

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax import base, bounds, chain, consistency
+from elastic_jax import clock as clock_lib
 from elastic_jax.algorithms import _common
 
 
@@ -44,6 +45,7 @@ def sync_sgd(
     compressor=None,
     error_feedback=False,
     clip_norm=None,
+    system=None,
 ) -> base.Algorithm:
     """Synchronous SGD over `num_workers` workers.
 
@@ -66,6 +68,11 @@ def sync_sgd(
         [0, 1]; without a compressor, error feedback wraps the identity.
       clip_norm: shorthand: clip each worker's gradient to this global norm
         (> 0); makes `M = clip_norm` known before the run.
+      system: None, or an `ej.clock.system(...)`: each round then also reports
+        `time/elapsed`, `time/round`, `time/idle_fraction` and `comm/seconds`:
+        a round ends when the slowest gradient and the collective (a ring
+        all-reduce of dense updates, a ring all-gather of compressed ones) are
+        done (docs/theory.md section 9). The run may not go beyond its rounds.
 
     Returns:
       An `ej.Algorithm`.
@@ -76,6 +83,9 @@ def sync_sgd(
     """
     schedule, num_workers = _common.setup(learning_rate, num_workers)
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "sync_sgd")
+    pattern = "all_reduce" if _common.dense(rule) else "all_gather"
+    timing = _common.clock(system, num_workers, rule,
+                             lambda bits, size: clock_lib.sync(system, num_workers, bits, pattern))
 
     def init(params, key):
         rule.validate(params)
@@ -117,5 +127,6 @@ def sync_sgd(
         return actual(state) if mean is None else _common.apply(actual(state), mean)
 
     return base.algorithm("sync_sgd", num_workers, rule.bound_kind, init=init, view=view,
-                          local=local, combine=combine, auxiliary=auxiliary, actual=actual,
-                          rule=rule)
+                          local=local, auxiliary=auxiliary, actual=actual, rule=rule,
+                          combine=_common.timed(combine, timing, lambda s: s.params),
+                          max_rounds=_common.horizon(system), clock=timing)
