@@ -135,6 +135,8 @@ def algorithm(name: str, num_workers: int, bound_kind: str, *, init, view, local
     """Assembles an `Algorithm`; `init` returns `(shared, workers)` and is wrapped to a `State`."""
 
     def init_fn(params, key) -> State:
+        if clock is not None:
+            clock(params)  # The schedule (shapes only): its errors come before any compilation.
         shared, workers = init(params, key)
         return State(shared, workers, alg)
 

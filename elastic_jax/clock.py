@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 import numbers
@@ -55,6 +54,7 @@ from elastic_jax import base, validation
 TIME_METRICS = ("time/elapsed", "time/round", "time/idle_fraction", "comm/seconds")
 _WORDS = 8  # uint32 words per draw: two uniforms for the compute time, two for jitters
 _BLOCK = 256  # gradients per worker drawn at a time
+_GROUP = 8  # workers drawn at a time
 
 
 # ------------------------------------------------------------------ laws
@@ -196,7 +196,7 @@ def trace(seconds) -> Compute:
     bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
     if bad.size:
         g, p = bad[0]
-        validation.fail("seconds", validation.Text(f"a trace with {arr[g, p]!r} at gradient "
+        validation.fail("seconds", validation.Text(f"a trace with {float(arr[g, p])!r} at gradient "
                                                    f"{g}, worker {p}"),
                         "finite seconds >= 0")
     arr = arr.copy()
@@ -353,10 +353,13 @@ def system(compute, *, rounds, network=None, slowdown=None, seed=0) -> System:
     return System(compute, network, slowdown, rounds, seed)
 
 
-def check(system_, num_workers: int, name: str = "system") -> System:
-    """Refuses a system that does not fit `num_workers` workers (one line naming `name`)."""
+def check(system_, num_workers: int) -> System:
+    """Refuses a system that does not fit `num_workers` workers (one line naming it)."""
+    if isinstance(system_, Record):
+        validation.fail("system", system_, "an ej.clock.system(...): a recorded run replays "
+                        "through ej.clock_async_sgd")
     if not isinstance(system_, System):
-        validation.fail(name, system_, "an ej.clock.system(...)")
+        validation.fail("system", system_, "None or an ej.clock.system(...)")
     if system_.slowdown is not None and len(system_.slowdown) != num_workers:
         validation.fail("slowdown", validation.Text(f"{len(system_.slowdown)} factors"),
                         f"one per worker ({num_workers})")
@@ -370,16 +373,28 @@ def check(system_, num_workers: int, name: str = "system") -> System:
 # ------------------------------------------------------------------ draws
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _words(key, start, count: int, num_workers: int):
-    """`bits(derive_key(key, TAG_CLOCK, g, p), (8,))` for `g` in `start + [0, count)`, all `p`."""
+@jax.jit
+def _block(key, g0, p0):
+    """`bits(derive_key(key, TAG_CLOCK, g, p), (8,))` for `_BLOCK` gradients from `g0` and
+    `_GROUP` workers from `p0` (one compiled program, whatever the number of workers)."""
 
     def one(g, p):
         return jax.random.bits(base.derive_key(key, base.TAG_CLOCK, g, p), (_WORDS,),
                                jnp.uint32)
 
-    gs = start + jnp.arange(count, dtype=jnp.int32)
-    return jax.vmap(lambda g: jax.vmap(lambda p: one(g, p))(jnp.arange(num_workers)))(gs)
+    gs = g0 + jnp.arange(_BLOCK, dtype=jnp.int32)
+    ps = p0 + jnp.arange(_GROUP, dtype=jnp.int32)
+    return jax.vmap(lambda g: jax.vmap(lambda p: one(g, p))(ps))(gs)
+
+
+def _words(key, start: int, count: int, num_workers: int) -> np.ndarray:
+    """`[count, P, 8]` words for gradients `start ..` (`count` a multiple of `_BLOCK`)."""
+    rows = []
+    for g0 in range(start, start + count, _BLOCK):
+        rows.append(np.concatenate([
+            np.asarray(jax.device_get(_block(key, jnp.int32(g0), jnp.int32(p0))))
+            for p0 in range(0, num_workers, _GROUP)], axis=1)[:, :num_workers])
+    return np.concatenate(rows)
 
 
 def _uniforms(words: np.ndarray) -> np.ndarray:
@@ -416,9 +431,7 @@ class Draws:
         # Whole blocks of `_BLOCK` gradients: one compiled draw per number of workers.
         count = -(-max(gradients - have, have) // _BLOCK) * _BLOCK
         key = jax.random.key(self.system.seed)
-        u = _uniforms(np.concatenate([
-            np.asarray(jax.device_get(_words(key, jnp.int32(start), _BLOCK, self.num_workers)))
-            for start in range(have, have + count, _BLOCK)]))
+        u = _uniforms(_words(key, have, count, self.num_workers))
         if law.seconds is not None:
             rows = law.seconds[have:have + count]
             compute = np.concatenate([rows, np.zeros((count - rows.shape[0], self.num_workers))])

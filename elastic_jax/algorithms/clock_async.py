@@ -107,7 +107,8 @@ def clock_async_sgd(
         `ej.clock.replay(events)`, a recorded run replayed exactly.
       staleness_policy: `"none"` (every update is applied) or `"drop"` (an
         update staler than `max_delay` is discarded; drops are counted).
-      max_delay: the cap, an integer `>= P - 1`, with `"drop"` only.
+      max_delay: the cap, an integer `>= P - 1`, with `"drop"` only (default
+        `P - 1`).
       slots: the most writes one step applies, in `[1, P]`; default `P`.
       rule: the per-worker chain (`ej.chain(...)`); exclusive with the
         shorthands `compressor`, `error_feedback`, `clip_norm` (as in
@@ -131,12 +132,21 @@ def clock_async_sgd(
     validation.check_choice("staleness_policy", staleness_policy, POLICIES)
     drop = staleness_policy == "drop"
     if drop:
-        max_delay = validation.check_int("max_delay", max_delay, lo=max(num_workers - 1, 0))
+        max_delay = num_workers - 1 if max_delay is None else validation.check_int(
+            "max_delay", max_delay, lo=0)
+        if max_delay < num_workers - 1:
+            validation.fail("max_delay", max_delay, f"an integer >= num_workers - 1 = "
+                            f"{num_workers - 1} with staleness_policy='drop' (a step of P "
+                            "writes lags up to P - 1)")
     elif max_delay is not None:
         validation.fail("max_delay", max_delay, "None with staleness_policy='none' (the cap "
                         "applies to 'drop')")
-    slots = num_workers if slots is None else validation.check_int("slots", slots, lo=1,
-                                                                   hi=num_workers)
+    if slots is None:
+        slots = num_workers
+    elif validation.check_int("slots", slots, lo=1) > num_workers:
+        validation.fail("slots", slots, f"at most num_workers = {num_workers}")
+    if not isinstance(system, clock_lib.System | clock_lib.Record):
+        validation.fail("system", system, "an ej.clock.system(...) or ej.clock.replay(events)")
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "clock_async_sgd")
     if isinstance(system, clock_lib.Record):
         if drop:
@@ -158,14 +168,13 @@ def clock_async_sgd(
                 pull_bits=32 * size, max_delay=max_delay if drop else None)
             return clock_lib.asynchronous(writes, num_workers, rounds, slots)
 
-    timing = _common.clock(system, num_workers, rule, timeline)
+    timing = _common.clock(system, num_workers, rule, timeline, replays=True)
 
     def table(shared, name):
         return jnp.asarray(timing(shared.params).tables[name])[shared.round]
 
     def init(params, key):
         rule.validate(params)
-        timing(params)  # The schedule, checked before anything compiles.
         shared = ClockShared(**_common.counters(params, key),
                              params=_common.copy_params(params),
                              snapshots=_common.repeated(params, num_workers))
