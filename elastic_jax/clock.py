@@ -907,6 +907,24 @@ def times(alg, params) -> dict[str, np.ndarray]:
     return dict(alg.info.clock(params).metrics)
 
 
+def batch_keys(key, counts) -> jax.Array:
+    """The keys `ej.run` hands `batch_fn` for workers at gradient counts `counts` (`[P]`).
+
+    `derive_key(key, TAG_DATA, counts[p], p)`: what `ej.clock_async_sgd` keys
+    worker `p`'s batch by, so that a run outside the library (a real
+    asynchronous run to replay, `experiments.record_async`) draws the same
+    batches.
+
+    Example:
+      >>> keys = ej.clock.batch_keys(state.shared.key, jnp.array([3, 0, 1, 1]))
+      >>> batch_of_worker_2 = jax.tree.map(lambda x: x[2], batch_fn(0, keys))
+    """
+    key = base.as_key(key)
+    counts = jnp.asarray(counts, jnp.int32)
+    return jax.vmap(lambda c, p: base.derive_key(key, base.TAG_DATA, c, p))(
+        counts, jnp.arange(counts.shape[0]))
+
+
 def measure(loss_fn, params, batch, *, repeats: int = 10, has_aux: bool = False) -> float:
     """This machine's seconds per gradient of `loss_fn`, to calibrate simulated seconds.
 
@@ -939,5 +957,5 @@ def measure(loss_fn, params, batch, *, repeats: int = 10, has_aux: bool = False)
 
 
 __all__ = ["COLLECTIVES", "Compute", "Network", "Record", "System", "Timeline", "Writes",
-           "constant", "exponential", "lognormal", "measure", "network", "pareto", "replay",
-           "seconds", "system", "times", "trace"]
+           "batch_keys", "constant", "exponential", "lognormal", "measure", "network",
+           "pareto", "replay", "seconds", "system", "times", "trace"]

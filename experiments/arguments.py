@@ -16,7 +16,14 @@ import sys
 
 import elastic_jax as ej
 from experiments import config as config_lib
-from experiments import consistency_table, convex_rates, error_feedback_study, flags, hypergradients
+from experiments import (
+    consistency_table,
+    convex_rates,
+    error_feedback_study,
+    flags,
+    hypergradients,
+    record_async,
+)
 
 HEADER = """\
 # Arguments and their valid values
@@ -34,6 +41,7 @@ PROGRAMS = (  # (module, flags) of every program below the launcher
     ("experiments.consistency_table", consistency_table.FLAGS),
     ("experiments.convex_rates", convex_rates.FLAGS),
     ("experiments.hypergradients", hypergradients.FLAGS),
+    ("experiments.record_async", record_async.FLAGS),
 )
 
 
