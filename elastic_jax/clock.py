@@ -390,10 +390,11 @@ def _block(key, g0, p0):
 def _words(key, start: int, count: int, num_workers: int) -> np.ndarray:
     """`[count, P, 8]` words for gradients `start ..` (`count` a multiple of `_BLOCK`)."""
     rows = []
-    for g0 in range(start, start + count, _BLOCK):
-        rows.append(np.concatenate([
-            np.asarray(jax.device_get(_block(key, jnp.int32(g0), jnp.int32(p0))))
-            for p0 in range(0, num_workers, _GROUP)], axis=1)[:, :num_workers])
+    with jax.ensure_compile_time_eval():  # On the host, even while a program is traced.
+        for g0 in range(start, start + count, _BLOCK):
+            rows.append(np.concatenate([
+                np.asarray(jax.device_get(_block(key, jnp.int32(g0), jnp.int32(p0))))
+                for p0 in range(0, num_workers, _GROUP)], axis=1)[:, :num_workers])
     return np.concatenate(rows)
 
 
@@ -430,7 +431,8 @@ class Draws:
                 f"gradient {gradients - 1})")
         # Whole blocks of `_BLOCK` gradients: one compiled draw per number of workers.
         count = -(-max(gradients - have, have) // _BLOCK) * _BLOCK
-        key = jax.random.key(self.system.seed)
+        with jax.ensure_compile_time_eval():
+            key = jax.random.key(self.system.seed)
         u = _uniforms(_words(key, have, count, self.num_workers))
         if law.seconds is not None:
             rows = law.seconds[have:have + count]
