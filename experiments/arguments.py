@@ -23,6 +23,7 @@ from experiments import (
     flags,
     hypergradients,
     record_async,
+    time_to_accuracy,
 )
 
 HEADER = """\
@@ -42,6 +43,7 @@ PROGRAMS = (  # (module, flags) of every program below the launcher
     ("experiments.convex_rates", convex_rates.FLAGS),
     ("experiments.hypergradients", hypergradients.FLAGS),
     ("experiments.record_async", record_async.FLAGS),
+    ("experiments.time_to_accuracy", time_to_accuracy.FLAGS),
 )
 
 
