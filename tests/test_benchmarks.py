@@ -47,8 +47,14 @@ def test_run_quick_writes_tables_and_json(tmp_path):
     assert {t["variant"] for t in report["targets"]} == {"sync", "sync_topk"}
     assert report["date"] and "commit" in report
     assert set(report["load_average"]) == {"before", "after"}
+    # The simulated clock's rows: its cost on a round, clock-driven async per update.
+    (clock,) = report["clock"]
+    assert clock["model"] == "mlp" and clock["clock_over_plain"] > 0
+    assert 0 <= clock["masked_slot_fraction"] < 1 and 1 <= clock["updates_per_step"] <= 8
+    assert all(v > 0 for v in clock["per_update_s"].values())
     text = (tmp_path / "results.md").read_text()
     assert "| variant |" in text and "## Targets" in text and "Measured " in text
+    assert "## The simulated clock" in text
     if torch_sim.available()[0]:
         _check_torch_rows(report, text)
     else:
