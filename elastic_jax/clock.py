@@ -420,15 +420,15 @@ class Draws:
 
     def upto(self, gradients: int) -> Draws:
         """Makes sure gradients `0 .. gradients - 1` of every worker are drawn."""
-        have = self.compute.shape[0]
-        if gradients <= have:
-            return self
         law, net = self.system.compute, self.system.network
         if law.seconds is not None and gradients > law.seconds.shape[0]:
             validation.fail("seconds", validation.Text(
                 f"a trace of {law.seconds.shape[0]} gradients per worker"),
                 f"at least {gradients} (the schedule of {self.system.rounds} rounds needs "
                 f"gradient {gradients - 1})")
+        have = self.compute.shape[0]
+        if gradients <= have:
+            return self
         # Whole blocks of `_BLOCK` gradients: one compiled draw per number of workers.
         count = -(-max(gradients - have, have) // _BLOCK) * _BLOCK
         with jax.ensure_compile_time_eval():
@@ -503,6 +503,7 @@ def _summary(starts, ends, round_end, comm, num_workers: int) -> dict[str, np.nd
     busy = _busy(starts, ends, elapsed)
     with np.errstate(invalid="ignore", divide="ignore"):
         idle = np.where(elapsed > 0, 1.0 - busy / (num_workers * elapsed), 0.0)
+    idle = np.where(np.abs(idle) < 1e-12, 0.0, idle)  # no waiting, up to the sums' rounding
     return {"time/elapsed": elapsed, "time/round": np.diff(elapsed, prepend=0.0),
             "time/idle_fraction": np.clip(idle, 0.0, 1.0),
             "comm/seconds": np.asarray(comm, np.float64)}
@@ -609,10 +610,10 @@ def message_passing(system_: System, num_workers: int, bits: int, max_delay: int
     finish = np.zeros(num_workers)
     for r in range(total):
         s = r - 1 - max_delay
-        if s >= 0:
+        if s >= 0 and num_workers > 1:
             # The latest arrival from the other nodes (a node never waits for itself).
-            others = np.array([np.max(np.delete(arrive[s], q)) if num_workers > 1 else 0.0
-                               for q in range(num_workers)])
+            first, second = np.sort(arrive[s])[[-1, -2]]
+            others = np.where(arrive[s] == first, second, first)
             starts[r] = np.maximum(finish, others)
         else:
             starts[r] = finish

@@ -294,6 +294,11 @@ def test_a_trace_too_short_for_the_schedule_is_refused_at_init():
     with pytest.raises(ValueError, match=r"^seconds: got a trace of 3 gradients per worker; "
                                          r"expected at least 4"):
         alg.init(PARAMS, 0)
+    # Asynchronous workers run out of the trace at their own pace.
+    alg = ej.clock_async_sgd(0.1, 2, system=ej.clock.system(ej.clock.trace(np.ones((3, 2))),
+                                                            rounds=4))
+    with pytest.raises(ValueError, match=r"^seconds: got a trace of 3 gradients per worker; "):
+        alg.init(PARAMS, 0)
 
 
 def test_stacked_batches_and_runs_past_the_schedule_are_refused():
