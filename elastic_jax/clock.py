@@ -33,6 +33,16 @@ Example:
   ...                          network=ej.clock.network(latency=1e-4, bandwidth=1e9),
   ...                          slowdown=[1.0] * 7 + [5.0])
   >>> alg = ej.sync_sgd(0.1, 8, compressor=ej.top_k(fraction=0.01), system=system)
+
+References:
+  F. Lai, Y. Dai, S. S. V. Singapuram, J. Liu, X. Zhu, H. V. Madhyastha,
+  M. Chowdhury, "FedScale: Benchmarking Model and System Performance of Federated
+  Learning at Scale", arXiv:2105.11367 (per-device compute times, bytes over
+  bandwidth, a virtual clock).
+  R. Thakur, R. Rabenseifner, W. Gropp, "Optimization of Collective Communication
+  Operations in MPICH", IJHPCA 19(1), 2005 (the ring all-reduce and all-gather).
+  G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
+  "Elastic Consistency", arXiv:2001.05918 (the variants timed here).
 """
 
 from __future__ import annotations
@@ -283,6 +293,17 @@ COLLECTIVES: dict[str, Callable[[Network, int, float], float]] = {
 
 def seconds(pattern: str, net: Network, peers: int, bits) -> float:
     """The seconds of one `pattern` (a key of `COLLECTIVES`) of `bits` per node, no jitter.
+
+    E.g. the ring all-gather: `peers (alpha + bits / beta)`; 0 without peers.
+
+    Args:
+      pattern: `"all_reduce"`, `"all_gather"`, `"broadcast"` or `"send"`.
+      net: the network.
+      peers: the other nodes taking part (`P - 1` for a collective of `P`).
+      bits: one node's message.
+
+    Returns:
+      Seconds (a float).
 
     Example:
       >>> ej.clock.seconds("all_gather", ej.clock.network(1e-4, 1e9), peers=7, bits=82_908)
@@ -897,9 +918,17 @@ def asynchronous(w: Writes, num_workers: int, rounds: int, slots: int) -> Timeli
 def times(alg, params) -> dict[str, np.ndarray]:
     """The float64 per-round metrics of a clocked algorithm's schedule, for `params`' shapes.
 
-    `time/elapsed`, `time/round`, `time/idle_fraction`, `comm/seconds` (and
-    `ej.clock_async_sgd`'s `updates` counts), `[rounds]` each: what the run
-    reports, before rounding to the metrics' dtype.
+    `time/elapsed` (`T_r`, the end of round `r`), `time/round` (`T_r - T_{r-1}`),
+    `time/idle_fraction`, `comm/seconds` (and `ej.clock_async_sgd`'s `updates`
+    counts and lags), `[rounds]` each: what the run reports, before rounding to
+    the metrics' dtype (docs/theory.md section 9).
+
+    Args:
+      alg: an algorithm built with `system=`.
+      params: the parameters, or arrays of their shapes (only shapes are read).
+
+    Returns:
+      `{name: float64 array [rounds]}`.
 
     Example:
       >>> ej.clock.times(alg, params)["time/elapsed"][-1]
@@ -917,6 +946,13 @@ def batch_keys(key, counts) -> jax.Array:
     worker `p`'s batch by, so that a run outside the library (a real
     asynchronous run to replay, `experiments.record_async`) draws the same
     batches.
+
+    Args:
+      key: the algorithm's base key (`state.shared.key`, or the key given to `init`).
+      counts: `[P]` gradient counts, one per worker.
+
+    Returns:
+      Typed keys `[P]`.
 
     Example:
       >>> keys = ej.clock.batch_keys(state.shared.key, jnp.array([3, 0, 1, 1]))
