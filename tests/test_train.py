@@ -596,8 +596,8 @@ def test_help_exits_0_and_lists_only_the_launchers_flags(capsys):
     (["--workdir=w", "--algorithm=sync", "--max_delay", "3"], "--max_delay: got 3; expected "
      "--max_delay only with --algorithm=async or message_passing (here --algorithm=sync)"),
     (["--workdir=w", "--algorithm=sync", "--noerror_feedback", "--ef_beta=0.5"], "--ef_beta: "
-     "got 0.5; expected --ef_beta only with --algorithm=sync, async or message_passing and "
-     "--error_feedback (here --noerror_feedback)"),
+     "got 0.5; expected --ef_beta only with --algorithm=sync, async, message_passing or "
+     "clock_async and --error_feedback (here --noerror_feedback)"),
     (["--workdir=w", "--resume=maybe"], "--resume: got 'maybe'; expected true or false"),
 ])
 def test_command_line_errors_are_one_line_and_exit_2(capsys, argv, line):
