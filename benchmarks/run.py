@@ -24,7 +24,14 @@ measured interleaved (see `benchmarks.timing`), JAX in this process:
   candidates of each repetition. Skipped, with the reason, where torch is absent;
 - ratios: round / floor, elastic_jax / optax, elastic_jax / PyTorch (rounds/s,
   against each PyTorch row), the share of Top-k in the round (the `P`
-  compressions timed alone), and the bytes of the state pytree.
+  compressions timed alone), and the bytes of the state pytree;
+- the simulated clock (`ej.clock`, unless `--no-clock`), per model: synchronous
+  SGD with and without a system model (exponential compute times, a 5x
+  straggler, a network), interleaved, whose ratio is the clock's cost (the
+  project's target: at most 5% on the small CNN), and clock-driven asynchronous
+  SGD (`ej.clock_async_sgd`, exponential compute times) against the round
+  model (`ej.async_sgd`, consistent reads): its masked-slot fraction and its
+  seconds per applied update against the round model's per update.
 
 The date, the git commit and the 1-minute load average before and after the
 run are recorded, the load also before and after each variant, and
@@ -47,6 +54,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import elastic_jax as ej
@@ -55,6 +63,7 @@ from benchmarks import problems, proposal, timing, torch_worker
 TARGET_PLAIN = 1.15  # round / floor without compression
 TARGET_TOPK = 1.3  # round / floor with Top-1%
 TARGET_TORCH = 1.5  # small-CNN async Top-1% error feedback: rounds/s over PyTorch's
+TARGET_CLOCK = 1.05  # small-CNN sync round with the simulated clock over without
 # The elastic_jax / PyTorch fields of each PyTorch row (rounds/s of the fastest
 # `ej.run` configuration; the same with `_default_loop` for the default one).
 TORCH_FIELDS = {torch_worker.ROW_DEFAULT: "speedup_over_pytorch",
@@ -244,9 +253,78 @@ def bench_variant(problem, variant, floor, optax_run, *, rounds, repeats, max_de
     return result
 
 
-def _targets(results):
+def bench_clock(problem, *, rounds, repeats, max_delay, seed=0):
+    """The clock's cost on a round, and clock-driven async against the round model.
+
+    Four `ej.run` configurations (the default loops), interleaved: sync SGD
+    without and with a system model, `ej.async_sgd` (consistent reads, uniform
+    lags up to `max_delay`) and `ej.clock_async_sgd` on exponential compute
+    times (no cap). Returns a JSON-able dict.
+    """
+    p = problem.num_workers
+    horizon = 4 * rounds + 8  # every timed call starts from the same state
+    straggler = ej.clock.system(ej.clock.exponential(0.05), rounds=horizon,
+                                slowdown=[1.0] * (p - 1) + [5.0],
+                                network=ej.clock.network(1e-4, 1e9))
+    speeds = ej.clock.system(ej.clock.exponential(0.05), rounds=horizon)
+    algs = {
+        "sync": ej.sync_sgd(problems.LEARNING_RATE, p),
+        "sync + clock": ej.sync_sgd(problems.LEARNING_RATE, p, system=straggler),
+        "async_sgd (round model)": ej.async_sgd(problems.LEARNING_RATE, p, max(max_delay, p - 1),
+                                                reads="consistent"),
+        "clock_async_sgd": ej.clock_async_sgd(problems.LEARNING_RATE, p, system=speeds),
+    }
+    fns, states = {}, {}
+    for name, alg in algs.items():
+        states[name] = alg.init(problem.params, jax.random.key(seed))
+        timing.block(_ej_run(alg, problem, states[name], 1, "auto")())  # compile
+        fns[name] = _ej_run(alg, problem, states[name], rounds, "auto")
+    samples = timing.measure(fns, repeats=repeats)
+    per_round = {k: timing.median(v) / rounds for k, v in samples.items()}
+    times = ej.clock.times(algs["clock_async_sgd"], problem.params)
+    updates_per_step = float(times["updates"][rounds - 1]) / rounds
+    return {
+        "model": problem.name, "d": problem.d, "per_round_s": per_round,
+        "clock_over_plain": timing.paired_ratio(samples["sync + clock"], samples["sync"]),
+        "masked_slot_fraction": float(np.mean(times["updates/masked_fraction"][:rounds])),
+        "updates_per_step": updates_per_step,
+        "per_update_s": {"async_sgd (round model)": per_round["async_sgd (round model)"] / p,
+                         "clock_async_sgd": per_round["clock_async_sgd"] / updates_per_step},
+    }
+
+
+def _clock_lines(clock) -> list[str]:
+    if not clock:
+        return []
+    header = ["model", "sync rounds/s", "sync + clock rounds/s", "clock / plain time",
+              "async_sgd s / update", "clock_async_sgd s / update", "clock / round model",
+              "masked slots", "updates / step"]
+    body = []
+    for c in clock:
+        per_update = c["per_update_s"]
+        round_model, clocked = per_update["async_sgd (round model)"], per_update["clock_async_sgd"]
+        body.append([c["model"], _fmt_rate(c["per_round_s"]["sync"]),
+                     _fmt_rate(c["per_round_s"]["sync + clock"]), f"{c['clock_over_plain']:.3f}",
+                     timing.fmt_time(round_model), timing.fmt_time(clocked),
+                     f"{clocked / round_model:.2f}", f"{c['masked_slot_fraction']:.2f}",
+                     f"{c['updates_per_step']:.2f}"])
+    return ["## The simulated clock", "",
+            "Sync SGD with a system model (exponential compute times of mean 0.05 s, one 5x "
+            "straggler, 1e-4 s + bits / 1e9 bit/s) against without it; clock-driven async SGD "
+            "(exponential compute times, no cap) against the round model (consistent reads, "
+            "uniform lags), per applied update. Interleaved, medians.", "",
+            timing.markdown_table(header, body), ""]
+
+
+def _targets(results, clock=()):
     """Which of the performance targets the measured numbers meet."""
     out = []
+    for c in clock:
+        if c["model"] == "cnn":
+            out.append({"target": f"clock adds <= {100 * (TARGET_CLOCK - 1):.0f}% to a round",
+                        "model": "cnn", "variant": "sync + clock", "loop": "ej.run[auto]",
+                        "value": c["clock_over_plain"],
+                        "met": c["clock_over_plain"] <= TARGET_CLOCK})
     for r in results:
         limit = TARGET_TOPK if r["compressed"] else TARGET_PLAIN
         for loop in dict.fromkeys((r["default_loop"], r["best_loop"])):
@@ -367,6 +445,7 @@ def markdown(report) -> str:
                  f"{r['state_bytes'] / r['param_bytes']:.1f}x"]
                 + [f"{r['compile_s'][k]:.1f} s" for k in loops] for r in rows]
         out += [timing.markdown_table(header, body), ""]
+    out += _clock_lines(report.get("clock", []))
     out += ["## Targets", "",
             "`value` is the median of the per-repeat ratios; `quartiles` their 25th and 75th "
             "percentiles (the spread within this run).", ""]
@@ -395,6 +474,8 @@ def main(argv=None) -> int:
                         help="comma-separated ej.run configurations (default: all of "
                         f"{','.join(run_configs())})")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    parser.add_argument("--no-clock", action="store_true",
+                        help="skip the simulated clock's rows (ej.clock)")
     parser.add_argument("--background-load", type=int, default=0,
                         help="busy-looping processes to run while measuring (0: none); "
                         "ratios to the floor depend on the machine's load")
@@ -411,17 +492,24 @@ def main(argv=None) -> int:
         parser.error(f"--background-load: got {args.background_load}; expected an integer >= 0")
     repeats = args.repeats or (3 if args.quick else 9)
     started, load_before = timing.utc_now(), timing.load_average()
-    results = []
+    results, clock = [], []
     with contextlib.ExitStack() as stack:
         torch_procs, torch_why = _start_torch(args, stack)
         with timing.BackgroundLoad(args.background_load):
             _measure_all(args, models, variants, loops, repeats, torch_procs, results)
+            if not args.no_clock:
+                for model in models:
+                    print(f"[run] {model} clock", file=sys.stderr, flush=True)
+                    clock.append(bench_clock(problems.make_problem(model, args.workers,
+                                                                   args.batch),
+                                             rounds=_rounds(args, model), repeats=repeats,
+                                             max_delay=args.max_delay))
     report = {
         "date": started,
         "commit": timing.git_commit(),
         "load_average": {"before": load_before, "after": timing.load_average()},
         "torch_processes": {row: proc.info for row, proc in torch_procs.items()},
-        **_report(args, models, variants, loops, repeats, torch_why, results),
+        **_report(args, models, variants, loops, repeats, torch_why, results, clock),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -465,7 +553,7 @@ def _measure_all(args, models, variants, loops, repeats, torch_procs, results):
                 worker_loops=loops, torch_procs=torch_procs))
 
 
-def _report(args, models, variants, loops, repeats, torch_why, results):
+def _report(args, models, variants, loops, repeats, torch_why, results, clock=()):
     report = {
         "machine": timing.machine(),
         "torch": torch_why,
@@ -475,8 +563,9 @@ def _report(args, models, variants, loops, repeats, torch_why, results):
                    "repeats": repeats, "worker_loops": list(loops), "quick": args.quick,
                    "background_load": args.background_load},
         "results": results,
+        "clock": list(clock),
     }
-    report["targets"] = _targets(results)
+    report["targets"] = _targets(results, clock)
     return report
 
 

@@ -8,8 +8,9 @@ evaluates gradients at `ej.views(alg, state)` and hands them to
 `ej.update(alg, state, grads)`, or lets `ej.run` do it for a loss.
 """
 
-from elastic_jax import analysis, bounds, checks, delays, parallel, topologies, workers
+from elastic_jax import analysis, bounds, checks, clock, delays, parallel, topologies, workers
 from elastic_jax.algorithms.asynchronous import async_sgd
+from elastic_jax.algorithms.clock_async import clock_async_sgd
 from elastic_jax.algorithms.elastic_scheduling import elastic_scheduling
 from elastic_jax.algorithms.gossip import gossip_sgd
 from elastic_jax.algorithms.local import local_sgd
@@ -60,6 +61,8 @@ __all__ = [
     "chain",
     "checks",
     "clip",
+    "clock",
+    "clock_async_sgd",
     "compression_info",
     "delays",
     "derive_key",

@@ -291,11 +291,15 @@ def hypergradient(
     alg = make_algorithm(**values)
     if not isinstance(alg, base.Algorithm):
         validation.fail("make_algorithm", make_algorithm, "a callable returning an ej.Algorithm")
+    if alg.info.gradient_count is not None:
+        validation.fail("batches", validation.Text(f"stacked batches for {alg.info.name}"),
+                        "an algorithm whose workers' batches follow the rounds (each worker of "
+                        f"{alg.info.name} keys its batch by its own gradient count)")
     rounds = _num_rounds(batches, alg.num_workers)
     if alg.info.max_rounds is not None and rounds > alg.info.max_rounds:
         validation.fail("batches", validation.Text(f"{rounds} rounds"),
-                        f"at most {alg.info.max_rounds}: the delay trace covers "
-                        f"{alg.info.max_rounds} rounds")
+                        f"at most {alg.info.max_rounds}: the schedule (a recorded delay "
+                        f"trace, or the system model's) covers {alg.info.max_rounds} rounds")
     dtype = jnp.result_type(*leaves)
     hp = {name: jnp.asarray(v, dtype) for name, v in values.items()}
     fn = _compiled(make_algorithm, loss_fn, has_aux, kind, objective_fn,

@@ -39,6 +39,7 @@ TAG_DELAY = 2  # lags of stale reads and message delays
 TAG_DATA = 3  # per-worker batch sampling in `run(batch_fn=...)`
 TAG_FAULT = 4  # drops, crashes, partial deliveries
 TAG_TOPOLOGY = 5  # a round's random mixing matrix (gossip's random matching)
+TAG_CLOCK = 6  # the system model's compute times and message jitters (elastic_jax.clock)
 
 
 class AlgorithmInfo(NamedTuple):
@@ -50,8 +51,14 @@ class AlgorithmInfo(NamedTuple):
       bound_kind: `"deterministic"` (`b_hat <= bound` on every realisation),
         `"expectation"` (the bound holds only in expectation) or `"none"`
         (no finite bound; `consistency/bound` is `inf`).
-      max_rounds: the number of rounds a recorded delay trace covers, else None.
+      max_rounds: the number of rounds a recorded delay trace or a system
+        model's schedule covers, else None.
       rule: the per-worker chain (`ej.chain`) the algorithm applies.
+      clock: with a system model (`system=`), `params -> ej.clock.Timeline`:
+        the schedule for parameters of these shapes (float64, on the host).
+      gradient_count: `(shared, index) -> int32`, how many gradients worker
+        `index` computed before this round's (its batch and its chain's draws
+        are keyed by it), where that is not the round; None: the round.
     """
 
     name: str
@@ -59,6 +66,8 @@ class AlgorithmInfo(NamedTuple):
     bound_kind: str
     max_rounds: int | None = None
     rule: Any = None
+    clock: Any = None
+    gradient_count: Any = None
 
 
 class Algorithm(NamedTuple):
@@ -122,16 +131,38 @@ class State:
 
 
 def algorithm(name: str, num_workers: int, bound_kind: str, *, init, view, local, combine,
-              auxiliary, actual, rule=None, max_rounds: int | None = None) -> Algorithm:
+              auxiliary, actual, rule=None, max_rounds: int | None = None, clock=None,
+              gradient_count=None) -> Algorithm:
     """Assembles an `Algorithm`; `init` returns `(shared, workers)` and is wrapped to a `State`."""
 
     def init_fn(params, key) -> State:
+        if clock is not None:
+            clock(params)  # The schedule (shapes only): its errors come before any compilation.
         shared, workers = init(params, key)
         return State(shared, workers, alg)
 
     alg = Algorithm(init_fn, view, local, combine, auxiliary, actual,
-                    AlgorithmInfo(name, num_workers, bound_kind, max_rounds, rule))
+                    AlgorithmInfo(name, num_workers, bound_kind, max_rounds, rule, clock,
+                                  gradient_count))
     return alg
+
+
+def gradient_count(alg: Algorithm, shared, index) -> jax.Array:
+    """The count worker `index`'s draws are keyed by this round: the round, or its own count.
+
+    Every lockstep variant computes one gradient per worker per round, so the
+    count is the round; `ej.clock_async_sgd` keys each worker's batch and chain
+    draws by its own gradient count (`AlgorithmInfo.gradient_count`).
+    """
+    if alg.info.gradient_count is None:
+        return shared.round
+    return alg.info.gradient_count(shared, index)
+
+
+def gradient_keys(alg: Algorithm, shared, tag: int) -> jax.Array:
+    """`derive_key(base, tag, count_p, p)` for every worker `p` (`gradient_count`), `[P]`."""
+    return jax.vmap(lambda p: derive_key(shared.key, tag, gradient_count(alg, shared, p), p))(
+        jnp.arange(alg.num_workers))
 
 
 def derive_key(base: PRNGKey, tag: int, round_: jax.typing.ArrayLike, worker) -> PRNGKey:

@@ -136,10 +136,10 @@ def _signature(tree):
 
 
 @functools.lru_cache(maxsize=64)
-def _batch_shapes(batch_fn, num_workers, key_signature):
+def _batch_shapes(batch_fn, alg, shared_signature):
     """The shapes `batch_fn` returns for a round, remembered per function (one trace)."""
-    return jax.eval_shape(lambda k: _sample(batch_fn, num_workers, jnp.int32(0), k),
-                          _abstract(key_signature))
+    return jax.eval_shape(lambda shared: _sample(batch_fn, alg, shared),
+                          _abstract(shared_signature))
 
 
 def _convolutional(loss_fn, has_aux, view, batch) -> bool:
@@ -253,18 +253,19 @@ def _under_transformation() -> bool:
         return True
 
 
-def _sample(batch_fn, num_workers, round_, key):
-    """`batch_fn(round, worker_keys)`, the keys derived with tag `TAG_DATA`."""
-    return batch_fn(round_, base.worker_keys(key, base.TAG_DATA, round_, num_workers))
+def _sample(batch_fn, alg, shared):
+    """`batch_fn(round, worker_keys)`, the keys derived with tag `TAG_DATA` from each
+    worker's gradient count (the round, but for `ej.clock_async_sgd`)."""
+    return batch_fn(shared.round, base.gradient_keys(alg, shared, base.TAG_DATA))
 
 
 @functools.lru_cache(maxsize=64)
-def _sampler(batch_fn, num_workers):
+def _sampler(batch_fn, alg):
     """`batch_fn` as a program of its own, for the Python loop: the round then
     reads its batch as an input with the default layout (a batch produced inside
     the round's program may be laid out differently for different meshes,
     changing the order of the loss's reductions)."""
-    return jax.jit(functools.partial(_sample, batch_fn, num_workers))
+    return jax.jit(functools.partial(_sample, batch_fn, alg))
 
 
 @functools.lru_cache(maxsize=64)
@@ -295,7 +296,7 @@ def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, l
 
     def sampled(state, batch):
         if batch_fn is not None:
-            batch = _sample(batch_fn, alg.num_workers, state.shared.round, state.shared.key)
+            batch = _sample(batch_fn, alg, state.shared)
         return one(state, batch)
 
     if loop == "python":
@@ -370,6 +371,9 @@ def run(
     and worker) or a jittable `batch_fn(round, worker_keys) -> batch [P, b, ...]`
     with `rounds=R`; `worker_keys[p]` is `derive_key(base, TAG_DATA, round, p)`,
     so data sampled on the device depends on nothing but the round and worker.
+    (`ej.clock_async_sgd` keys each worker's batch by its own gradient count
+    instead of the round, `derive_key(base, TAG_DATA, count_p, p)`, and takes
+    `batch_fn` only: its workers' batches do not follow the rounds.)
 
     `loop` is one of `LOOPS`:
 
@@ -413,6 +417,10 @@ def run(
     if (batches is None) == (batch_fn is None):
         validation.fail("batches", validation.Text("both or neither of batches and batch_fn"),
                         "exactly one of them")
+    if batches is not None and alg.info.gradient_count is not None:
+        validation.fail("batches", validation.Text("stacked batches"),
+                        f"batch_fn= for {alg.info.name}: each worker's batch is keyed by its "
+                        "own gradient count, not by the round")
     if batches is not None:
         leading = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batches)}
         available = next(iter(leading)) if len(leading) == 1 else None
@@ -425,7 +433,7 @@ def run(
     else:
         if isinstance(rounds, bool) or not isinstance(rounds, int | np.integer) or rounds < 0:
             validation.fail("rounds", rounds, "an integer >= 0 with batch_fn")
-        first_batch = _batch_shapes(batch_fn, alg.num_workers, _signature(state.shared.key))
+        first_batch = _batch_shapes(batch_fn, alg, _signature(state.shared))
         check_batch(alg, first_batch, "batch_fn")
     rounds = int(rounds)
     validation.check_choice("loop", loop, LOOPS)
@@ -454,7 +462,7 @@ def run(
         n = min(length, rounds - start)
         if loop == "python":
             if batches is None:
-                batch = _sampler(batch_fn, alg.num_workers)(state.shared.round, state.shared.key)
+                batch = _sampler(batch_fn, alg)(state.shared)
             else:
                 batch = jax.tree.map(lambda x, r=start: x[r], batches)
             state, metrics, values = program(state, batch)
@@ -484,5 +492,5 @@ def _check_trace_rounds(alg: base.Algorithm, state: base.State, rounds: int) -> 
         if start + rounds > alg.info.max_rounds:
             validation.fail(
                 "rounds", validation.Text(f"{rounds} rounds from round {start}"),
-                f"at most {alg.info.max_rounds - start}: the delay trace covers "
-                f"{alg.info.max_rounds} rounds")
+                f"at most {alg.info.max_rounds - start}: the schedule (a recorded delay "
+                f"trace, or the system model's) covers {alg.info.max_rounds} rounds")

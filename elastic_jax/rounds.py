@@ -31,7 +31,8 @@ def local_half(alg: base.Algorithm, shared, worker_states, grads, indices, loop:
     """
 
     def one(index, worker, grad, shared):
-        key = base.derive_key(shared.key, base.TAG_LOCAL, shared.round, index)
+        count = base.gradient_count(alg, shared, index)
+        key = base.derive_key(shared.key, base.TAG_LOCAL, count, index)
         return alg.local(index, worker, grad, key, shared)
 
     out = workers.map_workers(one, indices, worker_states, grads, shared=shared, loop=loop,

@@ -225,6 +225,11 @@ _WORKER_PLACEMENT = ArgumentSpec("optimizer_placement", "choice", choices=("work
 _UNIT_DECAY = {"lo": 0.0, "hi": 1.0, "hi_open": True}
 _KEY = _text("key", "an int seed or a jax.random key (standalone use; algorithms pass their "
              "own keys)")
+_SYSTEM = _text("system", "None, or an ej.clock.system(...) with one slowdown factor and one "
+                "trace column per worker: each round also reports time/elapsed, time/round, "
+                "time/idle_fraction and comm/seconds, and the run may not go beyond its rounds")
+_SECONDS = ArgumentSpec("seconds", "real", lo=0.0)
+_MEAN = ArgumentSpec("mean", "real", lo=0.0, lo_open=True, note="seconds")
 
 # Every argument of every public factory (`ej.<factory>`), in signature order.
 # tests/test_reliability.py checks it against the signatures and probes every
@@ -236,7 +241,8 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
                               note="worker: each worker runs the chain's base optimizer; "
                               "server: the workers send their chain's output on the raw "
                               "gradient and the server runs the base optimizer once, on the "
-                              "mean")),
+                              "mean"),
+                 _SYSTEM),
     "async_sgd": (
         _LEARNING_RATE, _NUM_WORKERS,
         ArgumentSpec("max_delay", "int", lo=0, note="and >= num_workers - 1 (the i-th update "
@@ -259,6 +265,8 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
         _text("crash_horizon", "None, or an integer in [2, inf] (required with a crash count: "
               "crash rounds are drawn in [1, crash_horizon))"),
         _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _STALENESS, _WORKER_PLACEMENT,
+        _SYSTEM._replace(note=_SYSTEM.note + "; the delays then emerge from the clock (delay "
+                         "is not read); no drops or crashes with it"),
     ),
     "elastic_scheduling": (
         _LEARNING_RATE, _NUM_WORKERS,
@@ -266,10 +274,12 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
         _DELAY_LAW,
         ArgumentSpec("mode", "choice", choices=("norm", "variance")),
         _UNCOMPRESSED_RULE, _CLIP_NORM, _STALENESS, _WORKER_PLACEMENT,
+        _SYSTEM._replace(note=_SYSTEM.note + "; the delays then emerge from the clock (delay "
+                         "is not read)"),
     ),
     "local_sgd": (_LEARNING_RATE, _NUM_WORKERS,
                   ArgumentSpec("period", "int", lo=1, note="H; 1 is synchronous SGD"),
-                  _UNCOMPRESSED_RULE, _CLIP_NORM, _WORKER_PLACEMENT),
+                  _UNCOMPRESSED_RULE, _CLIP_NORM, _WORKER_PLACEMENT, _SYSTEM),
     "gossip_sgd": (
         _LEARNING_RATE, _NUM_WORKERS,
         _text("topology", "one of 'ring', 'torus', 'hypercube' (num_workers a power of two), "
@@ -286,6 +296,18 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
                      note="CHOCO's mixing step; 1.0 without gossip_compressor (a tracer "
                      "passes)"),
         _WORKER_PLACEMENT,
+    ),
+    "clock_async_sgd": (
+        _LEARNING_RATE, _NUM_WORKERS,
+        _text("system", "an ej.clock.system(...) (the writes are simulated) or "
+              "ej.clock.replay(events) (a recorded run, replayed exactly)"),
+        ArgumentSpec("staleness_policy", "choice", choices=("none", "drop"),
+                     note="'drop' discards an update staler than max_delay"),
+        _text("max_delay", "None with 'none'; with 'drop', None (num_workers - 1) or an integer "
+              ">= num_workers - 1: the cap"),
+        ArgumentSpec("slots", "int", lo=1, note="or None (num_workers); at most num_workers: "
+                     "the most writes one step applies"),
+        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM,
     ),
     "clip": (ArgumentSpec("max_norm", "real", lo=0.0, lo_open=True,
                           note="the global norm C gradients are clipped to"),),
@@ -320,4 +342,31 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
                                       note="success probability; mean extra lag (1 - p) / p"),),
     "delays.trace": (_text("lags", "an integer array [rounds >= 1, num_workers]; the algorithm "
                            "checks the lags' range when it is built", reported_as="delay"),),
+    "clock.constant": (_SECONDS._replace(note="every gradient's compute time"),),
+    "clock.exponential": (_MEAN._replace(note="seconds, the exponential part's"),
+                          ArgumentSpec("shift", "real", lo=0.0, note="seconds added to each")),
+    "clock.lognormal": (_MEAN, ArgumentSpec("sigma", "real", lo=0.0, note="the tail skew")),
+    "clock.pareto": (_MEAN, ArgumentSpec("shape", "real", lo=1.0, lo_open=True,
+                                         note="the tail index")),
+    "clock.trace": (_text("seconds", "a finite array of seconds >= 0 of shape [gradients >= 1, "
+                          "num_workers] (the algorithm checks the columns)"),),
+    "clock.network": (
+        ArgumentSpec("latency", "real", lo=0.0, note="alpha, seconds per message"),
+        _text("bandwidth", "a number in (0, inf] (bits per second; inf: no transfer time)"),
+        ArgumentSpec("jitter", "real", lo=0.0, note="the mean seconds of an exponential delay "
+                     "added to each message"),
+    ),
+    "clock.system": (
+        _text("compute", "a compute-time law: ej.clock.constant(...), exponential, lognormal, "
+              "pareto or trace"),
+        ArgumentSpec("rounds", "int", lo=1, note="the rounds (executor steps) the schedule "
+                     "covers"),
+        _text("network", "None (no network time) or ej.clock.network(...)"),
+        _text("slowdown", "None or one finite factor > 0 per worker multiplying its compute "
+              "times"),
+        ArgumentSpec("seed", "int", lo=0, hi=2**31 - 1, note="the clock's own draws"),
+    ),
+    "clock.replay": (_text("events", "a non-empty sequence of recorded writes (writer, count, "
+                           "read, written, read_s, computed_s, written_s), checked when the "
+                           "algorithm is built"),),
 }

@@ -22,6 +22,8 @@ from experiments import (
     error_feedback_study,
     flags,
     hypergradients,
+    record_async,
+    time_to_accuracy,
     topologies,
 )
 
@@ -42,6 +44,8 @@ PROGRAMS = (  # (module, flags) of every program below the launcher
     ("experiments.convex_rates", convex_rates.FLAGS),
     ("experiments.hypergradients", hypergradients.FLAGS),
     ("experiments.topologies", topologies.FLAGS),
+    ("experiments.record_async", record_async.FLAGS),
+    ("experiments.time_to_accuracy", time_to_accuracy.FLAGS),
 )
 
 

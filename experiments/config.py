@@ -8,6 +8,7 @@ Adding an algorithm is one entry in `ALGORITHMS` and the `when` of its flags.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -39,11 +40,12 @@ EXIT_STATUS = (  # (status, meaning), for docs/arguments.md
      "continues exactly from the last checkpoint"),
 )
 
-UPDATE_RULE = ("sync", "async", "message_passing")  # the algorithms with a compressor and EF
+UPDATE_RULE = ("sync", "async", "message_passing", "clock_async")  # with a compressor and EF
 STALE = ("async", "message_passing")
 COMPRESSORS = ("none", "identity", "top_k", "random_k", "scaled_random_k", "qsgd",
                "scaled_sign")
 SCHEDULES = ("constant", "cosine", "linear", "exponential")
+LAWS = ("constant", "exponential", "lognormal", "pareto")  # simulated compute times (ej.clock)
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
 CONVEX_DATASETS = ("least_squares", "logistic")
 CONV_MODELS = ("cnn", "resnet20")  # their loss convolves: a Python loop on the CPU
@@ -65,6 +67,10 @@ ALGORITHMS = {  # name -> (flags, learning rate, shared keyword arguments) -> ej
         lr, f["num_workers"], topology=f["topology"], local_steps=f["local_steps"],
         gossip_compressor=make_gossip_compressor(f),
         gamma=f["gossip_gamma"] if f["gossip_compressor"] != "none" else 1.0, **kw),
+    "clock_async": lambda f, lr, kw: ej.clock_async_sgd(
+        lr, f["num_workers"], staleness_policy=f["staleness_policy"],
+        max_delay=(f["staleness_cap"] or None) if f["staleness_policy"] == "drop" else None,
+        slots=f["slots"] or None, **kw),
 }
 
 
@@ -79,8 +85,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_delay", "int", 8, "Largest staleness in updates (async: >= num_workers - 1) or "
          "message delay in rounds (message_passing).", 0, 100_000, when=_on("algorithm", *STALE)),
     Flag("delay", "enum", "uniform", "Delay law of stale reads, late messages or outstanding "
-         "updates (geometric: p = 0.5).", choices=("fixed", "uniform", "geometric"),
-         when=_on("algorithm", *STALE, "elastic_scheduling")),
+         "updates (geometric: p = 0.5); with a --compute law the clock sets the delays.",
+         choices=("fixed", "uniform", "geometric"),
+         when=_on("algorithm", *STALE, "elastic_scheduling") + _on("compute", "none")),
     Flag("reads", "enum", "inconsistent", "One lag per update (consistent) or per coordinate "
          "(inconsistent). The launcher's default is the paper's Hogwild setting of its "
          "showcase run; ej.async_sgd's default is 'consistent', the simplest semantics and "
@@ -129,6 +136,40 @@ FLAGS: tuple[Flag, ...] = (
          "keep.", 0.0, 1.0, lo_open=True, when=_on("gossip_compressor", "top_k", "random_k")),
     Flag("gossip_gamma", "float", 0.5, "CHOCO's mixing step gamma.", 0.0, 1.0, lo_open=True,
          when=_on("gossip_compressor", *GOSSIP_COMPRESSORS[1:])),
+    Flag("staleness_policy", "enum", "none", "Clock-driven async: apply every update (none) or "
+         "drop one staler than --staleness_cap writes (drop).", choices=("none", "drop"),
+         when=_on("algorithm", "clock_async")),
+    Flag("staleness_cap", "int", 0, "The cap of --staleness_policy=drop, in writes (>= "
+         "num_workers - 1); 0: num_workers - 1.", 0, 100_000,
+         when=_on("staleness_policy", "drop")),
+    Flag("slots", "int", 0, "Clock-driven async: the most writes one step applies; 0: "
+         "num_workers.", 0, 4096, when=_on("algorithm", "clock_async")),
+    # The simulated system (ej.clock): each round's seconds, and what they decide.
+    Flag("compute", "enum", "none", "Simulated compute time per gradient (ej.clock); none: no "
+         "clock. With a law every round reports time/elapsed, time/round, time/idle_fraction "
+         "and comm/seconds; message passing and elastic scheduling then take their delays from "
+         "the clock (not --delay), and clock_async (which needs a law) its writes.",
+         choices=("none",) + LAWS),
+    Flag("compute_mean", "float", 0.05, "Mean seconds per gradient (exponential: of its "
+         "exponential part).", 0.0, 1e6, lo_open=True, when=_on("compute", *LAWS)),
+    Flag("compute_shift", "float", 0.0, "Seconds added to every exponential compute time.",
+         0.0, 1e6, when=_on("compute", "exponential")),
+    Flag("compute_sigma", "float", 0.5, "Tail skew of the lognormal compute times.", 0.0, 10.0,
+         when=_on("compute", "lognormal")),
+    Flag("pareto_shape", "float", 2.5, "Tail index of the Pareto compute times.", 1.0, 100.0,
+         lo_open=True, when=_on("compute", "pareto")),
+    Flag("stragglers", "int", 0, "Workers (the last ones) whose compute times are "
+         "--straggler_slowdown times longer.", 0, 4096, when=_on("compute", *LAWS)),
+    Flag("straggler_slowdown", "float", 5.0, "How many times slower a straggler computes.", 1.0,
+         1e6, when=(("stragglers", ">0"),)),
+    Flag("latency", "float", 0.0, "Network latency alpha per message, seconds.", 0.0, 1e6,
+         when=_on("compute", *LAWS)),
+    Flag("bandwidth", "float", 0.0, "Network bandwidth beta, bits per second; 0: unlimited "
+         "(transfers take no time).", 0.0, when=_on("compute", *LAWS)),
+    Flag("jitter", "float", 0.0, "Mean seconds of an exponential delay added to each message.",
+         0.0, 1e6, when=_on("compute", *LAWS)),
+    Flag("system_seed", "int", 0, "Seed of the clock's own draws (shared by the seeds of a "
+         "--num_seeds batch).", 0, 2**31 - 1, when=_on("compute", *LAWS)),
     # The optimiser.
     Flag("optimizer", "enum", "sgd", "The base optimizer of every worker's chain, in optax's "
          "terms: sgd (optax.sgd: --momentum, --nesterov) or adamw (optax.adamw with b1 0.9, "
@@ -182,6 +223,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("num_seeds", "int", 1, "Seeds seed, seed+1, ... run as one vmapped batch; metrics are "
          "means over seeds, with <name>/std the standard deviation.", 1, 1024),
     # The record.
+    Flag("target_loss", "float", 0.0, "Report the first logged round (and simulated second) "
+         "whose training loss at the views is at most this; 0: none.", 0.0,
+         semantic=False),
+    Flag("target_accuracy", "float", 0.0, "Report the first evaluated round (and simulated "
+         "second) whose test accuracy is at least this; 0: none.", 0.0, 1.0,
+         when=_on("dataset", *IMAGE_DATASETS), semantic=False),
     Flag("workdir", "path", "", "Directory of the run: config.json, metrics.jsonl, "
          "timing.jsonl, checkpoint.npz, *.png (required).", semantic=False),
     Flag("log_every", "int", 10, "Write a metrics line every this many rounds, and at the last "
@@ -242,7 +289,8 @@ _ARGUMENT_FLAGS = {
     "fraction": "k_fraction", "k": "k_fraction", "levels": "qsgd_levels",
     "beta": "ef_beta", "decay_steps": "schedule_rounds", "transition_steps": "schedule_rounds",
     "alpha": "dirichlet_alpha", "kind": "partition", "num_samples": "convex_samples",
-    "dim": "convex_dim", "gamma": "gossip_gamma",
+    "dim": "convex_dim", "gamma": "gossip_gamma", "sigma": "compute_sigma",
+    "shape": "pareto_shape", "mean": "compute_mean", "shift": "compute_shift",
 }
 
 
@@ -280,6 +328,26 @@ def _check_combinations(f: Mapping[str, Any]) -> None:
     if f["num_devices"] and f["num_workers"] % f["num_devices"]:
         raise usage("num_devices", f["num_devices"], f"a divisor of --num_workers="
                     f"{f['num_workers']} (each device runs num_workers / num_devices workers)")
+    if f["algorithm"] == "async" and f["compute"] != "none":
+        raise usage("compute", f["compute"], "'none' with --algorithm=async (its lags are drawn "
+                    "per round; --algorithm=clock_async runs asynchronous SGD on the clock)")
+    if f["algorithm"] == "gossip" and f["compute"] != "none":
+        raise usage("compute", f["compute"], "'none' with --algorithm=gossip (gossip SGD has no "
+                    "clock)")
+    if (f["algorithm"] == "clock_async" and f["staleness_policy"] == "drop"
+            and 0 < f["staleness_cap"] < f["num_workers"] - 1):
+        raise usage("staleness_cap", f["staleness_cap"], f"0 or an integer >= num_workers - 1 "
+                    f"= {f['num_workers'] - 1}")
+    if f["algorithm"] == "message_passing" and f["compute"] != "none":
+        for name, value in (("drop_prob", f["drop_prob"]), ("crashes", f["crashes"])):
+            if value:
+                raise usage(name, value, f"0 with --compute={f['compute']} (the clock models a "
+                            "reliable network of live nodes)")
+    if f["algorithm"] == "clock_async" and f["compute"] == "none":
+        raise usage("compute", "none", "a compute-time law (" + ", ".join(LAWS) + ") with "
+                    "--algorithm=clock_async: its writes follow the clock")
+    if f["compute"] != "none" and f["stragglers"] > f["num_workers"]:
+        raise usage("stragglers", f["stragglers"], f"at most --num_workers={f['num_workers']}")
     if f["num_devices"] and f["num_seeds"] > 1:
         raise usage("num_devices", f["num_devices"], "0 with --num_seeds > 1 (seeds are "
                     "vmapped on one device)")
@@ -295,7 +363,10 @@ def validate(given: Mapping[str, Any]) -> Config:
     f = flags.validate(FLAGS, given)
     _check_combinations(f)
     try:
-        algorithm = ALGORITHMS[f["algorithm"]](f, make_schedule(f), {"rule": make_rule(f)})
+        kw = {"rule": make_rule(f)}
+        if f["compute"] != "none":  # (not with --algorithm=async or gossip: refused above)
+            kw["system"] = make_system(f)
+        algorithm = ALGORITHMS[f["algorithm"]](f, make_schedule(f), kw)
     except ValueError as e:
         raise from_library_error(e) from None
     return Config(f, algorithm)
@@ -345,6 +416,48 @@ def make_gossip_compressor(f: Mapping[str, Any]):
             "scaled_sign": ej.scaled_sign}[name]()
 
 
+def make_system(f: Mapping[str, Any]):
+    """The `ej.clock.system` the flags describe (its schedule covers `--rounds`), or None."""
+    name = f["compute"]
+    if name == "none":
+        return None
+    mean = f["compute_mean"]
+    law = {"constant": lambda: ej.clock.constant(mean),
+           "exponential": lambda: ej.clock.exponential(mean, f["compute_shift"]),
+           "lognormal": lambda: ej.clock.lognormal(mean, f["compute_sigma"]),
+           "pareto": lambda: ej.clock.pareto(mean, f["pareto_shape"])}[name]()
+    p, k = f["num_workers"], f["stragglers"]
+    slowdown = [1.0] * (p - k) + [f["straggler_slowdown"]] * k if k else None
+    network = ej.clock.network(f["latency"], f["bandwidth"] or math.inf, f["jitter"])
+    return ej.clock.system(law, rounds=f["rounds"], network=network, slowdown=slowdown,
+                           seed=f["system_seed"])
+
+
+def describe_system(f: Mapping[str, Any]) -> str:
+    """The simulated system in a few words, or `""`."""
+    if f["compute"] == "none":
+        return ""
+    law = f["compute"] + f" {f['compute_mean']:g} s"
+    if f["compute"] == "exponential" and f["compute_shift"]:
+        law += f" + {f['compute_shift']:g} s"
+    law += {"lognormal": f" (sigma {f['compute_sigma']:g})",
+            "pareto": f" (shape {f['pareto_shape']:g})"}.get(f["compute"], "")
+    parts = [f"clock: {law}"]
+    if f["stragglers"]:
+        parts.append(f"{f['stragglers']} straggler(s) x{f['straggler_slowdown']:g}")
+    if f["latency"] or f["bandwidth"]:
+        parts.append(f"network {f['latency']:g} s + bits / "
+                     + (f"{f['bandwidth']:g} bit/s" if f["bandwidth"] else "inf"))
+    if f["jitter"]:
+        parts.append(f"jitter {f['jitter']:g} s")
+    return ", ".join(parts)
+
+
+def rounds_shape_the_algorithm(f: Mapping[str, Any]) -> bool:
+    """Whether `--rounds` enters the algorithm: a decaying schedule, or the clock's horizon."""
+    return rounds_matter(f) or f["compute"] != "none"
+
+
 def make_compressor(f: Mapping[str, Any]):
     """The compressor `--compressor` names, or None."""
     name = f["compressor"]
@@ -383,6 +496,9 @@ def describe(f: Mapping[str, Any]) -> str:
             if f["gossip_compressor"] in ("top_k", "random_k"):
                 what += f" {100 * f['gossip_k_fraction']:.3g}%"
             parts.append(f"CHOCO {what}, gamma {f['gossip_gamma']:g}")
+    if name == "clock_async":
+        parts.append("writes drop beyond lag " + str(f["staleness_cap"] or f["num_workers"] - 1)
+                     if f["staleness_policy"] == "drop" else "every write applied")
     if name in UPDATE_RULE:
         k = f"{100 * f['k_fraction']:.3g}%"
         compressor = {"none": "uncompressed", "top_k": f"Top-{k}", "random_k": f"random-{k}",
@@ -401,6 +517,8 @@ def describe(f: Mapping[str, Any]) -> str:
         where = " at the server" if name == "sync" and f["optimizer_placement"] == "server" \
             else ""
         parts.append(optimizer + where + decay)
+    if f["compute"] != "none":
+        parts.append(describe_system(f))
     data = f["dataset"] + (f" ({f['model']})" if f["dataset"] in IMAGE_DATASETS else "")
     seeds = f", {f['num_seeds']} seeds" if f["num_seeds"] > 1 else ""
     return ", ".join(parts) + f" on {data}{seeds}"
@@ -424,7 +542,7 @@ def rounds_matter(f: Mapping[str, Any]) -> bool:
 # Semantic flags added after configs were first saved, with the behaviour a config
 # that does not record them had where it is not the flag's default: before `--loop`,
 # every run was a Python loop. (Before --optimizer and its flags, every run was plain
-# SGD at the workers: their defaults.)
+# SGD at the workers, and before --compute no run had a clock: their defaults.)
 LEGACY_VALUES: dict[str, Any] = {"loop": "python"}
 
 

@@ -8,6 +8,12 @@ the round, each titled with the configuration and written atomically:
     accuracy.png       its test accuracy (classification)
     suboptimality.png  f(X) - f* of the actual model (convex)
     consistency.png    b_hat at the logged rounds, its peak between them, and the bound
+
+and, for a run on the simulated clock (`--compute`), against simulated seconds:
+
+    loss_seconds.png, accuracy_seconds.png, suboptimality_seconds.png
+                       the same curves
+    utilisation.png    the share of worker-seconds spent computing gradients so far
 """
 
 from __future__ import annotations
@@ -35,26 +41,40 @@ LABELS = {
     "consistency/b_hat": "b_hat at the logged rounds",
     "consistency/b_hat_peak": "largest b_hat since the previous logged round (over seeds)",
     "consistency/bound": "its bound (docs/theory.md section 5)",
+    "time/utilisation": "share of worker-seconds spent computing (1 - time/idle_fraction)",
 }
-PLOTS = (  # file, metrics, y label, log scale
-    ("loss.png", ("loss", "test/loss", "full/loss"), "loss", True),
-    ("accuracy.png", ("test/accuracy",), "test accuracy", False),
-    ("suboptimality.png", ("full/suboptimality",), "f(X) - f*", True),
+SECONDS = "time/elapsed"
+PLOTS = (  # file, metrics, y label, log scale, x axis
+    ("loss.png", ("loss", "test/loss", "full/loss"), "loss", True, "round"),
+    ("accuracy.png", ("test/accuracy",), "test accuracy", False, "round"),
+    ("suboptimality.png", ("full/suboptimality",), "f(X) - f*", True, "round"),
     ("consistency.png", ("consistency/b_hat", "consistency/b_hat_peak", "consistency/bound"),
-     "||x - v|| / eta", True),
+     "||x - v|| / eta", True, "round"),
+    ("loss_seconds.png", ("loss", "test/loss", "full/loss"), "loss", True, SECONDS),
+    ("accuracy_seconds.png", ("test/accuracy",), "test accuracy", False, SECONDS),
+    ("suboptimality_seconds.png", ("full/suboptimality",), "f(X) - f*", True, SECONDS),
+    ("utilisation.png", ("time/utilisation",), "worker utilisation", False, SECONDS),
 )
+XLABELS = {"round": "round", SECONDS: "simulated seconds (ej.clock)"}
+# Metrics drawn from another one: name -> (source, transform).
+DERIVED = {"time/utilisation": ("time/idle_fraction", lambda v: 1.0 - v)}
 
 
 def _series(records: Sequence[Mapping[str, Any]], name: str, at: str = "round"):
     """Rounds (or the `at` field) and values of `name` over the records that carry it."""
-    rows = [(r.get(at), r[name]) for r in records if name in r]
+    if name in DERIVED:
+        source, transform = DERIVED[name]
+        x, values = _series(records, source, at)
+        return x, transform(values)
+    rows = [(r.get(at), r[name]) for r in records if name in r and at in r]
     as_array = lambda xs: np.asarray([np.nan if x is None else x for x in xs], np.float64)
     return as_array([x for x, _ in rows]), as_array([v for _, v in rows])
 
 
-def _plot(path: str, records, names: Sequence[str], ylabel: str, title: str, log: bool) -> bool:
+def _plot(path: str, records, names: Sequence[str], ylabel: str, title: str, log: bool,
+          x: str = "round") -> bool:
     curves = [(n, *_series(records, n, "consistency/b_hat_peak_round" if n.endswith("_peak")
-                           else "round")) for n in names]
+                           else x)) for n in names]
     curves = [c for c in curves if c[1].size and np.isfinite(c[2]).any()]
     if not curves:
         return False
@@ -63,14 +83,15 @@ def _plot(path: str, records, names: Sequence[str], ylabel: str, title: str, log
         peak = name.endswith("_peak")
         ax.plot(rounds, values, ls="none" if peak else "-", label=LABELS.get(name, name),
                 marker="v" if peak else "." if rounds.size < 30 else None)
-        _, std = _series(records, name + "/std")
+        _, std = (np.zeros(0), np.zeros(0)) if name in DERIVED else _series(
+            records, name + "/std", x)
         if std.size == values.size and np.isfinite(std).any():
             ax.fill_between(rounds, values - std, values + std, alpha=0.25,
                             label=f"{LABELS.get(name, name)}: ± 1 std over seeds")
     finite = np.concatenate([v[np.isfinite(v)] for _, _, v in curves])
     if log and finite.size and finite.min() > 0:
         ax.set_yscale("log")
-    ax.set_xlabel("round")
+    ax.set_xlabel(XLABELS[x])
     ax.set_ylabel(ylabel)
     ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(alpha=0.3)
@@ -85,5 +106,6 @@ def _plot(path: str, records, names: Sequence[str], ylabel: str, title: str, log
 
 def write_plots(directory: str, records: Sequence[Mapping[str, Any]], title: str) -> list[str]:
     """Draws the run's plots into `directory`; returns the files written."""
-    return [path for name, names, ylabel, log in PLOTS
-            if _plot(path := os.path.join(directory, name), records, names, ylabel, title, log)]
+    return [path for name, names, ylabel, log, x in PLOTS
+            if _plot(path := os.path.join(directory, name), records, names, ylabel, title, log,
+                     x)]

@@ -138,7 +138,7 @@ def session(cfg: Config) -> Session:
     """
     f = cfg.flags
     names = [n for n in sorted(f) if n not in _RECORD_FLAGS]
-    if not config_lib.rounds_matter(f):
+    if not config_lib.rounds_shape_the_algorithm(f):
         names.remove("rounds")
     hook = {safety.NONFINITE_HOOK: safety.nonfinite_hook_round()}
     key = json.dumps({**{n: f[n] for n in names}, **hook})

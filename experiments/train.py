@@ -207,6 +207,7 @@ def _train_locked(cfg: Config, session, abstract, mesh, signals: safety.Signals)
                           "nonfinite/skipped_rounds": guard.skipped, **peaks.flush(on_grid)}
                 if r == rounds or (f["eval_every"] and r % f["eval_every"] == 0):
                     record.update(_evaluate(session.problem, state, num_seeds))
+                record.update(targets(records + [record], f))
                 metrics_file.write(record)
                 records.append(record)
                 now = time.perf_counter()
@@ -228,9 +229,47 @@ def _train_locked(cfg: Config, session, abstract, mesh, signals: safety.Signals)
         metrics_file.close()
         timing.close()
     guard.report_end()
-    log.info("done: round %d in %s (wall, this session); %s", rounds, flags.clock(wall),
-             peaks.verdict())
+    log.info("done: round %d in %s (wall, this session); %s%s", rounds, flags.clock(wall),
+             peaks.verdict(), _describe_targets(records[-1] if records else {}, f))
     return records[-1] if records else {}
+
+
+TARGETS = (  # flag, metric, whether a value reaches the target
+    ("target_loss", "loss", lambda value, target: value <= target),
+    ("target_accuracy", "test/accuracy", lambda value, target: value >= target),
+)
+
+
+def targets(records, f: Mapping[str, Any]) -> dict[str, Any]:
+    """`target/<name>_round` and `target/<name>_seconds` (simulated, where the clock runs):
+    the first record reaching `--target_loss` (training loss at the views) or
+    `--target_accuracy` (test accuracy), None until one does; nothing without a target."""
+    out = {}
+    for flag, metric, reached in TARGETS:
+        target = f[flag]
+        if not target or (flag == "target_accuracy" and f["dataset"] not in
+                          config_lib.IMAGE_DATASETS):
+            continue
+        hit = next((r for r in records if r.get(metric) is not None
+                    and reached(r[metric], target)), None)
+        name = flag.removeprefix("target_")
+        out[f"target/{name}_round"] = hit and hit["round"]
+        out[f"target/{name}_seconds"] = hit and hit.get("time/elapsed")
+    return out
+
+
+def _describe_targets(record: Mapping[str, Any], f: Mapping[str, Any]) -> str:
+    parts = []
+    for flag, metric, _ in TARGETS:
+        name = flag.removeprefix("target_")
+        if f"target/{name}_round" not in record:
+            continue
+        where = record[f"target/{name}_round"]
+        seconds = record.get(f"target/{name}_seconds")
+        parts.append(f"{metric} {f[flag]:g} " + ("not reached" if where is None else
+                     f"reached at round {where}" + (f" ({seconds:.4g} simulated s)"
+                                                    if seconds is not None else "")))
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def _chunk_end(r: int, f: Mapping[str, Any]) -> int:

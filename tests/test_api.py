@@ -5,6 +5,7 @@ import elastic_jax as ej
 PUBLIC = {
     "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "Link",
     "Rule", "State", "adamw", "analysis", "async_sgd", "bounds", "chain", "checks", "clip",
+    "clock", "clock_async_sgd",
     "compression_info", "delays", "derive_key", "ef21", "elastic_scheduling", "error_feedback",
     "from_optax", "gossip_sgd", "identity", "local_sgd", "make_step", "message_passing_sgd",
     "model", "parallel", "params", "qsgd", "random_k", "run", "scaled_sign", "sgd", "sync_sgd",

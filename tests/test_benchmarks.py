@@ -28,7 +28,7 @@ TORCH_FIELDS = ("speedup_over_pytorch", "speedup_over_pytorch_default_loop",
 def test_run_quick_writes_tables_and_json(tmp_path):
     code = bench_run.main([
         "--quick", "--models", "mlp", "--variants", "sync,sync_topk", "--rounds", "2",
-        "--repeats", "2", "--worker-loops", "chunks,vmap", "--out", str(tmp_path),
+        "--repeats", "2", "--worker-loops", "chunks,vmap", "--no-clock", "--out", str(tmp_path),
     ])
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
@@ -47,6 +47,7 @@ def test_run_quick_writes_tables_and_json(tmp_path):
     assert {t["variant"] for t in report["targets"]} == {"sync", "sync_topk"}
     assert report["date"] and "commit" in report
     assert set(report["load_average"]) == {"before", "after"}
+    assert report["clock"] == []  # --no-clock: test_clock_rows
     text = (tmp_path / "results.md").read_text()
     assert "| variant |" in text and "## Targets" in text and "Measured " in text
     if torch_sim.available()[0]:
@@ -182,3 +183,18 @@ def test_torch_simulation_runs_every_variant():
                                    batch_size=8)
         losses = sim.run(2)
         assert losses.shape == (2,) and np.all(np.isfinite(losses)), variant
+
+
+def test_clock_rows():
+    """The simulated clock's rows on a tiny linear model: its cost on a round, and
+    clock-driven async's masked slots and seconds per update against the round model's."""
+    problem = problems.make_problem("linear", 4, 4, d=64)
+    clock = bench_run.bench_clock(problem, rounds=2, repeats=1, max_delay=4)
+    assert clock["clock_over_plain"] > 0 and set(clock["per_round_s"]) == {
+        "sync", "sync + clock", "async_sgd (round model)", "clock_async_sgd"}
+    assert 0 <= clock["masked_slot_fraction"] < 1 and 1 <= clock["updates_per_step"] <= 4
+    assert all(v > 0 for v in clock["per_update_s"].values())
+    lines = bench_run._clock_lines([clock])
+    assert lines[0] == "## The simulated clock" and "| linear |" in "\n".join(lines)
+    target = bench_run._targets([], [{**clock, "model": "cnn"}])[0]
+    assert target["met"] == (clock["clock_over_plain"] <= bench_run.TARGET_CLOCK)

@@ -37,6 +37,15 @@ def _server_nesterov(compressor):
                     ej.error_feedback(compressor))
 
 
+def _clock_async(lr, p):
+    """Constant speeds, the last worker twice as slow: steps alternate between the P - 1
+    fast writers (the straggler masked) and all P, the straggler's updates lagging
+    2 (P - 1) writes (policy "none": the bound uses the largest lag so far)."""
+    system = ej.clock.system(ej.clock.constant(1.0), rounds=24, slowdown=[1.0] * (p - 1) + [2.0])
+    return ej.clock_async_sgd(lr, p, system=system, compressor=ej.top_k(fraction=0.34),
+                              error_feedback=True)
+
+
 # name -> factory of (learning rate, number of workers): every algorithm, and
 # every link, in a representative configuration.
 ALGORITHMS = {
@@ -60,6 +69,7 @@ ALGORITHMS = {
     "gossip_one_peer_local_top_k_ef": lambda lr, p: ej.gossip_sgd(
         lr, p, topology="one_peer_exponential", local_steps=2,
         compressor=ej.top_k(fraction=0.34), error_feedback=True),
+    "clock_async_straggler_top_k_ef": _clock_async,
 }
 
 # name -> the same variant in its degenerate setting (one worker, no delay, no
@@ -79,6 +89,9 @@ DEGENERATE = {
     "local_sgd_clipped": lambda lr: ej.local_sgd(lr, 1, 1),
     "gossip_one_peer_local_top_k_ef": lambda lr: ej.gossip_sgd(
         lr, 1, topology="one_peer_exponential", compressor=ej.identity(), error_feedback=True),
+    "clock_async_straggler_top_k_ef": lambda lr: ej.clock_async_sgd(
+        lr, 1, system=ej.clock.system(ej.clock.constant(1.0), rounds=R),
+        compressor=ej.top_k(fraction=1.0), error_feedback=True),
 }
 REFERENCE = {
     "sync_server_nesterov_top_k_ef": lambda lr: optax.chain(
@@ -103,6 +116,21 @@ def full_batch(batches):
     return a.reshape(-1, D), t.reshape(-1)
 
 
+def feed(alg, batches, start=0, rounds=None, reader=None):
+    """`ej.run`'s data arguments for rounds `start ..` of `batches`: the stacked batches,
+    or, for an algorithm that keys each worker's batch by its own gradient count and so
+    takes `batch_fn` only (clock-driven async), `reader`, a `batch_fn` reading them by
+    round (pass the same one to every call of a test: a new function compiles anew)."""
+    if alg.info.gradient_count is None:
+        return {"batches": jax.tree.map(lambda x: x[start:], batches), "rounds": rounds}
+    return {"batch_fn": reader or round_reader(batches),
+            "rounds": R - start if rounds is None else rounds}
+
+
+def round_reader(batches):
+    return lambda round_, keys: jax.tree.map(lambda x: x[round_], batches)
+
+
 def _bits(compressed: bool) -> int:
     if not compressed:
         return 32 * D
@@ -125,6 +153,8 @@ TOTAL_BITS = {
     "local_sgd_clipped": (R // 3) * P * _bits(False),
     # Each node sends its (dense) model in every mixing round: R / H of them.
     "gossip_one_peer_local_top_k_ef": (R // 2) * P * _bits(False),
+    # Steps of P - 1 and P writes, alternately.
+    "clock_async_straggler_top_k_ef": (R // 2) * (2 * P - 1) * _bits(True),
 }
 
 
@@ -132,7 +162,7 @@ def test_the_registries_cover_every_factory():
     assert set(DEGENERATE) == set(ALGORITHMS) == set(TOTAL_BITS)
     names = {ALGORITHMS[n](LR, P).info.name for n in ALGORITHMS}
     assert names == {"sync_sgd", "async_sgd", "message_passing_sgd", "elastic_scheduling",
-                     "local_sgd", "gossip_sgd"}
+                     "local_sgd", "gossip_sgd", "clock_async_sgd"}
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -148,10 +178,12 @@ def test_state_bound_bits_and_split_runs(name):
     # The loss is traced twice: once by the loop rule (shapes only), once compiled.
     chex.clear_trace_counter()
     loss = chex.assert_max_traces(least_squares, n=2)
-    first, m1 = ej.run(alg, loss, state, batches, rounds=5, checks=True)
+    reader = round_reader(batches)
+    first, m1 = ej.run(alg, loss, state, **feed(alg, batches, rounds=5, reader=reader),
+                       checks=True)
     ej.checks.assert_state_stable(state, first)
-    second, m2 = ej.run(alg, loss, first, jax.tree.map(lambda x: x[5:], batches), checks=True)
-    whole, m = ej.run(alg, loss, state, batches, checks=True)
+    second, m2 = ej.run(alg, loss, first, **feed(alg, batches, 5, reader=reader), checks=True)
+    whole, m = ej.run(alg, loss, state, **feed(alg, batches, reader=reader), checks=True)
     for got, want in zip(jax.tree.leaves(second), jax.tree.leaves(whole), strict=True):
         if jnp.issubdtype(got.dtype, jax.dtypes.prng_key):
             got, want = jax.random.key_data(got), jax.random.key_data(want)
@@ -173,7 +205,7 @@ def test_state_bound_bits_and_split_runs(name):
 def test_degenerate_setting_is_a_jitted_optax_loop(name):
     params, batches = problem(jnp.float32, workers=1)
     alg = DEGENERATE[name](LR)
-    state, _ = ej.run(alg, least_squares, alg.init(params, 0), batches)
+    state, _ = ej.run(alg, least_squares, alg.init(params, 0), **feed(alg, batches))
     opt = REFERENCE.get(name, optax.sgd)(LR)
 
     @jax.jit
@@ -204,8 +236,8 @@ def test_grad_through_run_matches_a_central_difference(name, loop):
         params, batches = problem(jnp.float64)
         alg = make(lr, P)
         kwargs = {} if loop == "default" else {"loop": loop}
-        state, _ = ej.run(alg, least_squares, alg.init(params, jax.random.key(0)), batches,
-                          **kwargs)
+        state, _ = ej.run(alg, least_squares, alg.init(params, jax.random.key(0)),
+                          **feed(alg, batches), **kwargs)
         return least_squares(ej.params(state), full_batch(batches))
 
     with jax.enable_x64(True):

@@ -14,13 +14,14 @@ PACKAGE = pathlib.Path(elastic_jax.__file__).parent
 # Bottom up (docs/design.md, "Layers"); a module imports only modules of lower rank.
 LAYERS = [
     {"base", "validation", "consistency", "bounds"},  # types, state protocol, keys, numerics
-    {"compressors", "delays", "topologies"},
+    {"compressors", "delays", "topologies", "clock"},  # and the system model (ej.clock)
     {"links"},  # the per-worker chain: its link type and basic links
     {"error_feedback", "ef21", "optimizers"},  # links built on the type
     {"chain"},
     {"algorithms._common"},
     {"algorithms.sync", "algorithms.asynchronous", "algorithms.message_passing",
-     "algorithms.elastic_scheduling", "algorithms.local", "algorithms.gossip"},
+     "algorithms.elastic_scheduling", "algorithms.local", "algorithms.gossip",
+     "algorithms.clock_async"},
     {"workers"},  # the round: how a device maps its workers
     {"rounds"},
     {"parallel", "checks"},

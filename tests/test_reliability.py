@@ -69,6 +69,8 @@ NOT_FACTORIES = {"make_step", "run", "params", "model", "derive_key", "compressi
                  "views", "update",
                  "chain"}  # its arguments are links; the factories check it as `rule`
 DELAY_LAWS = {"fixed", "uniform", "geometric", "trace"}
+CLOCK_PARTS = {"constant", "exponential", "lognormal", "pareto", "trace", "network", "system",
+               "replay"}
 
 
 def _factory(name):
@@ -82,7 +84,8 @@ def test_library_table_names_every_argument_of_every_factory():
     table = validation.FACTORY_ARGUMENTS
     functions = {n for n in ej.__all__ if inspect.isfunction(getattr(ej, n))}
     assert functions - NOT_FACTORIES == {n for n in table if "." not in n}
-    assert {f"delays.{n}" for n in DELAY_LAWS} == {n for n in table if "." in n}
+    assert {f"delays.{n}" for n in DELAY_LAWS} | {f"clock.{n}" for n in CLOCK_PARTS} == {
+        n for n in table if "." in n}
     for name, specs in table.items():
         parameters = list(inspect.signature(_factory(name)).parameters)
         assert [s.name for s in specs] == parameters, name
@@ -107,6 +110,14 @@ BASE = {
     "weight_decay": {"decay": 0.1}, "adamw": {}, "from_optax": {"tx": optax.scale_by_adam()},
     "delays.fixed": {}, "delays.uniform": {}, "delays.geometric": {},
     "delays.trace": {"lags": np.zeros((1, 1), np.int32)},
+    "clock_async_sgd": {"learning_rate": 0.1, "num_workers": 1,
+                        "system": ej.clock.system(ej.clock.constant(1.0), rounds=1)},
+    "clock.constant": {"seconds": 1.0}, "clock.exponential": {"mean": 1.0},
+    "clock.lognormal": {"mean": 1.0, "sigma": 0.5}, "clock.pareto": {"mean": 1.0, "shape": 2.0},
+    "clock.trace": {"seconds": np.ones((1, 1))}, "clock.network": {},
+    "clock.system": {"compute": ej.clock.constant(1.0), "rounds": 1},
+    "clock.replay": {"events": [{"writer": 0, "count": 0, "read": 0, "written": 1,
+                                 "read_s": 0.0, "computed_s": 1.0, "written_s": 1.0}]},
 }
 BAD_TEXT = {
     "compressor": {"compressor": "top_k"},
@@ -125,6 +136,14 @@ BAD_TEXT = {
     "tx": {"tx": top_k(k=1)},
     "topology": {"num_workers": 2, "topology": [[1.0, 0.0], [0.5, 0.5]]},
     "gossip_compressor": {"gossip_compressor": "top_k"},
+    "system": {"system": "fast"},
+    "max_delay": {"staleness_policy": "drop", "max_delay": -1},
+    "seconds": {"seconds": np.zeros(3)},
+    "bandwidth": {"bandwidth": 0.0},
+    "compute": {"compute": "fast"},
+    "network": {"network": "fast"},
+    "slowdown": {"slowdown": [0.0]},
+    "events": {"events": []},
 }
 ERROR_FEEDBACK_BAD = {"compressor": ej.qsgd(2)}
 

@@ -25,7 +25,9 @@ from experiments import (
     flags,
     hypergradients,
     models,
+    record_async,
     studies,
+    time_to_accuracy,
 )
 from experiments import topologies as topologies_study
 
@@ -115,7 +117,8 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("module", [convex_rates, consistency_table, error_feedback_study,
-                                    hypergradients, topologies_study])
+                                    hypergradients, topologies_study, time_to_accuracy,
+                                    record_async])
 def test_help_and_an_unwritable_workdir(module, capsys, tmp_path):
     with pytest.raises(SystemExit) as excinfo:
         module.main(["--helpfull"])
@@ -384,3 +387,44 @@ def test_topology_ordering_counts_pairs_beyond_the_seeds_spread():
     # a-b, a-c, d-c ordered (the wider gap, the lower loss); a-d reversed (d's gap is
     # narrower, its loss lower); b-c within the spread; b-d have equal gaps (no pair).
     assert got == topologies_study.Ordering(3, 1, 1, "final training loss", ("d ahead of a",))
+
+
+# --------------------------------------------------------- time to accuracy
+
+
+@pytest.fixture(scope="module")
+def tta(tmp_path_factory):
+    """The study at its smoke sizes, one system (a 5x straggler) and one sweep bandwidth."""
+    workdir = tmp_path_factory.mktemp("tta")
+    s = _smoke(time_to_accuracy, workdir, rounds=4, scenarios="straggler", bandwidths="1e6")
+    outcomes, sweep = time_to_accuracy.run_grid(s)
+    report = time_to_accuracy.write(s, outcomes, sweep, seconds=0.0)
+    return s, outcomes, sweep, open(report).read()
+
+
+def test_time_to_accuracy_times_each_variant_on_its_clock(tta):
+    s, outcomes, sweep, _ = tta
+    by = {o.config.variant: o for o in outcomes}
+    assert set(by) == {"sync", "async"} and all(o.scenario == "straggler" for o in outcomes)
+    # Sync waits for the straggler every round: 5 compute_mean, plus its all-reduce.
+    per_round = by["sync"].seconds[:, -1] / s.rounds
+    assert np.all(per_round > 5 * s.compute_mean) and np.all(per_round < 5.2 * s.compute_mean)
+    # Async never waits for the straggler: its 4 steps (of 3 or 4 writes) take about as
+    # long as one synchronous round.
+    assert np.all(by["async"].seconds[:, -1] < 0.3 * by["sync"].seconds[:, -1])
+    assert 0 < np.mean(by["async"].masked) < 1
+    # The sweep at 1e6 bit/s: dense updates pay 2 (P - 1) / P 32 d bits of all-reduce.
+    dense, top = sorted(sweep, key=lambda o: o.config.compressed)
+    assert np.all(dense.seconds[:, -1] > 4 * top.seconds[:, -1])
+
+
+def test_time_to_accuracy_report_says_what_ran(tta):
+    s, outcomes, _, text = tta
+    assert "**A smoke-sized run**" in text
+    header, rows = _table(text, "system")
+    assert len(rows) == len(outcomes) and header[2] == "seconds to target"
+    _, sweep_rows = _table(text, "bandwidth (bit/s)")
+    assert [r[0] for r in sweep_rows] == ["1e+06"]
+    assert "- straggler: against synchronous SGD's time to the target loss, async: " in text
+    assert os.path.getsize(os.path.join(s.workdir, "loss_vs_seconds.png")) > 0
+    _no_temporary_files(s.workdir)

@@ -245,12 +245,17 @@ SMALL = {"dataset": "least_squares", "convex_samples": 64, "convex_dim": 8, "num
          "batch_size": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2}
 
 
+# What an algorithm needs besides its defaults: clock-driven async, a compute-time law.
+NEEDS = {"clock_async": {"compute": "constant"}}
+
+
 @pytest.mark.parametrize("algorithm", list(config.ALGORITHMS))
 def test_every_algorithm_runs_on_its_defaults_and_resumes(algorithm, tmp_path):
-    cfg = config.validate({"workdir": "w", "algorithm": algorithm})  # the defaults alone
+    needs = NEEDS.get(algorithm, {})
+    cfg = config.validate({"workdir": "w", "algorithm": algorithm, **needs})  # the defaults
     assert isinstance(cfg.algorithm, ej.Algorithm)
     _check_uses(cfg.saved, algorithm)
-    values = {**SMALL, "workdir": str(tmp_path), "algorithm": algorithm}
+    values = {**SMALL, "workdir": str(tmp_path), "algorithm": algorithm, **needs}
     train.train(config.validate({**values, "rounds": 2}))
     saved = json.loads((tmp_path / "config.json").read_text())
     _check_uses(saved, algorithm)
@@ -284,10 +289,11 @@ def _check_uses(saved, algorithm):
            "message_passing": rule | {"max_delay", "drop_prob", "crashes"},
            "elastic_scheduling": {"max_outstanding", "mode", "delay"},
            "local_sgd": {"period"},
-           "gossip": {"topology", "local_steps", "gossip_compressor"}}[algorithm]
+           "gossip": {"topology", "local_steps", "gossip_compressor"},
+           "clock_async": rule | {"staleness_policy", "slots", "compute_mean"}}[algorithm]
     specific = {"reads", "max_delay", "drop_prob", "crashes", "max_outstanding", "mode",
                 "period", "optimizer_placement", "topology", "local_steps",
-                "gossip_compressor"} | rule
+                "gossip_compressor", "staleness_policy", "slots"} | rule
     assert own <= set(saved) and not (specific - own) & set(saved), (algorithm, sorted(saved))
 
 
@@ -308,6 +314,10 @@ NON_DEFAULT = {
     "workdir": "elsewhere", "log_every": 5, "eval_every": 10, "checkpoint_every": 10,
     "resume": True, "on_nonfinite": "skip_round", "worker_loop": "vmap", "loop": "python",
     "num_devices": 2, "num_processes": 2, "coordinator": "10.0.0.1:1234", "process_id": 1,
+    "staleness_policy": "drop", "staleness_cap": 12, "slots": 2, "compute": "exponential",
+    "compute_mean": 0.1, "compute_shift": 0.01, "compute_sigma": 1.0, "pareto_shape": 3.0,
+    "stragglers": 1, "straggler_slowdown": 3.0, "latency": 1e-4, "bandwidth": 1e9,
+    "jitter": 0.01, "system_seed": 3, "target_loss": 0.5, "target_accuracy": 0.9,
 }
 
 
@@ -332,9 +342,14 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     assert used["max_delay"] == {"async", "message_passing"}
     assert used["delay"] == {"async", "message_passing", "elastic_scheduling"}
     assert used["compressor"] == used["error_feedback"] == {"sync", "async", "message_passing"}
-    assert used["clip_norm"] == used["learning_rate"] == set(config.ALGORITHMS)
-    assert used["optimizer"] == used["momentum"] == used["weight_decay"] == set(config.ALGORITHMS)
+    # Clock-driven async needs --compute: alone, every other flag is refused with it.
+    every = set(config.ALGORITHMS) - {"clock_async"}
+    assert used["clip_norm"] == used["learning_rate"] == every
+    assert used["optimizer"] == used["momentum"] == used["weight_decay"] == every
     assert used["optimizer_placement"] == {"sync"} and "nesterov" not in used  # needs momentum
+    # The clock: for every variant but the round model of async SGD (clock_async needs it)
+    # and gossip SGD.
+    assert used["compute"] == set(config.ALGORITHMS) - {"async", "gossip"}
 
 
 @pytest.mark.parametrize("values, flag, needs", [
@@ -364,12 +379,33 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     ({"algorithm": "local_sgd", "topology": "ring"}, "topology", "--algorithm=gossip"),
     ({"algorithm": "gossip", "gossip_gamma": 0.5}, "gossip_gamma",
      "--algorithm=gossip and --gossip_compressor=identity, top_k, random_k or scaled_sign"),
+    ({"algorithm": "sync", "staleness_policy": "drop"}, "staleness_policy",
+     "--algorithm=clock_async"),
+    ({"compute_mean": 0.1}, "compute_mean", "--compute=constant, exponential, lognormal or pareto"),
+    ({"compute": "constant", "straggler_slowdown": 2.0}, "straggler_slowdown", "--stragglers > 0"),
+    ({"algorithm": "message_passing", "compute": "constant", "delay": "fixed"}, "delay",
+     "--compute=none"),
 ])
 def test_a_flag_that_does_not_apply_is_refused_naming_what_would(values, flag, needs):
     with pytest.raises(flags.UsageError) as excinfo:
         config.validate({"workdir": "w", **values})
     message = _one_line_usage(excinfo, flag)
     assert f"expected --{flag} only with " in message and needs in message, message
+
+
+def test_a_clocked_run_plots_against_seconds_and_reports_time_to_target(tmp_path):
+    values = {**SMALL, "workdir": str(tmp_path), "algorithm": "sync", "rounds": 6,
+              "compute": "exponential", "stragglers": 1, "latency": 0.01,
+              "bandwidth": 1e5, "target_loss": 1e9}
+    last = train.train(config.validate(values))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["time/elapsed"] for r in records]
+    assert np.all(np.diff(elapsed) > 0) and 0 < last["time/idle_fraction"] < 1
+    # Every logged round reaches the (huge) target: the first one, with its seconds.
+    assert last["target/loss_round"] == records[0]["round"] == 2
+    assert last["target/loss_seconds"] == elapsed[0]
+    for name in ("loss_seconds.png", "suboptimality_seconds.png", "utilisation.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 # ------------------------------------------------------------- b_hat's peaks
@@ -601,8 +637,8 @@ def test_help_exits_0_and_lists_only_the_launchers_flags(capsys):
     (["--workdir=w", "--algorithm=sync", "--max_delay", "3"], "--max_delay: got 3; expected "
      "--max_delay only with --algorithm=async or message_passing (here --algorithm=sync)"),
     (["--workdir=w", "--algorithm=sync", "--noerror_feedback", "--ef_beta=0.5"], "--ef_beta: "
-     "got 0.5; expected --ef_beta only with --algorithm=sync, async or message_passing and "
-     "--error_feedback (here --noerror_feedback)"),
+     "got 0.5; expected --ef_beta only with --algorithm=sync, async, message_passing or "
+     "clock_async and --error_feedback (here --noerror_feedback)"),
     (["--workdir=w", "--resume=maybe"], "--resume: got 'maybe'; expected true or false"),
 ])
 def test_command_line_errors_are_one_line_and_exit_2(capsys, argv, line):

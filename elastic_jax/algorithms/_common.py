@@ -8,10 +8,13 @@ pieces every one of them needs live here once.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from elastic_jax import base, consistency, validation
+from elastic_jax import clock as clock_lib
 from elastic_jax.chain import Rule, Sent
 
 
@@ -141,3 +144,59 @@ def reduce_pending(rule: Rule, chain_state, reduce):
     if pending is None:
         return None
     return jax.tree.map(reduce, pending)
+
+
+# ------------------------------------------------------------------ the clock
+
+
+def dense(rule: Rule) -> bool:
+    """Whether the chain sends dense updates (no compressor, or the identity)."""
+    return rule.compressor is None or rule.compressor.spec.name == "identity"
+
+
+def clock(system, num_workers: int, rule: Rule, timeline, *, replays: bool = False):
+    """A variant's schedule under `system`: `params -> ej.clock.Timeline`, or None.
+
+    `timeline(bits, size)` is the variant's time semantics (`elastic_jax.clock`)
+    for messages of `bits` per node, the chain's (docs/theory.md section 7), and
+    a model of `size` entries; it depends on the parameters' shapes only, so it
+    is computed once per shape, on the host, when a program is traced (or by
+    `ej.clock.times`). A recorded run (`ej.clock.replay`) is refused unless the
+    variant `replays` it (and checks it itself).
+    """
+    if system is None:
+        return None
+    if not (replays and isinstance(system, clock_lib.Record)):
+        clock_lib.check(system, num_workers)
+    cached = functools.lru_cache(maxsize=8)(timeline)
+    return lambda params: cached(rule.bits(params),
+                                 sum(jnp.size(x) for x in jax.tree.leaves(params)))
+
+
+def horizon(system, max_rounds=None):
+    """The rounds a run may go to: the system's (or a recorded trace's), else None."""
+    return max_rounds if system is None else system.rounds
+
+
+def timed(combine, schedule, params_of):
+    """`combine` that also reports the round's times: the one place a clock reaches a round.
+
+    `schedule` is `clock(...)` (None: `combine` itself); `params_of(shared)` the
+    model whose shapes size the messages. Every per-round entry of the
+    timeline's float64 `metrics` (`time/elapsed`, `time/round`,
+    `time/idle_fraction`, `comm/seconds`, ...) is read at the round and
+    rounded once to the metrics' dtype (at least float32).
+    """
+    if schedule is None:
+        return combine
+
+    def with_time(shared, messages):
+        new_shared, metrics = combine(shared, messages)
+        timeline = schedule(params_of(shared))
+        dtype = jnp.promote_types(jnp.result_type(metrics["learning_rate"]), jnp.float32)
+        metrics = dict(metrics)
+        for name, values in timeline.metrics.items():
+            metrics[name] = jnp.asarray(values, dtype)[shared.round]
+        return new_shared, metrics
+
+    return with_time

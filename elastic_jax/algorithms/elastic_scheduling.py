@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax import base, bounds, chain, consistency, delays, validation
+from elastic_jax import clock as clock_lib
 from elastic_jax.algorithms import _common
 
 
@@ -94,6 +95,7 @@ def elastic_scheduling(
     clip_norm=None,
     staleness=1.0,
     optimizer_placement: str = "worker",
+    system=None,
 ) -> base.Algorithm:
     """Elastic scheduling with at most `max_outstanding` averages in flight per node.
 
@@ -116,6 +118,13 @@ def elastic_scheduling(
         goes from `x` (`s = 0`) to the scheduled view (`s = 1`, the default).
       optimizer_placement: `"worker"` only (each worker runs its chain's base
         optimizer); server placement is defined for `ej.sync_sgd`.
+      system: None, or an `ej.clock.system(...)`: the delays then emerge from
+        the clock instead of `delay` (which is not read): a node proceeds while
+        at most `tau` averages are outstanding and waits otherwise, and
+        receives a round's average before the first round it starts after
+        the all-reduce is done (docs/theory.md section 11); each round reports
+        `time/*` and `comm/seconds`. The run may not go beyond the system's
+        rounds.
 
     Returns:
       An `ej.Algorithm`.
@@ -132,6 +141,8 @@ def elastic_scheduling(
                         "'fixed', 'uniform', 'geometric' or a DelayLaw")
     rule = chain.resolve(rule, None, False, clip_norm, "elastic_scheduling", compression=False)
     _common.check_placement(optimizer_placement)
+    timing = _common.clock(system, num_workers, rule,
+                           lambda bits, size: clock_lib.elastic(system, num_workers, bits, tau))
     _common.check_staleness(staleness)
     size = tau + 1
     variance = mode == "variance"
@@ -171,9 +182,12 @@ def elastic_scheduling(
         params = _common.apply(shared.params, mean_update)
         slot = round_ % size
         averages = jax.tree.map(lambda a, u: a.at[slot].set(u), shared.averages, mean_update)
-        lags = jax.vmap(lambda q: law.sample(
-            base.derive_key(shared.key, base.TAG_DELAY, round_, q), round_, q, 0, tau, ()))(
-            jnp.arange(num_workers)).astype(jnp.int32)
+        if timing is not None:  # The clock's delays.
+            lags = jnp.asarray(timing(shared.params).delays)[round_]
+        else:
+            lags = jax.vmap(lambda q: law.sample(
+                base.derive_key(shared.key, base.TAG_DELAY, round_, q), round_, q, 0, tau, ()))(
+                jnp.arange(num_workers)).astype(jnp.int32)
         arrival = shared.arrival.at[slot].set(round_ + 1 + lags)
         stats = _common.observe(shared.stats, sent, eta)
         dtype = stats.m_hat.dtype
@@ -202,5 +216,6 @@ def elastic_scheduling(
         return state.shared.params
 
     return base.algorithm("elastic_scheduling", num_workers, "deterministic", init=init,
-                          view=view, local=local, combine=combine, auxiliary=auxiliary,
-                          actual=actual)
+                          view=view, local=local, auxiliary=auxiliary, actual=actual,
+                          combine=_common.timed(combine, timing, lambda s: s.params),
+                          max_rounds=_common.horizon(system), clock=timing)

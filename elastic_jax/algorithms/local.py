@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax import base, bounds, chain, consistency, validation
+from elastic_jax import clock as clock_lib
 from elastic_jax.algorithms import _common
 
 
@@ -37,7 +38,8 @@ class LocalShared(NamedTuple):
 
 
 def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
-              clip_norm=None, optimizer_placement: str = "worker") -> base.Algorithm:
+              clip_norm=None, optimizer_placement: str = "worker",
+              system=None) -> base.Algorithm:
     """Local SGD with `num_workers` nodes averaging every `period` rounds.
 
     Update rule: `v^p <- v^p - u^p`; after round `r` with `(r + 1) % H == 0`,
@@ -53,6 +55,11 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
       clip_norm: shorthand: clip each gradient to this global norm (> 0).
       optimizer_placement: `"worker"` only (each worker runs its chain's base
         optimizer); server placement is defined for `ej.sync_sgd`.
+      system: None, or an `ej.clock.system(...)`: each node takes its `H`
+        local steps one after another and every averaging round ends when the
+        slowest node and the all-reduce of the models are done
+        (docs/theory.md section 11); each round reports `time/*` and
+        `comm/seconds`. The run may not go beyond the system's rounds.
 
     Returns:
       An `ej.Algorithm`.
@@ -64,6 +71,8 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
     period = validation.check_int("period", period, lo=1)
     rule = chain.resolve(rule, None, False, clip_norm, "local_sgd", compression=False)
     _common.check_placement(optimizer_placement)
+    timing = _common.clock(system, num_workers, rule,
+                           lambda bits, size: clock_lib.local(system, num_workers, bits, period))
 
     def init(params, key):
         shared = LocalShared(params=_common.copy_params(params),
@@ -103,5 +112,6 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
         return state.shared.params
 
     return base.algorithm("local_sgd", num_workers, "deterministic", init=init, view=view,
-                          local=local, combine=combine, auxiliary=params_of, actual=params_of,
-                          rule=rule)
+                          local=local, auxiliary=params_of, actual=params_of, rule=rule,
+                          combine=_common.timed(combine, timing, lambda s: s.params),
+                          max_rounds=_common.horizon(system), clock=timing)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax import base, bounds, chain, consistency, delays, validation
+from elastic_jax import clock as clock_lib
 from elastic_jax.algorithms import _common
 
 NEVER = np.iinfo(np.int32).max  # crash round of a node that never crashes
@@ -164,6 +165,7 @@ def message_passing_sgd(
     clip_norm=None,
     staleness=1.0,
     optimizer_placement: str = "worker",
+    system=None,
 ) -> base.Algorithm:
     """Message-passing SGD with bounded delays, drops and crash faults.
 
@@ -205,6 +207,15 @@ def message_passing_sgd(
         (`s = 1`, the default).
       optimizer_placement: `"worker"` only (each worker runs its chain's base
         optimizer); server placement is defined for `ej.sync_sgd`.
+      system: None, or an `ej.clock.system(...)`: the delays then emerge from
+        the clock instead of `delay` (which is not read): node `q` starts
+        round `r` once it has ended round `r - 1` and every other node's
+        message of rounds `<= r - 1 - max_delay` has arrived (a broadcast on
+        the sender's uplink), and applies each message before the first round
+        it starts after its arrival (docs/theory.md section 11); each round
+        reports `time/*` and `comm/seconds`. The clock models a reliable
+        network of live nodes: no drops, no crashes. The run may not go beyond
+        the system's rounds.
 
     Returns:
       An `ej.Algorithm`.
@@ -225,6 +236,15 @@ def message_passing_sgd(
     num_crashes, explicit_rounds = _crash_table(crashes, crash_horizon, num_workers)
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "message_passing_sgd")
     _common.check_placement(optimizer_placement)
+    if system is not None:
+        if validation.concrete_number(drop_prob) != 0.0:
+            validation.fail("drop_prob", drop_prob, "0 with system= (the clock models a "
+                            "reliable network)")
+        if num_crashes:
+            validation.fail("crashes", crashes, "None with system= (the clock models live "
+                            "nodes)")
+    timing = _common.clock(system, num_workers, rule, lambda bits, size: clock_lib.message_passing(
+        system, num_workers, bits, max_delay))
     _common.check_staleness(staleness)
     drop_value = validation.concrete_number(drop_prob)
     may_drop = drop_value is None or drop_value > 0.0
@@ -305,8 +325,11 @@ def message_passing_sgd(
         def per_sender(p):
             delay_key = base.derive_key(shared.key, base.TAG_DELAY, round_, p)
             fault_key = base.derive_key(shared.key, base.TAG_FAULT, round_, p)
-            k = jax.vmap(lambda q: law.sample(jax.random.fold_in(delay_key, q), round_, p, 0,
-                                              max_delay, ()))(jnp.arange(num_workers))
+            if timing is not None:  # The clock's delays (senders by receivers).
+                k = jnp.asarray(timing(shared.params).delays)[round_, p]
+            else:
+                k = jax.vmap(lambda q: law.sample(jax.random.fold_in(delay_key, q), round_, p,
+                                                  0, max_delay, ()))(jnp.arange(num_workers))
             dropped = jax.random.bernoulli(jax.random.fold_in(fault_key, 0), drop_prob,
                                            (num_workers,))
             reached = jax.random.bernoulli(jax.random.fold_in(fault_key, 1), 0.5, (num_workers,))
@@ -400,5 +423,6 @@ def message_passing_sgd(
 
     kind = "none" if permanent else rule.bound_kind
     return base.algorithm("message_passing_sgd", num_workers, kind, init=init, view=view,
-                          local=local, combine=combine, auxiliary=auxiliary, actual=actual,
-                          rule=rule)
+                          local=local, auxiliary=auxiliary, actual=actual, rule=rule,
+                          combine=_common.timed(combine, timing, lambda s: s.params),
+                          max_rounds=_common.horizon(system), clock=timing)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax import base, bounds, chain, consistency, optimizers
+from elastic_jax import clock as clock_lib
 from elastic_jax.algorithms import _common
 from elastic_jax.links import Context
 
@@ -57,6 +58,7 @@ def sync_sgd(
     error_feedback=False,
     clip_norm=None,
     optimizer_placement: str = "worker",
+    system=None,
 ) -> base.Algorithm:
     """Synchronous SGD over `num_workers` workers.
 
@@ -90,6 +92,11 @@ def sync_sgd(
       optimizer_placement: `"worker"` (each worker runs its chain's base
         optimizer, the default) or `"server"` (the server runs it once on the
         mean of the workers' outputs: error feedback before momentum).
+      system: None, or an `ej.clock.system(...)`: each round then also reports
+        `time/elapsed`, `time/round`, `time/idle_fraction` and `comm/seconds`:
+        a round ends when the slowest gradient and the collective (a ring
+        all-reduce of dense updates, a ring all-gather of compressed ones) are
+        done (docs/theory.md section 11). The run may not go beyond its rounds.
 
     Returns:
       An `ej.Algorithm`.
@@ -104,6 +111,10 @@ def sync_sgd(
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "sync_sgd")
     placement = _common.check_placement(optimizer_placement, ("worker", "server"))
     workers_rule, server = rule.placed(placement)
+    # What goes on the wire is the workers' chain's output.
+    pattern = "all_reduce" if _common.dense(workers_rule) else "all_gather"
+    timing = _common.clock(system, num_workers, workers_rule,
+                           lambda bits, size: clock_lib.sync(system, num_workers, bits, pattern))
 
     def owed(eta, tree):
         """What the model owes for `tree` held back: in gradient units at the server."""
@@ -164,5 +175,6 @@ def sync_sgd(
         return _common.apply(actual(state), owed(schedule(state.shared.round), mean))
 
     return base.algorithm("sync_sgd", num_workers, rule.bound_kind, init=init, view=view,
-                          local=local, combine=combine, auxiliary=auxiliary, actual=actual,
-                          rule=rule)
+                          local=local, auxiliary=auxiliary, actual=actual, rule=rule,
+                          combine=_common.timed(combine, timing, lambda s: s.params),
+                          max_rounds=_common.horizon(system), clock=timing)
