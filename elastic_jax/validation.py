@@ -307,7 +307,7 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
               ">= num_workers - 1: the cap"),
         ArgumentSpec("slots", "int", lo=1, note="or None (num_workers); at most num_workers: "
                      "the most writes one step applies"),
-        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM,
+        _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _WORKER_PLACEMENT,
     ),
     "clip": (ArgumentSpec("max_norm", "real", lo=0.0, lo_open=True,
                           note="the global norm C gradients are clipped to"),),

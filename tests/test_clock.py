@@ -229,6 +229,22 @@ def test_clock_async_with_drops_keeps_b_hat_within_its_bound_every_round(problem
     assert m["updates/dropped"][-1] > 0 and m["delay/max"][-1] <= 4
 
 
+def test_clock_async_with_momentum_bounds_by_the_chains_u(problem):
+    """With `ej.sgd(momentum=0.9)` a worker's update reaches `eta M / (1 - mu)`: the
+    constant gradients here make the distances exceed `L eta M` (the bound without
+    momentum) by a factor of about 7, and the bound is `L U` with the chain's
+    `U = M / (1 - mu)` (policy "none": `L` the largest lag so far)."""
+    params, _ = problem
+    system = ej.clock.system(ej.clock.constant(1.0), rounds=12, slowdown=[1, 1, 1, 3])
+    alg = ej.clock_async_sgd(0.05, 4, system=system, rule=ej.chain(ej.sgd(momentum=0.9)))
+    _, m = ej.run(alg, h.linear, alg.init(params, 0),
+                  batch_fn=h.constant_batch_fn(params, 4), rounds=12, checks=True)
+    b_hat, bound = np.asarray(m["consistency/b_hat"]), np.asarray(m["consistency/bound"])
+    lag_m = np.asarray(m["delay/max"]) * np.asarray(m["grad_norm/max"])
+    np.testing.assert_allclose(bound, lag_m / (1 - 0.9), rtol=1e-6)
+    assert np.all(b_hat <= bound) and np.max(b_hat / lag_m) > 5
+
+
 def test_message_passing_with_clock_delays_keeps_its_bound(problem):
     params, batch_fn = problem
     system = ej.clock.system(ej.clock.exponential(1.0), rounds=12, seed=3,
@@ -272,6 +288,9 @@ def _system(**kw):
      "max_delay: got 5; expected None with staleness_policy='none'"),
     (lambda: ej.clock_async_sgd(0.1, 4, system=_system(), slots=5),
      "slots: got 5; expected at most num_workers = 4"),
+    (lambda: ej.clock_async_sgd(0.1, 4, system=_system(), optimizer_placement="server"),
+     "optimizer_placement: got 'server'; expected one of 'worker' (server placement is "
+     "defined for sync_sgd only)"),
     (lambda: ej.message_passing_sgd(0.1, 4, system=_system(), drop_prob=0.1),
      "drop_prob: got 0.1; expected 0 with system="),
     (lambda: ej.sync_sgd(0.1, 1, system=ej.clock.replay([{}])), "system: got"),

@@ -75,6 +75,7 @@ def clock_async_sgd(
     compressor=None,
     error_feedback=False,
     clip_norm=None,
+    optimizer_placement: str = "worker",
 ) -> base.Algorithm:
     """Asynchronous SGD whose writers and lags emerge from a simulated clock.
 
@@ -84,7 +85,8 @@ def clock_async_sgd(
         X_{t+1} = X_t - u_t,    u_t = the chain's output for g(X_{t - l_t}),
 
     the lags `l_t` and writers given by the clock. Elastic consistency
-    (`ej.bounds.async_sgd`): `B = L U + P R` with the chain's bounds, `L` the
+    (`ej.bounds.async_sgd`): `B = L U + P R` with the chain's bounds (`U =
+    M / (1 - mu)` under momentum, docs/theory.md section 9), `L` the
     cap `max_delay` under `"drop"`, or under `"none"` the largest lag of the
     run so far (reported as `delay/max`: the bound holds for the lags seen,
     not for lags to come). The bound's `etabar` is the largest learning rate so
@@ -116,6 +118,9 @@ def clock_async_sgd(
       compressor: shorthand: a bare compressor applied to each update.
       error_feedback: shorthand: False, True (`beta = 1`) or a float `beta` in [0, 1].
       clip_norm: shorthand: clip each gradient to this global norm (> 0).
+      optimizer_placement: `"worker"` only (each worker runs its chain's base
+        optimizer, its state advancing with the worker's own writes); server
+        placement is defined for `ej.sync_sgd`.
 
     Returns:
       An `ej.Algorithm`; a run may not go beyond the system's rounds (a
@@ -148,6 +153,7 @@ def clock_async_sgd(
     if not isinstance(system, clock_lib.System | clock_lib.Record):
         validation.fail("system", system, "an ej.clock.system(...) or ej.clock.replay(events)")
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "clock_async_sgd")
+    _common.check_placement(optimizer_placement)
     if isinstance(system, clock_lib.Record):
         if drop:
             validation.fail("staleness_policy", staleness_policy,
