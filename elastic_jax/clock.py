@@ -14,7 +14,7 @@ message passing and elastic scheduling, and the order of writes in
   second and an optional per-message jitter, applied to the bits each node
   sends (`comm/bits` is the round's total over nodes, docs/theory.md section
   7) through one rule per communication pattern (`COLLECTIVES`);
-- **the time semantics of each variant** (`sync`, `local`, `elastic`,
+- **the time semantics of each variant** (`sync`, `local`, `gossip`, `elastic`,
   `message_passing`, `asynchronous`): when each worker starts and ends each
   gradient, what it waits for, and when a round ends.
 
@@ -286,7 +286,7 @@ def _send(net: Network, peers: int, bits: float) -> float:
 COLLECTIVES: dict[str, Callable[[Network, int, float], float]] = {
     "all_reduce": _ring_all_reduce,  # dense synchronous updates and averages
     "all_gather": _ring_all_gather,  # sparse or quantised synchronous updates
-    "broadcast": _broadcast,  # message passing: one sender, `peers` receivers
+    "broadcast": _broadcast,  # message passing, gossip: one sender, `peers` receivers
     "send": _send,  # point to point: a push or a pull of asynchronous SGD
 }
 
@@ -554,8 +554,46 @@ def local(system_: System, num_workers: int, bits: int, period: int) -> Timeline
     return _lockstep(system_, num_workers, bits, "all_reduce", period=period)
 
 
-def _lockstep(system_, num_workers, bits, pattern, period):
+def gossip(system_: System, num_workers: int, bits: int, degree: int, period: int) -> Timeline:
+    """Gossip SGD: `H` local steps one after another, then a mixing round with neighbours.
+
+    As local SGD, with the all-reduce replaced by each node sending its `bits`
+    to its `deg` neighbours on its uplink after its compute, the broadcast rule
+    with `deg` peers: a mixing round (`(r + 1) % H == 0`) ends for everyone at
+
+        T_r = max_q F[r, q] + alpha + deg bits / beta + max_q jitter[r, q],
+
+    and all nodes start the next round then (docs/theory.md section 11).
+
+    Args:
+      system_: the system model.
+      num_workers: `P`, the nodes.
+      bits: one node's message: its model (`32 d`) or CHOCO's compressed
+        difference.
+      degree: `deg`, the most neighbours a node sends to in one mixing round
+        (`ej.topologies.degree`).
+      period: `H`, rounds per mixing round.
+
+    Returns:
+      The `Timeline`.
+
+    Example:
+      >>> system = ej.clock.system(ej.clock.constant(0.01), rounds=8,
+      ...                          network=ej.clock.network(1e-4, 1e9))
+      >>> ej.clock.gossip(system, 8, bits=32 * 1000, degree=2, period=2)
+
+    References:
+      X. Lian, C. Zhang, H. Zhang, C.-J. Hsieh, W. Zhang, J. Liu, "Can
+      Decentralized Algorithms Outperform Centralized Algorithms?",
+      arXiv:1705.09056 (a node's communication grows with its degree, not `P`).
+    """
+    return _lockstep(system_, num_workers, bits, "broadcast", period=period, peers=degree)
+
+
+def _lockstep(system_, num_workers, bits, pattern, period, peers=None):
+    """`H`-round lockstep: the pattern among `peers` (default `P - 1`) every `H`-th round."""
     rounds, net = system_.rounds, system_.network
+    peers = num_workers - 1 if peers is None else peers
     compute, jitter = draws(system_, num_workers, rounds)
     starts, ends = np.zeros((rounds, num_workers)), np.zeros((rounds, num_workers))
     round_end, comm = np.zeros(rounds), np.zeros(rounds)
@@ -563,8 +601,8 @@ def _lockstep(system_, num_workers, bits, pattern, period):
     for r in range(rounds):
         starts[r], ends[r] = ready, ready + compute[r]
         if (r + 1) % period == 0:
-            comm[r] = seconds(pattern, net, num_workers - 1, bits)
-            if num_workers > 1:
+            comm[r] = seconds(pattern, net, peers, bits)
+            if peers > 0:
                 comm[r] += _slowest_jitter(jitter[r, :, 0])
             round_end[r] = np.max(ends[r]) + comm[r]
             ready = np.full(num_workers, round_end[r])

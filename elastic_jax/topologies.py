@@ -258,6 +258,42 @@ def _check_matrices(topology, p: int) -> tuple[np.ndarray, ...]:
     return tuple(np.ascontiguousarray(w) for w in array)
 
 
+def degree(schedule: Mixing) -> int:
+    """`deg`: the most other nodes one node sends its model to in a mixing round.
+
+    Node `j`'s model goes to every node `i != j` with `W[j, i] > 0` (row `j`
+    of `W`), so
+
+        deg = max_k max_j #{i != j : W_k[j, i] > 0}
+
+    over the schedule's matrices: every node's count on a regular topology
+    (ring 2, torus 4 on a grid of at least 3 x 3, hypercube and exponential
+    graph `ceil(log2 P)`, one-peer exponential 1, complete `P - 1`), the hub's
+    (`P - 1`) on the star. A random matching sends to one partner (0 for one
+    node). The simulated clock times a mixing round by it (`ej.clock.gossip`,
+    docs/theory.md section 11).
+
+    Args:
+      schedule: a `Mixing` (`mixing(...)`).
+
+    Returns:
+      `deg`, an int in `[0, P - 1]`.
+
+    Example:
+      >>> ej.topologies.degree(ej.topologies.mixing("torus", 16))
+      4
+
+    References:
+      X. Lian, C. Zhang, H. Zhang, C.-J. Hsieh, W. Zhang, J. Liu, "Can
+      Decentralized Algorithms Outperform Centralized Algorithms?",
+      arXiv:1705.09056.
+    """
+    if schedule.matrices is None:
+        return min(1, schedule.num_workers - 1)
+    others = ~np.eye(schedule.num_workers, dtype=bool)
+    return max(int(np.max(np.sum((w > 0) & others, axis=1))) for w in schedule.matrices)
+
+
 def neighbours(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each column's non-zeros as `(index [P, K], weights [P, K])`.
 

@@ -296,6 +296,8 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
                      note="CHOCO's mixing step; 1.0 without gossip_compressor (a tracer "
                      "passes)"),
         _WORKER_PLACEMENT,
+        _SYSTEM._replace(note=_SYSTEM.note + "; a mixing round costs each node alpha + deg "
+                         "bits / beta, deg = ej.topologies.degree"),
     ),
     "clock_async_sgd": (
         _LEARNING_RATE, _NUM_WORKERS,

@@ -331,9 +331,6 @@ def _check_combinations(f: Mapping[str, Any]) -> None:
     if f["algorithm"] == "async" and f["compute"] != "none":
         raise usage("compute", f["compute"], "'none' with --algorithm=async (its lags are drawn "
                     "per round; --algorithm=clock_async runs asynchronous SGD on the clock)")
-    if f["algorithm"] == "gossip" and f["compute"] != "none":
-        raise usage("compute", f["compute"], "'none' with --algorithm=gossip (gossip SGD has no "
-                    "clock)")
     if (f["algorithm"] == "clock_async" and f["staleness_policy"] == "drop"
             and 0 < f["staleness_cap"] < f["num_workers"] - 1):
         raise usage("staleness_cap", f["staleness_cap"], f"0 or an integer >= num_workers - 1 "
@@ -364,7 +361,7 @@ def validate(given: Mapping[str, Any]) -> Config:
     _check_combinations(f)
     try:
         kw = {"rule": make_rule(f)}
-        if f["compute"] != "none":  # (not with --algorithm=async or gossip: refused above)
+        if f["compute"] != "none":  # (not with --algorithm=async: refused above)
             kw["system"] = make_system(f)
         algorithm = ALGORITHMS[f["algorithm"]](f, make_schedule(f), kw)
     except ValueError as e:

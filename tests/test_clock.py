@@ -192,6 +192,47 @@ def test_network_time_is_the_pinned_formula_for_each_compressor():
                                rtol=1e-12)
 
 
+def test_gossip_mixing_round_is_a_send_to_deg_neighbours_after_the_slowest_compute():
+    """After `H` local steps of the slowest node (2 c each), a mixing round costs
+    `alpha + deg b / beta`: `deg` the most neighbours a node sends to (the star's hub:
+    P - 1), `b` the node's model or CHOCO's compressed difference (Top-1 of d = 3:
+    32 + 2 bits)."""
+    c, alpha, beta, p, period, rounds = 0.01, 1e-3, 1e5, 16, 2, 6
+    system = ej.clock.system(ej.clock.constant(c), rounds=rounds, slowdown=[1] * (p - 1) + [2],
+                             network=ej.clock.network(alpha, beta))
+    r = np.arange(1, rounds + 1)
+    for topology, deg in (("ring", 2), ("torus", 4), ("hypercube", 4), ("exponential", 4),
+                          ("one_peer_exponential", 1), ("random_matching", 1), ("star", p - 1),
+                          ("complete", p - 1)):
+        for compressor, bits in ((None, 32 * 3), (ej.top_k(k=1), 32 + 2)):
+            kw = {} if compressor is None else {"gossip_compressor": compressor, "gamma": 0.5}
+            alg = ej.gossip_sgd(0.1, p, topology=topology, local_steps=period, system=system,
+                                **kw)
+            times = _times(alg)
+            mix = alpha + deg * bits / beta
+            np.testing.assert_allclose(times["comm/seconds"], np.where(r % period, 0, mix),
+                                       rtol=1e-12, err_msg=topology)
+            np.testing.assert_allclose(times["time/elapsed"], 2 * c * r + (r // period) * mix,
+                                       rtol=1e-12, err_msg=topology)
+
+
+def test_a_gossip_run_reports_the_clock_of_the_bits_it_sends(problem):
+    """The run's `comm/seconds` is the formula at the `comm/bits` it reports (its P
+    nodes' models, on the mixing rounds), and its `time/elapsed` the schedule's."""
+    params, batch_fn = problem
+    alpha, beta = 1e-3, 1e5
+    system = ej.clock.system(ej.clock.exponential(0.01), rounds=4,
+                             network=ej.clock.network(alpha, beta))
+    alg = ej.gossip_sgd(0.05, 4, topology="ring", local_steps=2, system=system)
+    _, m = ej.run(alg, h.noisy_quadratic, alg.init(params, 0), batch_fn=batch_fn, rounds=4)
+    per_node = np.asarray(m["comm/bits"]) / 4
+    np.testing.assert_array_equal(per_node, [0, 32 * 20, 0, 32 * 20])
+    np.testing.assert_allclose(m["comm/seconds"], np.where(per_node, alpha, 0)
+                               + 2 * per_node / beta, rtol=1e-6)
+    np.testing.assert_allclose(m["time/elapsed"], ej.clock.times(alg, params)["time/elapsed"],
+                               rtol=1e-6)
+
+
 def test_top_1_percent_all_gather_beats_dense_all_reduce_until_p_136():
     """The digits CNN (d = 25,290) with Top-1%: each node moves (P - 1) b = 82,908 bits
     in the all-gather against 2 (P - 1) 32 d / P = 1,416,240 in the dense all-reduce at

@@ -347,9 +347,8 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     assert used["clip_norm"] == used["learning_rate"] == every
     assert used["optimizer"] == used["momentum"] == used["weight_decay"] == every
     assert used["optimizer_placement"] == {"sync"} and "nesterov" not in used  # needs momentum
-    # The clock: for every variant but the round model of async SGD (clock_async needs it)
-    # and gossip SGD.
-    assert used["compute"] == set(config.ALGORITHMS) - {"async", "gossip"}
+    # The clock: for every variant but the round model of async SGD (clock_async needs it).
+    assert used["compute"] == set(config.ALGORITHMS) - {"async"}
 
 
 @pytest.mark.parametrize("values, flag, needs", [

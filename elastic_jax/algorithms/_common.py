@@ -154,23 +154,23 @@ def dense(rule: Rule) -> bool:
     return rule.compressor is None or rule.compressor.spec.name == "identity"
 
 
-def clock(system, num_workers: int, rule: Rule, timeline, *, replays: bool = False):
+def clock(system, num_workers: int, bits, timeline, *, replays: bool = False):
     """A variant's schedule under `system`: `params -> ej.clock.Timeline`, or None.
 
     `timeline(bits, size)` is the variant's time semantics (`elastic_jax.clock`)
-    for messages of `bits` per node, the chain's (docs/theory.md section 7), and
-    a model of `size` entries; it depends on the parameters' shapes only, so it
-    is computed once per shape, on the host, when a program is traced (or by
-    `ej.clock.times`). A recorded run (`ej.clock.replay`) is refused unless the
-    variant `replays` it (and checks it itself).
+    for messages of `bits(params)` per node (docs/theory.md section 7: the
+    chain's, `Rule.bits`, or what else the variant sends) and a model of `size`
+    entries; it depends on the parameters' shapes only, so it is computed once
+    per shape, on the host, when a program is traced (or by `ej.clock.times`).
+    A recorded run (`ej.clock.replay`) is refused unless the variant `replays`
+    it (and checks it itself).
     """
     if system is None:
         return None
     if not (replays and isinstance(system, clock_lib.Record)):
         clock_lib.check(system, num_workers)
     cached = functools.lru_cache(maxsize=8)(timeline)
-    return lambda params: cached(rule.bits(params),
-                                 sum(jnp.size(x) for x in jax.tree.leaves(params)))
+    return lambda params: cached(bits(params), sum(jnp.size(x) for x in jax.tree.leaves(params)))
 
 
 def horizon(system, max_rounds=None):

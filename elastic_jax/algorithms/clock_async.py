@@ -174,7 +174,7 @@ def clock_async_sgd(
                 pull_bits=32 * size, max_delay=max_delay if drop else None)
             return clock_lib.asynchronous(writes, num_workers, rounds, slots)
 
-    timing = _common.clock(system, num_workers, rule, timeline, replays=True)
+    timing = _common.clock(system, num_workers, rule.bits, timeline, replays=True)
 
     def table(shared, name):
         return jnp.asarray(timing(shared.params).tables[name])[shared.round]

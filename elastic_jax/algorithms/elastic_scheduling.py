@@ -141,7 +141,7 @@ def elastic_scheduling(
                         "'fixed', 'uniform', 'geometric' or a DelayLaw")
     rule = chain.resolve(rule, None, False, clip_norm, "elastic_scheduling", compression=False)
     _common.check_placement(optimizer_placement)
-    timing = _common.clock(system, num_workers, rule,
+    timing = _common.clock(system, num_workers, rule.bits,
                            lambda bits, size: clock_lib.elastic(system, num_workers, bits, tau))
     _common.check_staleness(staleness)
     size = tau + 1

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax import base, bounds, chain, consistency, topologies, validation
+from elastic_jax import clock as clock_lib
 from elastic_jax import compressors as compressors_lib
 from elastic_jax.algorithms import _common
 
@@ -117,6 +118,7 @@ def gossip_sgd(
     gossip_compressor=None,
     gamma=1.0,
     optimizer_placement: str = "worker",
+    system=None,
 ) -> base.Algorithm:
     """Decentralized SGD over a topology, with local steps and optional CHOCO compression.
 
@@ -168,6 +170,12 @@ def gossip_sgd(
       gamma: CHOCO's mixing step in (0, 1]; 1.0 without `gossip_compressor`.
       optimizer_placement: `"worker"` only (each node runs its chain's base
         optimizer); server placement is defined for `ej.sync_sgd`.
+      system: None, or an `ej.clock.system(...)`: each node takes its `H`
+        local steps one after another, and a mixing round ends when the
+        slowest node has computed and sent its message to its `deg` neighbours
+        (`ej.topologies.degree`) on its uplink, `alpha + deg bits / beta`
+        (docs/theory.md section 11); each round reports `time/*` and
+        `comm/seconds`. The run may not go beyond the system's rounds.
 
     Returns:
       An `ej.Algorithm`.
@@ -176,6 +184,8 @@ def gossip_sgd(
       >>> alg = ej.gossip_sgd(0.05, 16, topology="ring", local_steps=2)
       >>> choco = ej.gossip_sgd(0.05, 16, topology="torus",
       ...                       gossip_compressor=ej.top_k(fraction=0.1), gamma=0.5)
+      >>> timed = ej.gossip_sgd(0.05, 16, topology="ring", system=ej.clock.system(
+      ...     ej.clock.constant(0.01), rounds=100, network=ej.clock.network(1e-4, 1e9)))
     """
     schedule, num_workers = _common.setup(learning_rate, num_workers)
     local_steps = validation.check_int("local_steps", local_steps, lo=1)
@@ -194,6 +204,16 @@ def gossip_sgd(
     finite = mixing.finite and not choco
     kind = rule.bound_kind if finite else "none"
     fixed = None if mixing.matrices is None else _stacked_neighbours(mixing)
+
+    def wire_bits(params) -> int:
+        """Bits one node sends in a mixing round: its model, or CHOCO's compressed `q_i`."""
+        if choco:
+            return compressors_lib.compression_info(gossip_compressor, params).bits
+        return compressors_lib.BITS_PER_VALUE * sum(x.size for x in jax.tree.leaves(params))
+
+    degree = topologies.degree(mixing)
+    timing = _common.clock(system, num_workers, wire_bits, lambda bits, size: clock_lib.gossip(
+        system, num_workers, bits, degree, local_steps))
 
     @functools.cache
     def constants() -> tuple[float, float, float]:
@@ -265,10 +285,8 @@ def gossip_sgd(
                                     residual=residual) if finite else jnp.inf
         sq = _per_node_sq(old, shared.models).astype(dtype)
         metrics = consistency.metrics(sq, eta, bound_b, stats.eta_max)
-        bits = (compressors_lib.compression_info(gossip_compressor, old).bits if choco else
-                compressors_lib.BITS_PER_VALUE * sum(x.size for x in jax.tree.leaves(old)))
         metrics.update(_common.metrics(rule, stats, eta, sent, old, new,
-                                       jnp.where(mixes, num_workers, 0), bits=bits))
+                                       jnp.where(mixes, num_workers, 0), bits=wire_bits(old)))
         metrics["gossip/consensus_distance"] = consistency.worker_mean(
             _per_node_sq(old_mean, shared.models)).astype(dtype)
         metrics["gossip/spectral_gap"] = jnp.asarray(spectral_gap, dtype)
@@ -284,7 +302,11 @@ def gossip_sgd(
         return _aux(actual(state), rule.pending(state.workers.rule))
 
     return base.algorithm("gossip_sgd", num_workers, kind, init=init, view=view, local=local,
-                          combine=combine, auxiliary=auxiliary, actual=actual, rule=rule)
+                          auxiliary=auxiliary, actual=actual, rule=rule,
+                          # One node's model: its shapes size the messages.
+                          combine=_common.timed(combine, timing,
+                                                lambda s: jax.tree.map(lambda x: x[0], s.models)),
+                          max_rounds=_common.horizon(system), clock=timing)
 
 
 def _aux(mean, pending):

@@ -71,7 +71,7 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
     period = validation.check_int("period", period, lo=1)
     rule = chain.resolve(rule, None, False, clip_norm, "local_sgd", compression=False)
     _common.check_placement(optimizer_placement)
-    timing = _common.clock(system, num_workers, rule,
+    timing = _common.clock(system, num_workers, rule.bits,
                            lambda bits, size: clock_lib.local(system, num_workers, bits, period))
 
     def init(params, key):

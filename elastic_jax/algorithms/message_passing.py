@@ -243,8 +243,9 @@ def message_passing_sgd(
         if num_crashes:
             validation.fail("crashes", crashes, "None with system= (the clock models live "
                             "nodes)")
-    timing = _common.clock(system, num_workers, rule, lambda bits, size: clock_lib.message_passing(
-        system, num_workers, bits, max_delay))
+    timing = _common.clock(system, num_workers, rule.bits,
+                           lambda bits, size: clock_lib.message_passing(system, num_workers,
+                                                                        bits, max_delay))
     _common.check_staleness(staleness)
     drop_value = validation.concrete_number(drop_prob)
     may_drop = drop_value is None or drop_value > 0.0

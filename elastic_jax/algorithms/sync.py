@@ -113,7 +113,7 @@ def sync_sgd(
     workers_rule, server = rule.placed(placement)
     # What goes on the wire is the workers' chain's output.
     pattern = "all_reduce" if _common.dense(workers_rule) else "all_gather"
-    timing = _common.clock(system, num_workers, workers_rule,
+    timing = _common.clock(system, num_workers, workers_rule.bits,
                            lambda bits, size: clock_lib.sync(system, num_workers, bits, pattern))
 
     def owed(eta, tree):
