@@ -1,30 +1,37 @@
 r"""Peak memory and time of `ej.analysis.hypergradient` against the undifferentiated run.
 
-    python -m benchmarks.hypergradient_memory [--rounds=1000] [--configs=run,reverse_remat,...]
+    python -m benchmarks.hypergradient_memory [--rounds=1000,10000] [--configs=run,reverse_sqrt,...]
 
 The workload is the project's default update rule on the default data: the MLP
 (one hidden layer of 128, 9,610 parameters) on the bundled 8x8 digits,
 `ej.async_sgd(0.05, 8, max_delay=8, reads="inconsistent",
 compressor=ej.top_k(fraction=0.01), error_feedback=beta)`, batch 32 per worker,
-`R` rounds, and the final test loss of the auxiliary model as the objective.
-Each configuration runs in its own Python process, so that the peak resident
-set size (`resource.getrusage(...).ru_maxrss`, Linux kilobytes) is that
-configuration's alone:
+`R` rounds (each of `--rounds`), and the final test loss of the auxiliary model
+as the objective. Each configuration runs in its own Python process, so that
+the peak resident set size (`resource.getrusage(...).ru_maxrss`, Linux
+kilobytes) is that configuration's alone:
 
     run             the same scan of `ej.make_step` and final loss, jitted: no derivative
     forward         hypergradient(mode="forward"): d loss / d beta by jax.jvp
-    reverse_remat   hypergradient(mode="reverse", remat=True)
-    reverse_plain   hypergradient(mode="reverse", remat=False)
+    reverse_sqrt    hypergradient(mode="reverse", remat="sqrt"): two-level checkpointing,
+                    segments of ceil(sqrt(R)) rounds
+    reverse_round   hypergradient(mode="reverse", remat="round"): each round rematerialised
+    reverse_none    hypergradient(mode="reverse", remat="none")
 
-Memory columns: XLA's own account of the compiled program's working buffers
+Memory columns: **above the plain run**, the configuration's peak RSS minus the
+`run` configuration's peak RSS at the same `R` (both processes load the same
+data and compile one program of the same run, so the difference is what the
+derivative costs); XLA's own account of the compiled program's working buffers
 (`compiled.memory_analysis().temp_size_in_bytes`: what the run needs beyond
 its inputs and outputs, exact and independent of the allocator); the process's
 peak RSS, with its RSS after loading the data (before compiling) and its peak
 after compiling (before running) for reference; and, where the device reports
-memory statistics (GPUs, TPUs; not the CPU), its `peak_bytes_in_use`. Times:
+memory statistics (GPUs, TPUs; not the CPU), its `peak_bytes_in_use`. A
+configuration whose XLA temporaries exceed `--memory-budget-gib` is compiled
+but not run (reverse_none at R = 10,000 needs about 20 GiB). Times:
 ahead-of-time compilation, and the best of `--repeats` runs of the compiled
-program, with the ratio to the undifferentiated run. The markdown table goes to
-stdout.
+program, with the ratio to the undifferentiated run. The markdown tables (one
+per `R`) go to stdout.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ("run", "forward", "reverse_remat", "reverse_plain")
+CONFIGS = ("run", "forward", "reverse_sqrt", "reverse_round", "reverse_none")
 
 
 def _rss_mib() -> float:
@@ -86,11 +93,12 @@ def _child(config: str, args) -> dict:
             return loss_fn(ej.params(state), eval_batch)[0]
     else:
         mode = "forward" if config == "forward" else "reverse"
+        remat = config.removeprefix("reverse_") if mode == "reverse" else "none"
 
         def program(params, batches, eval_batch):
             return ej.analysis.hypergradient(
                 make, loss_fn, params, batches, {"beta": 1.0}, key=0, eval_batch=eval_batch,
-                has_aux=True, mode=mode, remat=config != "reverse_plain")
+                has_aux=True, mode=mode, remat=remat)
 
     inputs = (params, batches, eval_batch)
     start = time.perf_counter()
@@ -99,6 +107,10 @@ def _child(config: str, args) -> dict:
     compile_rss = _rss_mib()
     analysis = compiled.memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+    if temp is not None and temp > args.memory_budget_gib * 2**30:
+        return {"config": config, "rounds": rounds,
+                "error": f"not run: XLA temporaries {temp / 2**30:.1f} GiB > budget "
+                         f"{args.memory_budget_gib:g} GiB"}
     best = float("inf")
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -107,7 +119,8 @@ def _child(config: str, args) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     value = out if config == "run" else out[0]
     return {
-        "config": config, "peak_rss_mib": _rss_mib(), "setup_rss_mib": setup_rss,
+        "config": config, "rounds": rounds, "peak_rss_mib": _rss_mib(),
+        "setup_rss_mib": setup_rss,
         "compile_rss_mib": compile_rss,
         "temp_mib": None if temp is None else temp / 2**20,
         "device_peak_mib": (stats["peak_bytes_in_use"] / 2**20
@@ -117,27 +130,29 @@ def _child(config: str, args) -> dict:
     }
 
 
-def _run_child(config: str, args) -> dict:
+def _run_child(config: str, rounds: int, args) -> dict:
     argv = [sys.executable, "-m", "benchmarks.hypergradient_memory", f"--child={config}",
-            f"--rounds={args.rounds}", f"--num_workers={args.num_workers}",
-            f"--batch_size={args.batch_size}", f"--repeats={args.repeats}"]
+            f"--rounds={rounds}", f"--num_workers={args.num_workers}",
+            f"--batch_size={args.batch_size}", f"--repeats={args.repeats}",
+            f"--memory-budget-gib={args.memory_budget_gib}"]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"config": config, "error": f"exit {proc.returncode}: {tail}"}
+        return {"config": config, "rounds": rounds, "error": f"exit {proc.returncode}: {tail}"}
     return json.loads(lines[-1])
 
 
-def _table(results: list[dict], args) -> str:
+def _table(results: list[dict], rounds: int, args) -> str:
     base = next((r for r in results if r["config"] == "run" and "error" not in r), None)
     lines = [
-        f"R = {args.rounds} rounds, P = {args.num_workers}, batch {args.batch_size}, "
+        f"R = {rounds:,} rounds, P = {args.num_workers}, batch {args.batch_size}, "
         f"device: {next((r['device'] for r in results if 'device' in r), '?')}",
         "",
-        "| configuration | XLA temp (MiB) | peak RSS (MiB) | after setup | after compile | "
-        "device peak (MiB) | compile (s) | run (s) | time / run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| configuration | peak RSS above the plain run (MiB) | XLA temp (MiB) | peak RSS "
+        "(MiB) | after setup | after compile | device peak (MiB) | compile (s) | run (s) | "
+        "time / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(x, spec):
@@ -145,28 +160,40 @@ def _table(results: list[dict], args) -> str:
 
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['config']} | {r['error']} | | | | | | | | |")
             continue
         ratio = f"{r['best_s'] / base['best_s']:.2f}" if base else "n/a"
+        above = f"{r['peak_rss_mib'] - base['peak_rss_mib']:.0f}" if base else "n/a"
         lines.append(
-            f"| {r['config']} | {fmt(r['temp_mib'], '.0f')} | {r['peak_rss_mib']:.0f} | "
-            f"{r['setup_rss_mib']:.0f} | {r['compile_rss_mib']:.0f} | "
-            f"{fmt(r['device_peak_mib'], '.0f')} | {r['compile_s']:.1f} | "
-            f"{r['best_s']:.3f} | {ratio} |")
+            f"| {r['config']} | {above} | {fmt(r['temp_mib'], '.0f')} | "
+            f"{r['peak_rss_mib']:.0f} | {r['setup_rss_mib']:.0f} | "
+            f"{r['compile_rss_mib']:.0f} | {fmt(r['device_peak_mib'], '.0f')} | "
+            f"{r['compile_s']:.1f} | {r['best_s']:.3f} | {ratio} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=1000, help="rounds R of the run")
+    parser.add_argument("--rounds", default="1000,10000",
+                        help="rounds R of the run: one table per comma-separated value")
     parser.add_argument("--num_workers", type=int, default=8, help="P; max_delay = P")
     parser.add_argument("--batch_size", type=int, default=32, help="samples per worker")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after compiling")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"a comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--memory-budget-gib", type=float, default=8.0,
+                        help="run no configuration whose XLA temporaries exceed this")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("rounds", "num_workers", "batch_size", "repeats"):
+    try:
+        counts = [int(x) for x in args.rounds.split(",") if x]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        print(f"--rounds: got {args.rounds!r}; expected comma-separated integers >= 1",
+              file=sys.stderr)
+        return 2
+    for name in ("num_workers", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             print(f"--{name}: got {getattr(args, name)}; expected an integer >= 1",
                   file=sys.stderr)
@@ -178,9 +205,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.child:
+        args.rounds = counts[0]
         print(json.dumps(_child(args.child, args)))
         return 0
-    print(_table([_run_child(config, args) for config in configs], args))
+    for rounds in counts:
+        print(_table([_run_child(config, rounds, args) for config in configs], rounds, args))
+        print()
     return 0
 
 

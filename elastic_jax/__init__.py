@@ -42,6 +42,7 @@ from elastic_jax.error_feedback import error_feedback
 from elastic_jax.links import Link, clip
 from elastic_jax.optimizers import adamw, from_optax, sgd, weight_decay
 from elastic_jax.rounds import update, views
+from elastic_jax.sweeps import Sweep, sweep
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "Link",
     "Rule",
     "State",
+    "Sweep",
     "adamw",
     "analysis",
     "async_sgd",
@@ -83,6 +85,7 @@ __all__ = [
     "run",
     "scaled_sign",
     "sgd",
+    "sweep",
     "sync_sgd",
     "top_k",
     "topologies",

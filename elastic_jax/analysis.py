@@ -31,11 +31,16 @@ fixed, i.e. a one-sided, piecewise derivative):
 `consistency/b_hat` is a norm, so `objective="final_b_hat"` has no derivative
 where it is 0 (synchronous SGD without error feedback, or `staleness = 0`).
 
-Memory: in reverse mode the scanned round is rematerialised with
-`jax.checkpoint` (`remat=True`), so only the state between rounds is stored,
-`O(R * |state|)` for `R` rounds; in forward mode (`jax.jvp`, one tangent per
-hyperparameter) memory does not grow with `R`. `benchmarks/hypergradient_memory.py`
-measures both.
+Memory, in reverse mode (`remat`): without rematerialisation (`"none"`) the
+backward pass keeps every round's intermediates; per-round rematerialisation
+(`"round"`, `jax.checkpoint` around the round) keeps only the state between
+rounds, `R` states for `R` rounds; two-level checkpointing (`"sqrt"`, the
+default) cuts the run into segments of `K = ceil(sqrt(R))` rounds (the last one
+ragged), keeps only the `ceil(R / K)` states between segments, and
+rematerialises one segment at a time (its `K` states), `O(sqrt(R))` states in
+all, for one more forward pass over the run. In forward mode (`jax.jvp`, one
+tangent per hyperparameter) memory does not grow with `R`.
+`benchmarks/hypergradient_memory.py` measures them.
 
 References:
   G. Nadiradze, I. Markov, B. Chatterjee, V. Kungurtsev, D. Alistarh,
@@ -45,6 +50,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,6 +62,7 @@ from elastic_jax import base, drivers, validation
 
 OBJECTIVES = ("final_loss", "mean_loss", "final_b_hat")
 MODES = ("reverse", "forward", "auto")
+REMATS = ("sqrt", "round", "none")
 _OBJECTIVE_EXPECTED = (
     "'final_loss', 'mean_loss', 'final_b_hat', ('distance_to', point) or a callable "
     "on the final state"
@@ -119,6 +126,44 @@ def _scalar_loss(loss_fn, has_aux):
     return lambda p, batch: loss_fn(p, batch)[0]
 
 
+def segments(rounds: int) -> tuple[int, int, int]:
+    """`(K, full, tail)`: `R` rounds as `full` segments of `K = ceil(sqrt(R))` and a ragged
+    last one of `tail = R - full K` rounds (0 when `K` divides `R`)."""
+    size = math.isqrt(rounds - 1) + 1
+    return size, rounds // size, rounds % size
+
+
+def scan_rounds(body, state, batches, remat: str):
+    """`lax.scan(body, state, batches)`, rematerialised as `remat` says (module docstring).
+
+    `"sqrt"`: an outer scan over the full segments, each a `jax.checkpoint`ed
+    inner scan of `K` per-round-checkpointed rounds (so the backward pass keeps
+    the segments' first states, and rematerialises one segment's `K` states at
+    a time), then the ragged last segment likewise; the rounds' outputs are
+    concatenated in order. The arithmetic of every round is the same in all
+    three, so their values and derivatives agree to rounding.
+    """
+    if remat == "none":
+        return jax.lax.scan(body, state, batches)
+    body = jax.checkpoint(body, prevent_cse=False)
+    if remat == "round":
+        return jax.lax.scan(body, state, batches)
+    rounds = jax.tree.leaves(batches)[0].shape[0]
+    size, full, tail = segments(rounds)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def segment(state, part):
+        return jax.lax.scan(body, state, part)
+
+    head = jax.tree.map(lambda b: b[:full * size].reshape((full, size) + b.shape[1:]), batches)
+    state, out = jax.lax.scan(segment, state, head)
+    out = jax.tree.map(lambda y: y.reshape((full * size,) + y.shape[2:]), out)
+    if tail:
+        state, last = segment(state, jax.tree.map(lambda b: b[full * size:], batches))
+        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, last)
+    return state, out
+
+
 def _value_fn(make_algorithm, loss_fn, has_aux, kind, objective_fn, remat, has_eval):
     """The run as a function `(hp, params, batches, key, eval_batch, point) -> objective`."""
     scalar = _scalar_loss(loss_fn, has_aux)
@@ -140,9 +185,7 @@ def _value_fn(make_algorithm, loss_fn, has_aux, kind, objective_fn, remat, has_e
                 out = None
             return new_state, out
 
-        if remat:
-            body = jax.checkpoint(body, prevent_cse=False)
-        state, per_round = jax.lax.scan(body, alg.init(params, key), batches)
+        state, per_round = scan_rounds(body, alg.init(params, key), batches, remat)
         if kind == "mean_loss":
             return jnp.mean(per_round)
         if kind == "final_b_hat":
@@ -205,7 +248,7 @@ def hypergradient(
     objective="final_loss",
     eval_batch=None,
     wrt_params: bool = False,
-    remat: bool = True,
+    remat: str = "sqrt",
     mode: str = "auto",
     has_aux: bool = False,
 ) -> tuple[jax.Array, dict[str, Any]]:
@@ -246,8 +289,11 @@ def hypergradient(
         `"mean_loss"` evaluate the auxiliary model, or None.
       wrt_params: also differentiate with respect to `params` (reverse mode
         only); the result is `grads["params"]`, a pytree like `params`.
-      remat: in reverse mode, rematerialise each round (`jax.checkpoint`) so
-        that only the state between rounds is stored.
+      remat: in reverse mode, what the backward pass keeps (module docstring):
+        `"sqrt"` (the default) `O(sqrt(R))` states, by two-level checkpointing
+        in segments of `ceil(sqrt(R))` rounds; `"round"` the `R` states between
+        rounds (each round rematerialised); `"none"` every round's
+        intermediates. Values and derivatives agree to rounding.
       mode: `"reverse"` (`jax.value_and_grad`), `"forward"` (`jax.jvp`, one
         tangent per hyperparameter; memory independent of `R`) or `"auto"`
         (forward for a single hyperparameter without `wrt_params`, else reverse).
@@ -273,9 +319,10 @@ def hypergradient(
         validation.fail("make_algorithm", make_algorithm, "a callable (**hparams) -> Algorithm")
     if not callable(loss_fn):
         validation.fail("loss_fn", loss_fn, "a callable (params, batch) -> scalar")
-    for name, flag in (("wrt_params", wrt_params), ("remat", remat), ("has_aux", has_aux)):
+    for name, flag in (("wrt_params", wrt_params), ("has_aux", has_aux)):
         if not isinstance(flag, bool):
             validation.fail(name, flag, "a bool")
+    validation.check_choice("remat", remat, REMATS)
     validation.check_choice("mode", mode, MODES)
     values = _check_hparams(hparams, wrt_params)
     if mode == "forward" and wrt_params:
@@ -303,7 +350,8 @@ def hypergradient(
     dtype = jnp.result_type(*leaves)
     hp = {name: jnp.asarray(v, dtype) for name, v in values.items()}
     fn = _compiled(make_algorithm, loss_fn, has_aux, kind, objective_fn,
-                   remat and mode == "reverse", eval_batch is not None, mode, wrt_params,
+                   remat if mode == "reverse" else "none", eval_batch is not None, mode,
+                   wrt_params,
                    tuple(values))
     value, grads = fn(hp, params, batches, base.as_key(key), eval_batch, point)
     order = tuple(values) + (("params",) if wrt_params else ())

@@ -36,18 +36,34 @@ def init(dtype) -> ConsistencyState:
     return ConsistencyState(zero, zero, zero)
 
 
-# Sums over the worker axis of at most this many entries are written as a left
-# fold of elementwise adds: their value cannot depend on how XLA lays out or
-# vectorises a reduction, which differs between programs for different meshes.
+# Sums over the worker axis are written as elementwise adds in a fixed order:
+# their value cannot depend on how XLA lays out or vectorises a reduction, which
+# differs between programs for different meshes. Up to this many entries the
+# order is a left fold (`P - 1` adds in the program); above it, pairwise halving
+# (`ceil(log2 P)` adds of slices), which keeps the program small at 1,024 workers.
 FOLD_WORKERS = 64
 
 
 def worker_sum(x, axis: int = 0):
-    """`sum(x, axis)` as `((x_0 + x_1) + x_2) + ...` for small axes (bitwise stable)."""
+    """`sum(x, axis)` in a fixed order of elementwise adds (bitwise stable).
+
+    Up to `FOLD_WORKERS` entries a left fold, `((x_0 + x_1) + x_2) + ...`;
+    above, pairwise halving: `x[:h] + x[h:2h]` with `h = floor(n / 2)`, the
+    odd last entry carried, until one entry is left.
+    """
     x = jnp.asarray(x)
     size = x.shape[axis]
-    if size == 0 or size > FOLD_WORKERS:
+    if size == 0:
         return jnp.sum(x, axis=axis)
+    if size > FOLD_WORKERS:
+        while x.shape[axis] > 1:
+            n = x.shape[axis]
+            half = n // 2
+            paired = (jax.lax.slice_in_dim(x, 0, half, axis=axis)
+                      + jax.lax.slice_in_dim(x, half, 2 * half, axis=axis))
+            x = paired if n % 2 == 0 else jnp.concatenate(
+                [paired, jax.lax.slice_in_dim(x, 2 * half, n, axis=axis)], axis=axis)
+        return jax.lax.index_in_dim(x, 0, axis, keepdims=False)
     parts = [jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(size)]
     total = parts[0]
     for part in parts[1:]:

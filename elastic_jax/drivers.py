@@ -99,12 +99,8 @@ def _resolve(alg, loss_fn, has_aux, worker_loop, shared, worker_states, batch, p
     """The worker loop for blocks of `block` workers (`workers.resolve`), from shapes only."""
     if worker_loop != "auto":
         return worker_loop
-    worker, one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                                     (worker_states, batch))
-    view = jax.eval_shape(alg.view, jnp.int32(0), worker, shared)
-    return workers.resolve("auto", convolutional=_convolutional(loss_fn, has_aux, view,
-                                                                one_batch),
-                           block=block, platform=platform)
+    convolutional = loss_convolves(alg, loss_fn, has_aux, shared, worker_states, batch)
+    return workers.resolve("auto", convolutional=convolutional, block=block, platform=platform)
 
 
 @functools.lru_cache(maxsize=64)
@@ -114,15 +110,31 @@ def _plan(alg, loss_fn, has_aux, loop, worker_loop, mesh, state_signature, batch
     block = alg.num_workers if mesh is None else alg.num_workers // mesh.shape[
         base.WORKER_AXIS]
     platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
-    convolutional = False
-    if worker_loop == "auto":
-        worker = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                              state.workers)
-        view = jax.eval_shape(alg.view, jnp.int32(0), worker, state.shared)
-        one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-        convolutional = _convolutional(loss_fn, has_aux, view, one_batch)
+    convolutional = worker_loop == "auto" and loss_convolves(alg, loss_fn, has_aux, state.shared,
+                                                             state.workers, batch)
     return choose_loops(loop, worker_loop, mesh=mesh, platform=platform,
                         convolutional=convolutional, block=block)
+
+
+def loss_convolves(alg, loss_fn, has_aux, shared, worker_states, batch) -> bool:
+    """Whether `loss_fn`'s value and gradient at worker 0's view, on its share of the
+    round's `batch` `[P, ...]`, convolve (`workers.is_convolutional`).
+
+    From shapes only (the state's halves and `batch` may be abstract);
+    remembered per loss and shapes.
+    """
+    worker, one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                     (worker_states, batch))
+    view = jax.eval_shape(alg.view, jnp.int32(0), worker, shared)
+    return _convolutional(loss_fn, has_aux, view, one_batch)
+
+
+def round_batch(alg, state, batches=None, batch_fn=None):
+    """The shapes of one round's batch `[P, ...]`: `batches[0]`'s, or what `batch_fn`
+    returns at the round of `state` (traced once per function and key, remembered)."""
+    if batches is not None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), batches)
+    return _batch_shapes(batch_fn, alg, _signature(state.shared))
 
 
 def _abstract(signature):
@@ -138,7 +150,7 @@ def _signature(tree):
 @functools.lru_cache(maxsize=64)
 def _batch_shapes(batch_fn, alg, shared_signature):
     """The shapes `batch_fn` returns for a round, remembered per function (one trace)."""
-    return jax.eval_shape(lambda shared: _sample(batch_fn, alg, shared),
+    return jax.eval_shape(lambda shared: sample_batch(batch_fn, alg, shared),
                           _abstract(shared_signature))
 
 
@@ -253,7 +265,7 @@ def _under_transformation() -> bool:
         return True
 
 
-def _sample(batch_fn, alg, shared):
+def sample_batch(batch_fn, alg, shared):
     """`batch_fn(round, worker_keys)`, the keys derived with tag `TAG_DATA` from each
     worker's gradient count (the round, but for `ej.clock_async_sgd`)."""
     return batch_fn(shared.round, base.gradient_keys(alg, shared, base.TAG_DATA))
@@ -265,7 +277,7 @@ def _sampler(batch_fn, alg):
     reads its batch as an input with the default layout (a batch produced inside
     the round's program may be laid out differently for different meshes,
     changing the order of the loss's reductions)."""
-    return jax.jit(functools.partial(_sample, batch_fn, alg))
+    return jax.jit(functools.partial(sample_batch, batch_fn, alg))
 
 
 @functools.lru_cache(maxsize=64)
@@ -296,7 +308,7 @@ def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, l
 
     def sampled(state, batch):
         if batch_fn is not None:
-            batch = _sample(batch_fn, alg, state.shared)
+            batch = sample_batch(batch_fn, alg, state.shared)
         return one(state, batch)
 
     if loop == "python":
@@ -401,9 +413,10 @@ def run(
     differentiated function. Reverse mode keeps what the backward pass needs
     of every round (`O(R)` states: e.g. every round's residuals and ring
     buffer), so memory grows with `R`; for long runs use
-    `ej.analysis.hypergradient`, which rematerialises each round, or forward
-    mode (`jax.jvp`). Under a transformation nothing is donated; otherwise the
-    compiled programs donate only buffers `run` itself made.
+    `ej.analysis.hypergradient`, which keeps `O(sqrt(R))` states (two-level
+    checkpointing), or forward mode (`jax.jvp`). Under a transformation
+    nothing is donated; otherwise the compiled programs donate only buffers
+    `run` itself made.
 
     With `checks=True` the invariants of `make_step(checks=True)` are asserted
     after each program call and a failure raises `ej.checks.InvariantError`
@@ -429,11 +442,11 @@ def run(
         if isinstance(rounds, bool) or not isinstance(rounds, int | np.integer) or not (
                 0 <= rounds <= available):
             validation.fail("rounds", rounds, f"an integer in [0, {available}]")
-        first_batch = jax.tree.map(lambda x: x[0], batches)
+        first_batch = round_batch(alg, state, batches=batches)
     else:
         if isinstance(rounds, bool) or not isinstance(rounds, int | np.integer) or rounds < 0:
             validation.fail("rounds", rounds, "an integer >= 0 with batch_fn")
-        first_batch = _batch_shapes(batch_fn, alg, _signature(state.shared))
+        first_batch = round_batch(alg, state, batch_fn=batch_fn)
         check_batch(alg, first_batch, "batch_fn")
     rounds = int(rounds)
     validation.check_choice("loop", loop, LOOPS)

@@ -360,13 +360,55 @@ def validate(given: Mapping[str, Any]) -> Config:
     f = flags.validate(FLAGS, given)
     _check_combinations(f)
     try:
-        kw = {"rule": make_rule(f)}
-        if f["compute"] != "none":  # (not with --algorithm=async: refused above)
-            kw["system"] = make_system(f)
-        algorithm = ALGORITHMS[f["algorithm"]](f, make_schedule(f), kw)
+        algorithm = make_algorithm(f)
     except ValueError as e:
         raise from_library_error(e) from None
     return Config(f, algorithm)
+
+
+# The hyperparameters `make_algorithm` takes in place of a flag (the library's argument
+# names: the arguments of ej.sweep's grids and of ej.analysis.hypergradient).
+HPARAM_FLAGS = {"learning_rate": "learning_rate", "beta": "ef_beta", "momentum": "momentum"}
+
+
+def make_algorithm(f: Mapping[str, Any], **hparams) -> ej.Algorithm:
+    """The algorithm the flags describe, with `hparams` in place of the flags they name.
+
+    The function `ej.sweep` rebuilds at every point of a grid
+    (`functools.partial(make_algorithm, f)`): `learning_rate` replaces
+    `--learning_rate` (the schedule's base rate), `beta` replaces `--ef_beta` (the
+    error-feedback damping, 0: none) and `momentum` replaces `--momentum`; each may
+    be traced. The chain is `make_rule`'s over the flags so replaced.
+
+    Args:
+      f: every flag's value, as `validate` returns them (`Config.flags`).
+      **hparams: keys of `HPARAM_FLAGS`, each for a flag that applies to `f`.
+
+    Returns:
+      The `ej.Algorithm`; the library's factories check the values.
+
+    Raises:
+      ValueError: `hparams: got '<name>'; expected ...` for a name that is not a key of
+        `HPARAM_FLAGS` or whose flag does not apply to `f`, or the factory's own line for
+        a bad value.
+
+    Example:
+      >>> make = functools.partial(make_algorithm, validate({"algorithm": "sync",
+      ...                                                    "workdir": "/tmp/r"}).flags)
+      >>> ej.sweep(make, loss_fn, params, {"beta": [0.0, 1.0], "momentum": [0.5, 0.9]}, ...)
+    """
+    for name in hparams:
+        if name not in HPARAM_FLAGS:
+            raise ValueError(f"hparams: got {name!r}; expected one of "
+                             f"{', '.join(map(repr, HPARAM_FLAGS))}")
+        why = flags.refusal(TABLE, f, HPARAM_FLAGS[name])
+        if why:
+            raise ValueError(f"hparams: got {name!r}; expected {why}")
+    f = {**f, **{HPARAM_FLAGS[name]: value for name, value in hparams.items()}}
+    kw = {"rule": make_rule(f)}
+    if f["compute"] != "none":  # (not with --algorithm=async: refused by validate)
+        kw["system"] = make_system(f)
+    return ALGORITHMS[f["algorithm"]](f, make_schedule(f), kw)
 
 
 def make_rule(f: Mapping[str, Any]) -> ej.Rule:

@@ -17,10 +17,15 @@ the question is asked with momentum in practice, a synchronous panel
 momentum at the server (error feedback before momentum, docs/theory.md section
 9). An arm with momentum `mu` runs at the learning rate `(1 - mu) eta`, so
 that its effective rate `eta / (1 - mu)` is the plain arms' `eta`. Each
-configuration is `experiments.config.validate`'s (the EF21 arm's algorithm is
-built from the same flags), run through `ej.run` on the launcher's problem,
-seeds one after another (faster here than the vmapped batch: see the report's
-"Cost"); seed `s` initialises the model with `fold_in(key(s), 0)` and the
+configuration is `experiments.config.validate`'s on the launcher's problem (the
+EF21 arm's algorithm is built from the same flags). An asynchronous
+configuration's two arms and every seed are one `ej.sweep` over the
+error-feedback damping `beta` in {0, 1} (`beta = 0` is no error feedback: the
+residual stays zero and the update is `C(u)` exactly, docs/theory.md section
+4); a synchronous arm's seeds are one `ej.sweep` of their own (EF14 and EF21
+differ in their chains, not in a float). Each sweep runs as one batched program
+or one run after another by the library's rule (the CNN on the CPU: one after
+another); seed `s` initialises the model with `fold_in(key(s), 0)` and the
 algorithm with `fold_in(key(s), 1)`, the data split is drawn from `--seed`.
 
 Measured, as mean ± std over seeds: the final training loss of the actual model
@@ -32,13 +37,14 @@ intervals do not overlap. `report.md` and PNG plots go to `--workdir`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from matplotlib.patches import Patch
 
@@ -91,9 +97,9 @@ FLAGS = (
          "(the first ones).", 1, 10_000_000),
     Flag("data_dir", "str", "", "A directory; when it holds cifar-10-batches-bin the grid also "
          "runs CIFAR-10 with ResNet-20."),
-    Flag("compare_seed_batching", "bool", False, "Also time the largest configuration's seeds "
-         "run one after another against the launcher's vmapped --num_seeds batch (two extra "
-         "compilations)."),
+    Flag("compare_seed_batching", "bool", False, "Also time the largest asynchronous "
+         "configuration's sweep (both arms, every seed) run one after another against one "
+         "batched program (extra compilations)."),
     Flag("worker_loop", "enum", "auto", "How a round evaluates the workers' gradients "
          "(ej.make_step's worker_loop; auto: the library picks the fastest for the model and "
          "backend).", choices=("auto", "map", "unroll", "vmap")),
@@ -154,15 +160,29 @@ def launcher_values(s, point: Point) -> dict[str, Any]:
     return values if point.dataset == "digits" else {**values, "data_dir": s.data_dir}
 
 
+def make_algorithm(point: Point, f: Mapping[str, Any], **hparams) -> ej.Algorithm:
+    """One arm's algorithm from its launcher flags `f`, the `make_algorithm` of its sweep.
+
+    `experiments.config.make_algorithm(f, **hparams)` (a swept `beta` in place of
+    `--ef_beta`); the EF21 arm, which the launcher does not build, is synchronous SGD
+    with the chain `ej.chain(ej.ef21(top_k), ej.sgd(momentum))` and the momentum at
+    the server, at `--learning_rate`, and takes no `hparams`.
+    """
+    if point.feedback != "EF21":
+        return config_lib.make_algorithm(f, **hparams)
+    if hparams:
+        raise ValueError(f"hparams: got {sorted(hparams)}; expected none for the EF21 arm")
+    rule = ej.chain(ej.ef21(ej.top_k(fraction=point.k)), ej.sgd(momentum=f["momentum"]))
+    return ej.sync_sgd(f["learning_rate"], f["num_workers"], rule=rule,
+                       optimizer_placement="server")
+
+
 def configure(s, point: Point) -> config_lib.Config:
     """The launcher's config of one configuration; EF21's algorithm is built from its flags."""
     cfg = config_lib.validate(launcher_values(s, point))
     if point.feedback != "EF21":
         return cfg
-    f = cfg.flags
-    rule = ej.chain(ej.ef21(ej.top_k(fraction=point.k)), ej.sgd(momentum=point.momentum))
-    return cfg._replace(algorithm=ej.sync_sgd(f["learning_rate"], f["num_workers"], rule=rule,
-                                              optimizer_placement="server"))
+    return cfg._replace(algorithm=make_algorithm(point, cfg.flags))
 
 
 def check(s) -> list[tuple[Point, config_lib.Config]]:
@@ -185,7 +205,8 @@ class Outcome(NamedTuple):
     max_b_hat: list[float]
     eval_rounds: list[int]
     curves: np.ndarray  # [seeds, evaluations] training loss
-    seconds: float  # every seed, compilation included
+    seconds: float  # every seed, compilation included (its share of its arms' sweep)
+    execution: str  # how the sweep ran: "batched" or "sequential"
 
 
 def train_loss_fn(dataset: str, model: str, s):
@@ -196,89 +217,129 @@ def train_loss_fn(dataset: str, model: str, s):
     return lambda params: models_lib.evaluate(module, params, ds.x_train[:n], ds.y_train[:n])[0]
 
 
-def _runner(cfg: config_lib.Config, problem: problem_lib.Problem, s, seeded: bool = False):
-    """`run(state, n) -> (state, metrics)`: `n` rounds through `ej.run` (vmapped over seeds)."""
-
-    def run(state, n):
-        return ej.run(cfg.algorithm, problem.loss_fn, state, batch_fn=problem.batch_fn,
-                      rounds=n, has_aux=True, worker_loop=s.worker_loop,
-                      loop=config_lib.resolve_loop(cfg.flags, jax.default_backend()))
-
-    return (lambda state, n: jax.vmap(lambda x: run(x, n))(state)) if seeded else run
+BETAS = (0.0, 1.0)  # the error-feedback damping of the async arms: none, EF14
+Arms = tuple[tuple[Point, ...], config_lib.Config, dict]  # points, config, hparams of a sweep
 
 
-def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, train_loss,
-              s) -> Outcome:
-    """Runs every seed of one configuration, one after another."""
-    alg_init = jax.jit(cfg.algorithm.init)
-    run = _runner(cfg, problem, s)
+def sweeps(configs: list[tuple[Point, config_lib.Config]]) -> list[Arms]:
+    """The grid as sweeps, in grid order: `(the arms' points, config, hparams)`.
+
+    An asynchronous configuration's two arms are one sweep over `beta` in `BETAS` on its
+    EF14 arm's config (`beta = 0`: no error feedback); each synchronous arm's seeds are
+    a sweep of their own (`{}`: EF14 and EF21 differ in their chains, not in a float).
+    """
+    out, rest = [], list(configs)
+    while rest:
+        point, cfg = rest.pop(0)
+        if point.algorithm == "async":
+            on, cfg = rest.pop(0)  # the EF14 arm follows the one without EF
+            out.append(((point, on), cfg, {"beta": BETAS}))
+        else:
+            out.append(((point,), cfg, {}))
+    return out
+
+
+def _sweep(cfg: config_lib.Config, problem: problem_lib.Problem, s, make, hparams, start,
+           rounds: int, execution: str = "auto") -> ej.Sweep:
+    """`rounds` rounds of every point of `hparams` and every seed, from `start` (the
+    model's initialiser, or the previous sweep)."""
+    return ej.sweep(make, problem.loss_fn, start, hparams,
+                    seeds=studies.seeds(s.seed, s.num_seeds), batch_fn=problem.batch_fn,
+                    rounds=rounds, has_aux=True, execution=execution,
+                    loop=config_lib.resolve_loop(cfg.flags, jax.default_backend()),
+                    worker_loop=s.worker_loop)
+
+
+def _seed(state: ej.State, j: int) -> ej.State:
+    return jax.tree.map(lambda x: x[j], state)
+
+
+def run_arms(points: tuple[Point, ...], cfg: config_lib.Config, hparams: dict,
+             problem: problem_lib.Problem, train_loss, s) -> list[Outcome]:
+    """The arms of one sweep (`sweeps`), every seed: one sweep, continued between
+    evaluations; the sweep's points are the arms, in order."""
+    make = functools.partial(make_algorithm, points[-1], cfg.flags)
     eval_rounds = [r for r in range(1, s.rounds + 1) if r % s.eval_every == 0 or r == s.rounds]
-    final, accuracy, reached, b_max, curves = [], [], [], [], []
     t0 = time.perf_counter()
-    for seed in studies.seeds(s.seed, s.num_seeds):
-        base = jax.random.key(seed)
-        state = alg_init(problem.init_params(jax.random.fold_in(base, 0)),
-                         jax.random.fold_in(base, 1))
-        r, b_hat, curve = 0, 0.0, []
-        for end in eval_rounds:
-            state, metrics = run(state, end - r)
-            r, b_hat = end, max(b_hat, float(jnp.max(metrics["consistency/b_hat"])))
-            curve.append(train_loss(ej.model(state)))
-        final.append(curve[-1])
-        accuracy.append(problem.evaluate(ej.model(state))["test/accuracy"])
-        hit = [r for r, loss in zip(eval_rounds, curve, strict=True) if loss <= s.target_loss]
-        reached.append(hit[0] if hit else None)
-        b_max.append(b_hat)
-        curves.append(curve)
-    return Outcome(point, final, accuracy, reached, b_max, eval_rounds, np.asarray(curves),
-                   time.perf_counter() - t0)
+    result, r, curves = problem.init_params, 0, []
+    b_hat = np.zeros((len(points), s.num_seeds))
+    for end in eval_rounds:
+        result = _sweep(cfg, problem, s, make, hparams, result, end - r)
+        r = end
+        b_hat = np.maximum(b_hat, np.asarray(result.metrics["consistency/b_hat"]).max(-1)
+                           .reshape(b_hat.shape))
+        curves.append([[train_loss(ej.model(_seed(state, j))) for j in range(s.num_seeds)]
+                       for state in result.states])
+    curves = np.asarray(curves).transpose(1, 2, 0)  # [arm, seed, evaluation]
+    seconds = (time.perf_counter() - t0) / len(points)  # (the arms share the sweep)
+    outcomes = []
+    for arm, (point, state) in enumerate(zip(points, result.states, strict=True)):
+        accuracy = [problem.evaluate(ej.model(_seed(state, j)))["test/accuracy"]
+                    for j in range(s.num_seeds)]
+        reached = []
+        for curve in curves[arm]:
+            hit = [t for t, loss in zip(eval_rounds, curve, strict=True) if loss <= s.target_loss]
+            reached.append(hit[0] if hit else None)
+        outcomes.append(Outcome(point, [float(x) for x in curves[arm, :, -1]], accuracy,
+                                reached, b_hat[arm].tolist(), eval_rounds, curves[arm],
+                                seconds, result.execution))
+    return outcomes
 
 
 class Batching(NamedTuple):
-    """Seeds one after another against one vmapped batch: the first two rounds' seconds
-    (compilation included: under `vmap` the second round's input batches differently
-    from the first's) and the milliseconds per seed and round after them."""
+    """The configuration's sweep one run after another against one batched program: the
+    first call's seconds (compilation included) and the milliseconds per seed and round
+    (both arms) of a second call."""
 
     point: Point
     rounds: int
     sequential_compile_s: float
     sequential_ms: float
-    vmapped_compile_s: float
-    vmapped_ms: float
+    batched_compile_s: float
+    batched_ms: float
 
 
-def seed_batching(point: Point, problem: problem_lib.Problem, s, rounds: int = 20) -> Batching:
-    """Times `rounds` rounds of every seed both ways (after two first rounds each)."""
+def seed_batching(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem, s,
+                  rounds: int = 20) -> Batching:
+    """Times `rounds` rounds of an async configuration's sweep both ways (after a first
+    call each)."""
     timings = []
-    for seeds in (1, s.num_seeds):
-        batch_cfg = config_lib.validate({**launcher_values(s, point), "num_seeds": seeds})
-        run = _runner(batch_cfg, problem, s, seeded=seeds > 1)
-        state = problem_lib.make_init(batch_cfg, problem)()
+    for execution in ("sequential", "batched"):
+        make = functools.partial(make_algorithm, point, cfg.flags)
+        hparams = {"beta": BETAS}
         t0 = time.perf_counter()
-        state = jax.block_until_ready(run(state, 2)[0])
-        compile_s, total = time.perf_counter() - t0, 0.0
-        for _ in range(s.num_seeds if seeds == 1 else 1):  # the same state each time: timing
-            t0 = time.perf_counter()
-            state = jax.block_until_ready(run(state, rounds)[0])
-            total += time.perf_counter() - t0
-        timings += [compile_s, 1000 * total / (rounds * s.num_seeds)]
+        result = _sweep(cfg, problem, s, make, hparams, problem.init_params, rounds, execution)
+        jax.block_until_ready(result.metrics)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        jax.block_until_ready(_sweep(cfg, problem, s, make, hparams, result, rounds,
+                                     execution).metrics)
+        runs = len(BETAS) * s.num_seeds
+        timings += [compile_s, 1000 * (time.perf_counter() - t0) / (rounds * runs)]
     return Batching(point, rounds, *timings)
 
 
+def _executions(outcomes: list[Outcome]) -> str:
+    words = {"batched": "as one batched program", "sequential": "one run after another"}
+    return " or ".join(words[e] for e in sorted({o.execution for o in outcomes}))
+
+
 def run_grid(s) -> list[Outcome]:
-    configs = check(s)
+    groups = sweeps(check(s))
     problems, losses, outcomes = {}, {}, []
-    progress = studies.Progress(len(configs))
-    for point, cfg in configs:
+    progress = studies.Progress(len(groups))
+    for points, cfg, hparams in groups:
+        point = points[-1]
         key = (point.dataset, point.model, point.num_workers)
         if key not in problems:  # The data split depends on P only, not on the algorithm.
             problems[key] = problem_lib.load_problem(cfg.flags)
         if key[:2] not in losses:
             losses[key[:2]] = train_loss_fn(point.dataset, point.model, s)
-        outcomes.append(run_point(point, cfg, problems[key], losses[key[:2]], s))
+        outcomes += run_arms(points, cfg, hparams, problems[key], losses[key[:2]], s)
         delay = f", max_delay={point.max_delay}" if point.algorithm == "async" else ""
+        arms = " and ".join(p.feedback for p in points)
         progress.step(f"{point.dataset}, {point.algorithm}, k={point.k:g}, P={point.num_workers}"
-                      f"{delay}, momentum {point.momentum:g}, {point.feedback}")
+                      f"{delay}, momentum {point.momentum:g}, {arms}")
     return outcomes
 
 
@@ -519,7 +580,7 @@ def run(s, invocation=None) -> str:
     if s.compare_seed_batching:
         # The largest P and max_delay of the async arms, with error feedback.
         point, cfg = [(p, c) for p, c in check(s) if p.algorithm == "async"][-1]
-        batching = seed_batching(point, problem_lib.load_problem(cfg.flags), s)
+        batching = seed_batching(point, cfg, problem_lib.load_problem(cfg.flags), s)
     seconds = time.perf_counter() - start
     return write(s, outcomes, seconds, invocation, batching)
 
@@ -535,15 +596,19 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
     lines += [
         f"Asynchronous Top-k SGD (`ej.async_sgd`: {s.reads} reads, {s.delay} lags up to "
         f"max_delay updates, batch {s.batch_size} per worker, {s.rounds} rounds) with EF14 "
-        f"error feedback and without, with heavy-ball momentum mu in {{{momenta}}} at the "
-        f"workers (`ej.sgd(momentum=mu)`: error feedback acts on the momentum), on {names}"
+        f"error feedback (`beta = 1`) and without (`beta = 0`), with heavy-ball momentum mu "
+        f"in {{{momenta}}} at the workers (`ej.sgd(momentum=mu)`: error feedback acts on the "
+        f"momentum), on {names}"
         + ("; and a synchronous panel (`ej.sync_sgd`) of Top-k SGD with EF14 and with EF21 "
            "(`ej.chain(ej.ef21(top_k), ej.sgd(momentum=mu))`), the momentum at the server "
            "(`optimizer_placement=\"server\"`: error feedback before momentum)"
            if s.sync_panel else "") +
         f". Every arm runs at the constant learning rate `(1 - mu) * {s.learning_rate:g}`: "
         f"the same effective rate `eta / (1 - mu) = {s.learning_rate:g}` (docs/theory.md "
-        f"section 9); seeds {s.seed}..{s.seed + s.num_seeds - 1} run one after another "
+        f"section 9). Both async arms and seeds {s.seed}..{s.seed + s.num_seeds - 1} of a "
+        "configuration are one `ej.sweep` over `beta`"
+        + ("; each sync arm's seeds are one `ej.sweep` of their own" if s.sync_panel else "")
+        + f"; they ran {_executions(outcomes)} by the library's rule for the model and backend "
         f"(worker loop `{s.worker_loop}`). The training loss is the mean cross-entropy "
         f"of the actual model over the first {s.train_eval_size} training samples "
         f"(all of them if fewer), checked every {s.eval_every} rounds; the target loss is "
@@ -583,14 +648,14 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation,
         b = batching.point
         lines += [
             "",
-            f"Seed batching, timed on k = {b.k:g}, P = {b.num_workers}, max_delay = "
-            f"{b.max_delay}, EF ({batching.rounds} rounds per seed after two first rounds, "
-            "whose time, compilation included, is given apart): "
-            f"seeds one after another {batching.sequential_ms:.1f} ms per seed and round "
-            f"(compilation {batching.sequential_compile_s:.1f} s); the launcher's vmapped "
-            f"`--num_seeds={s.num_seeds}` batch {batching.vmapped_ms:.1f} ms per seed and "
-            f"round (compilation {batching.vmapped_compile_s:.1f} s). This study runs seeds "
-            "one after another.",
+            f"Sweep execution, timed on k = {b.k:g}, P = {b.num_workers}, max_delay = "
+            f"{b.max_delay}, momentum {b.momentum:g} (both async arms, {s.num_seeds} seeds, "
+            f"{batching.rounds} rounds after a first call whose time, compilation included, "
+            "is given apart): "
+            f"one run after another {batching.sequential_ms:.1f} ms per seed and round "
+            f"(first call {batching.sequential_compile_s:.1f} s); one batched program "
+            f"{batching.batched_ms:.1f} ms per seed and round (first call "
+            f"{batching.batched_compile_s:.1f} s).",
         ]
     return studies.write_report(s.workdir, lines)
 

@@ -1,6 +1,7 @@
 """Hypergradients through whole runs, and the continuous `staleness` of the stale variants."""
 
 import json
+import math
 import os
 
 import jax
@@ -98,14 +99,55 @@ def test_hypergradients_match_central_differences(problem64, case):
                                            rtol=1e-10)
 
 
-def test_remat_and_plain_agree(problem64):
-    make, hparams = CASES["sync_topk_ef"]
+def test_two_level_checkpointing_equals_per_round_remat(problem64):
+    """`remat="sqrt"` (R = 5: a segment of K = 3 rounds and a ragged one of 2) against
+    `"round"`, and `"none"`."""
+    make, hparams = CASES["async_topk_ef"]
     with jax.enable_x64(True):
-        value, grads = hypergradient(make, hparams, problem64, mode="reverse")
-        value_p, grads_p = hypergradient(make, hparams, problem64, mode="reverse", remat=False)
-        np.testing.assert_allclose(float(value_p), float(value), rtol=1e-12)
-        for name in hparams:
-            np.testing.assert_allclose(float(grads_p[name]), float(grads[name]), rtol=1e-12)
+        value, grads = hypergradient(make, hparams, problem64, mode="reverse", remat="round")
+        for remat, rtol in (("sqrt", 1e-10), ("none", 1e-12)):
+            value_r, grads_r = hypergradient(make, hparams, problem64, mode="reverse",
+                                             remat=remat)
+            np.testing.assert_allclose(float(value_r), float(value), rtol=rtol)
+            for name in hparams:
+                assert float(grads[name]) != 0.0
+                np.testing.assert_allclose(float(grads_r[name]), float(grads[name]), rtol=rtol,
+                                           err_msg=f"{remat}: d/d{name}")
+
+
+@pytest.mark.parametrize("rounds, expected", [
+    (1, (1, 1, 0)), (2, (2, 1, 0)), (4, (2, 2, 0)), (5, (3, 1, 2)), (9, (3, 3, 0)),
+    (10, (4, 2, 2)), (1000, (32, 31, 8)), (10_000, (100, 100, 0)),
+])
+def test_segments_are_ceil_sqrt_rounds_with_a_ragged_last_one(rounds, expected):
+    size, full, tail = ej.analysis.segments(rounds)
+    assert (size, full, tail) == expected
+    assert size == math.ceil(math.sqrt(rounds)) and full * size + tail == rounds
+
+
+def make_sync_ef(learning_rate):
+    return ej.sync_sgd(learning_rate, 2, error_feedback=True)
+
+
+def test_two_level_checkpointing_keeps_fewer_states():
+    """XLA's scratch memory of the compiled reverse pass at R = 400: the backward pass
+    keeps 400 states per round, 20 + 20 with segments of 20 rounds."""
+    p = {"a": jnp.zeros(256)}
+    batches = stacked_noise(p, num_workers=2, rounds=400)
+
+    def temp_bytes(remat):
+        def program(params, batches):
+            return ej.analysis.hypergradient(make_sync_ef, h.noisy_quadratic, params, batches,
+                                             {"learning_rate": LR}, key=1, mode="reverse",
+                                             remat=remat)
+
+        compiled = jax.jit(program).lower(p, batches).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    state_bytes = 3 * 256 * 4  # the model and two residuals
+    per_round, two_level = temp_bytes("round"), temp_bytes("sqrt")
+    assert per_round >= 400 * state_bytes
+    assert two_level <= per_round / 4
 
 
 def test_value_is_the_run_and_beta_zero_is_no_error_feedback(problem64):
@@ -306,7 +348,7 @@ def test_objectives_params_and_aux(problem64):
     (dict(objective=("distance_to", {"a": 0.0})), r"^objective: got \('distance_to', point\)"),
     (dict(mode="sideways"), r"^mode: got 'sideways'"),
     (dict(mode="forward", wrt_params=True), r"^mode: got 'forward'; expected 'reverse'"),
-    (dict(remat=1), r"^remat: got 1; expected a bool"),
+    (dict(remat=True), r"^remat: got True; expected one of 'sqrt', 'round', 'none'"),
     (dict(batches_workers=2), r"^batches: got leading shape \(5, 2\); expected \[R >= 1, P = 3\]"),
 ])
 def test_hypergradient_validation(kwargs, match):

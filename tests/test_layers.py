@@ -26,7 +26,7 @@ LAYERS = [
     {"rounds"},
     {"parallel", "checks"},
     {"drivers"},  # make_step, run
-    {"analysis"},
+    {"analysis", "sweeps"},  # whole runs: hypergradients, grids
     {"__init__", "algorithms.__init__"},
 ]
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}

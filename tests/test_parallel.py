@@ -111,8 +111,25 @@ def test_unbounded_configurations_on_one_and_four_devices(name, tmp_path):
     in_fresh_process(name, 8, (4,), tmp_path)  # against the one-device reference
 
 
-def test_sixteen_workers_on_eight_devices(tmp_path):
-    in_fresh_process("async_inconsistent_top_k_ef", 16, (8,), tmp_path)
+def test_ninety_six_workers_on_eight_devices(tmp_path):
+    # Twelve workers per device, and sums over more workers than the left fold
+    # takes (`ej.consistency.FOLD_WORKERS`): the auxiliary model sums 96 residuals.
+    in_fresh_process("async_inconsistent_top_k_ef", 96, (8,), tmp_path)
+
+
+@pytest.mark.parametrize("size", [65, 96, 1024])
+def test_worker_sums_above_the_fold_halve_pairwise(size):
+    """Above the fold, `worker_sum` adds `x[:h] + x[h:2h]`, the odd last entry carried."""
+    x = np.random.default_rng(size).normal(size=(size, 3)).astype(np.float32)
+
+    def reference(x):
+        while len(x) > 1:
+            half = len(x) // 2
+            x = np.concatenate([x[:half] + x[half:2 * half], x[2 * half:]])
+        return x[0]
+
+    got = jax.jit(ej.consistency.worker_sum)(x)
+    np.testing.assert_array_equal(np.asarray(got), reference(x))
 
 
 def test_bad_meshes_are_refused():

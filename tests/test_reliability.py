@@ -65,8 +65,8 @@ def test_arguments_doc_is_generated_from_the_code():
 
 
 # Public functions of `ej` that build nothing a user configures.
-NOT_FACTORIES = {"make_step", "run", "params", "model", "derive_key", "compression_info",
-                 "views", "update",
+NOT_FACTORIES = {"make_step", "run", "sweep", "params", "model", "derive_key",
+                 "compression_info", "views", "update",
                  "chain"}  # its arguments are links; the factories check it as `rule`
 DELAY_LAWS = {"fixed", "uniform", "geometric", "trace"}
 CLOCK_PARTS = {"constant", "exponential", "lognormal", "pareto", "trace", "network", "system",

@@ -193,6 +193,9 @@ def test_ef_study_report_has_one_row_per_configuration(ef_study):
                    "python -m experiments.error_feedback_study",
                    "## The paper's finding, measured", "Settings:"):
         assert needle in text
+    # The smoke grid's MLP: every sweep (both async arms; each sync arm) batched, by the rule.
+    assert {o.execution for o in outcomes} == {"batched"}
+    assert "they ran as one batched program by the library's rule" in text
     _, every = _table(text.split("## Every configuration")[1], "dataset")
     assert len(every) == len(outcomes)
     arms = {}

@@ -10,6 +10,7 @@ and stderr. Validation is table-driven and fuzzed without compiling.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 import elastic_jax as ej
 from experiments import config, flags, problem, train, workdir
+from tests import helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {  # Consistent reads: the async round then compiles about twice as fast.
@@ -405,6 +407,60 @@ def test_a_clocked_run_plots_against_seconds_and_reports_time_to_target(tmp_path
     assert last["target/loss_seconds"] == elapsed[0]
     for name in ("loss_seconds.png", "suboptimality_seconds.png", "utilisation.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+# ------------------------------------------- make_algorithm: a sweep's points over the flags
+
+SWEPT = {"workdir": "w", "algorithm": "async", "num_workers": 2, "max_delay": 2,
+         "reads": "consistent", "k_fraction": 0.2}  # Top-4 of 20 parameters
+
+
+def _four_rounds(alg):
+    """Four rounds of `alg` on the noisy quadratic, from `ej.sweep`'s keys of seed 0."""
+    state = jax.jit(alg.init)(h.params0(), ej.sweeps.seed_keys(0)[1])
+    return ej.run(alg, h.noisy_quadratic, state, batch_fn=h.noise_batch_fn(h.params0()),
+                  rounds=4)
+
+
+def test_make_algorithm_puts_a_swept_value_in_place_of_its_flag():
+    f = config.validate({**SWEPT, "momentum": 0.5, "ef_beta": 0.5}).flags
+    # beta 0 is the run without error feedback, beta 1 EF14; one run after another, each
+    # point is bitwise its own ej.run.
+    result = ej.sweep(functools.partial(config.make_algorithm, f), h.noisy_quadratic,
+                      h.params0(), {"beta": (0.0, 1.0)}, batch_fn=h.noise_batch_fn(h.params0()),
+                      rounds=4, execution="sequential")
+    without = config.validate({**SWEPT, "momentum": 0.5, "error_feedback": False}).algorithm
+    ef14 = config.validate({**SWEPT, "momentum": 0.5, "ef_beta": 1.0}).algorithm
+    for i, alg in enumerate((without, ef14)):
+        state, metrics = _four_rounds(alg)
+        np.testing.assert_array_equal(
+            h.flat(ej.params(jax.tree.map(lambda x: x[0], result.states[i]))),
+            h.flat(ej.params(state)))
+        for name in ("loss", "consistency/b_hat"):
+            np.testing.assert_array_equal(result.metrics[name][i, 0], metrics[name])
+    # The learning rate and the momentum likewise.
+    got = config.make_algorithm(f, learning_rate=0.01, momentum=0.9)
+    want = config.validate({**SWEPT, "ef_beta": 0.5, "learning_rate": 0.01,
+                            "momentum": 0.9}).algorithm
+    np.testing.assert_array_equal(h.flat(ej.params(_four_rounds(got)[0])),
+                                  h.flat(ej.params(_four_rounds(want)[0])))
+
+
+@pytest.mark.parametrize("values, hparams, match", [
+    ({}, {"gamma": 0.5}, r"^hparams: got 'gamma'; expected one of 'learning_rate', 'beta', "
+                         r"'momentum'$"),
+    ({"error_feedback": False}, {"beta": 0.5}, r"^hparams: got 'beta'; expected --ef_beta "
+                                               r"only with .* --error_feedback \(here "
+                                               r"--noerror_feedback\)$"),
+    ({"optimizer": "adamw"}, {"momentum": 0.9},
+     r"^hparams: got 'momentum'; expected --momentum only with --optimizer=sgd \(here "
+     r"--optimizer=adamw\)$"),
+    ({}, {"momentum": 1.0}, r"^momentum: got 1.0; expected a finite number in \[0.0, 1.0\)$"),
+])
+def test_make_algorithm_refuses_a_value_for_no_flag_of_the_run(values, hparams, match):
+    f = config.validate({**SWEPT, **values}).flags
+    with pytest.raises(ValueError, match=match):
+        config.make_algorithm(f, **hparams)
 
 
 # ------------------------------------------------------------- b_hat's peaks
