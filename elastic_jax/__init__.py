@@ -11,6 +11,7 @@ evaluates gradients at `ej.views(alg, state)` and hands them to
 from elastic_jax import analysis, bounds, checks, clock, delays, parallel, topologies, workers
 from elastic_jax.algorithms.asynchronous import async_sgd
 from elastic_jax.algorithms.clock_async import clock_async_sgd
+from elastic_jax.algorithms.diloco import diloco
 from elastic_jax.algorithms.elastic_scheduling import elastic_scheduling
 from elastic_jax.algorithms.gossip import gossip_sgd
 from elastic_jax.algorithms.local import local_sgd
@@ -41,6 +42,7 @@ from elastic_jax.ef21 import ef21
 from elastic_jax.error_feedback import error_feedback
 from elastic_jax.links import Link, clip
 from elastic_jax.optimizers import adamw, from_optax, sgd, weight_decay
+from elastic_jax.powersgd import powersgd
 from elastic_jax.rounds import update, views
 from elastic_jax.sweeps import Sweep, sweep
 
@@ -68,6 +70,7 @@ __all__ = [
     "compression_info",
     "delays",
     "derive_key",
+    "diloco",
     "ef21",
     "elastic_scheduling",
     "error_feedback",
@@ -80,6 +83,7 @@ __all__ = [
     "model",
     "parallel",
     "params",
+    "powersgd",
     "qsgd",
     "random_k",
     "run",

@@ -40,6 +40,8 @@ TAG_DATA = 3  # per-worker batch sampling in `run(batch_fn=...)`
 TAG_FAULT = 4  # drops, crashes, partial deliveries
 TAG_TOPOLOGY = 5  # a round's random mixing matrix (gossip's random matching)
 TAG_CLOCK = 6  # the system model's compute times and message jitters (elastic_jax.clock)
+TAG_FACTORS = 7  # a collective compressor's initial factors (PowerSGD's Q_0)
+TAG_OUTER = 8  # DiLoCo's outer compressor: a worker's draws at a synchronisation
 
 
 class AlgorithmInfo(NamedTuple):

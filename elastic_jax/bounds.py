@@ -160,3 +160,36 @@ def gossip_sgd(*, factor, update, residual=0.0):
     local SGD's bound.
     """
     return factor * update + residual
+
+
+def diloco(*, period, num_workers, update, residual=0.0):
+    """`B` for DiLoCo with `H = period` inner steps per outer step (`ej.diloco`).
+
+    The views are the local models and the auxiliary model is their mean minus
+    the mean residual `ebar` of the outer error feedback, `x = mean_q v^q - ebar`.
+    Right after a fragment's synchronisation every node holds the global model,
+    so for each fragment `x - v^p` is the residual's part plus the local steps
+    since its synchronisation, at most `H - 1` of them (any `H` consecutive
+    rounds synchronise every fragment once), each `||u^p - ubar|| <= 2 eta U
+    (1 - 1/P)` on the fragment's coordinates and so on the whole model: local
+    SGD's bound plus `R`,
+
+        B = 2 (H - 1)(1 - 1/P) U + R.
+
+    The outer optimizer moves the global model, not the distance: after its
+    step every view is the new global model and `x` is reset to it minus the
+    new mean residual (docs/theory.md section 12).
+    """
+    return local_sgd(period=period, num_workers=num_workers, update=update) + residual
+
+
+def diloco_residual(*, period, update, rho):
+    """`R = rho H U` for DiLoCo's outer error feedback around a contraction.
+
+    A node's pseudo-gradient sums at most `H` inner updates, `||Delta^p|| <=
+    eta H U`, and error feedback around a contraction of factor `q` keeps
+    `||e|| <= q (||e|| + ||Delta||)`, so `||e|| <= eta rho H U` with section 4's
+    `rho` (`bounds.rho`); per fragment with its own `rho_f`, and over `F`
+    fragments (disjoint coordinates) `rho = sqrt(sum_f rho_f^2)`.
+    """
+    return rho * period * update

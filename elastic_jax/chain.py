@@ -27,9 +27,12 @@ import jax.numpy as jnp
 from elastic_jax import compressors as compressors_lib
 from elastic_jax import consistency, validation
 from elastic_jax import error_feedback as error_feedback_lib
+from elastic_jax import powersgd as powersgd_lib
 from elastic_jax.links import Context, Link, clip, compress
 from elastic_jax.optimizers import raw_gradient, sgd
 
+_COLLECTIVE = ("a per-worker link: ej.powersgd is a collective compressor, defined for "
+               "sync_sgd (compressor=) and diloco (outer_compressor=) only")
 _EXPECTED = ("links such as ej.clip(1.0), ej.weight_decay(1e-4), ej.sgd(momentum=0.9), "
              "ej.adamw(), ej.top_k(...), ej.error_feedback(...), ej.ef21(...)")
 
@@ -50,6 +53,8 @@ def as_link(item) -> Link:
     """A link from a link, a bare compressor or an `ej.error_feedback(...)` value."""
     if isinstance(item, Link):
         return item
+    if powersgd_lib.is_powersgd(item):
+        validation.fail("rule", item, _COLLECTIVE)
     if isinstance(item, compressors_lib.Compressor):
         if item.spec.name == "error_feedback":
             return error_feedback_lib.link(item)
@@ -237,6 +242,10 @@ def resolve(rule, compressor, error_feedback, clip_norm, variant: str, *,
     `clip_norm=c` puts `clip(c)` first. `rule` and those arguments are
     exclusive.
     """
+    if powersgd_lib.is_powersgd(compressor):
+        validation.fail("compressor", compressor, f"a per-worker compressor for {variant}: "
+                        "ej.powersgd is a collective compressor, defined for sync_sgd and "
+                        "diloco (outer_compressor=) only")
     beta = validation.check_beta(error_feedback)
     validation.check_clip_norm(clip_norm)
     if rule is not None:

@@ -541,7 +541,7 @@ def sync(system_: System, num_workers: int, bits: int, pattern: str) -> Timeline
     (the collective waits for its slowest link). `pattern` is `"all_reduce"`
     for dense updates, `"all_gather"` for sparse or quantised ones.
     """
-    return _lockstep(system_, num_workers, bits, pattern, period=1)
+    return periodic(system_, num_workers, 1, {0: ((pattern, bits),)})
 
 
 def local(system_: System, num_workers: int, bits: int, period: int) -> Timeline:
@@ -551,7 +551,7 @@ def local(system_: System, num_workers: int, bits: int, period: int) -> Timeline
     averaging round (`(r + 1) % H == 0`), which ends for everyone when the
     slowest node and the all-reduce are done.
     """
-    return _lockstep(system_, num_workers, bits, "all_reduce", period=period)
+    return periodic(system_, num_workers, period, {0: (("all_reduce", bits),)})
 
 
 def gossip(system_: System, num_workers: int, bits: int, degree: int, period: int) -> Timeline:
@@ -587,11 +587,40 @@ def gossip(system_: System, num_workers: int, bits: int, degree: int, period: in
       Decentralized Algorithms Outperform Centralized Algorithms?",
       arXiv:1705.09056 (a node's communication grows with its degree, not `P`).
     """
-    return _lockstep(system_, num_workers, bits, "broadcast", period=period, peers=degree)
+    return periodic(system_, num_workers, period, {0: (("broadcast", bits),)}, peers=degree)
 
 
-def _lockstep(system_, num_workers, bits, pattern, period, peers=None):
-    """`H`-round lockstep: the pattern among `peers` (default `P - 1`) every `H`-th round."""
+def periodic(system_: System, num_workers: int, period: int, collectives, *,
+             peers: int | None = None) -> Timeline:
+    """Lockstep rounds whose communication repeats every `period` rounds.
+
+    Round `r` ends with the collectives `collectives[(r + 1) % period]` (absent:
+    none), `(pattern, bits)` pairs of `COLLECTIVES` among `peers` other nodes
+    (default `P - 1`), run one after another once the slowest node's gradient
+    is done, each waiting for its slowest link's jitter (the `k`-th collective of
+    a round draws the jitter of column `k mod 2`); then every node starts the
+    next round. A round without collectives lets each node start its next
+    gradient as soon as its own is done. Synchronous SGD is one collective every
+    round, local SGD one all-reduce every `H` rounds, PowerSGD two all-reduces
+    (the `P` factors, then the `Q` factors) and DiLoCo one collective per
+    fragment at its own offset (docs/theory.md section 11).
+
+    Args:
+      system_: the system model.
+      num_workers: `P`.
+      period: the rounds of one repetition.
+      collectives: `{(r + 1) % period: ((pattern, bits), ...)}`; `bits` is one
+        node's message.
+      peers: the other nodes a collective involves (gossip: the degree).
+
+    Returns:
+      The `Timeline`.
+
+    Example:
+      >>> system = ej.clock.system(ej.clock.constant(0.01), rounds=8,
+      ...                          network=ej.clock.network(1e-4, 1e9))
+      >>> ej.clock.periodic(system, 8, 1, {0: (("all_reduce", 4096), ("all_reduce", 2048))})
+    """
     rounds, net = system_.rounds, system_.network
     peers = num_workers - 1 if peers is None else peers
     compute, jitter = draws(system_, num_workers, rounds)
@@ -600,10 +629,12 @@ def _lockstep(system_, num_workers, bits, pattern, period, peers=None):
     ready = np.zeros(num_workers)  # when each node may start its next gradient
     for r in range(rounds):
         starts[r], ends[r] = ready, ready + compute[r]
-        if (r + 1) % period == 0:
-            comm[r] = seconds(pattern, net, peers, bits)
-            if peers > 0:
-                comm[r] += _slowest_jitter(jitter[r, :, 0])
+        steps = collectives.get((r + 1) % period, ())
+        if steps:
+            for k, (pattern, bits) in enumerate(steps):
+                comm[r] += seconds(pattern, net, peers, bits)
+                if peers > 0:
+                    comm[r] += _slowest_jitter(jitter[r, :, k % 2])
             round_end[r] = np.max(ends[r]) + comm[r]
             ready = np.full(num_workers, round_end[r])
         else:

@@ -235,7 +235,12 @@ _MEAN = ArgumentSpec("mean", "real", lo=0.0, lo_open=True, note="seconds")
 # tests/test_reliability.py checks it against the signatures and probes every
 # range, and `python -m experiments.arguments` prints it (docs/arguments.md).
 FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
-    "sync_sgd": (_LEARNING_RATE, _NUM_WORKERS, _RULE, _COMPRESSOR, _ERROR_FEEDBACK,
+    "sync_sgd": (_LEARNING_RATE, _NUM_WORKERS, _RULE,
+                 _COMPRESSOR._replace(note=_COMPRESSOR.note + "; or ej.powersgd(rank), "
+                                      "applied in combine to the workers' chain outputs "
+                                      "(with rule=, a chain that does not compress; "
+                                      "error_feedback False)"),
+                 _ERROR_FEEDBACK,
                  _CLIP_NORM,
                  ArgumentSpec("optimizer_placement", "choice", choices=("worker", "server"),
                               note="worker: each worker runs the chain's base optimizer; "
@@ -310,6 +315,30 @@ FACTORY_ARGUMENTS: dict[str, tuple[ArgumentSpec, ...]] = {
         ArgumentSpec("slots", "int", lo=1, note="or None (num_workers); at most num_workers: "
                      "the most writes one step applies"),
         _RULE, _COMPRESSOR, _ERROR_FEEDBACK, _CLIP_NORM, _WORKER_PLACEMENT,
+    ),
+    "diloco": (
+        _LEARNING_RATE._replace(note=_LEARNING_RATE.note + "; the inner rate"), _NUM_WORKERS,
+        ArgumentSpec("period", "int", lo=1, note="H, inner steps per outer step; with outer "
+                     "SGD of rate 1, 1 is synchronous SGD"),
+        _text("outer_optimizer", "None (optax.sgd(0.7, momentum=0.9, nesterov=True)) or an "
+              "optax GradientTransformation applied to the pseudo-gradient (not a "
+              "compressor)"),
+        _text("outer_compressor", "None, a bare compressor (ej.qsgd(7), ej.top_k(...), ...), "
+              "one wrapped by ej.error_feedback (a contractive one: not ej.qsgd) or "
+              "ej.powersgd(rank)"),
+        ArgumentSpec("fragments", "int", lo=1, note="F, a divisor of period and at most the "
+                     "model's number of leaves (checked at init)"),
+        _UNCOMPRESSED_RULE, _CLIP_NORM, _WORKER_PLACEMENT,
+        _SYSTEM._replace(note=_SYSTEM.note + "; a synchronisation costs its fragment's "
+                         "collective"),
+    ),
+    "powersgd": (
+        ArgumentSpec("rank", "int", lo=1, note="r"),
+        ArgumentSpec("min_compression_rate", "real", lo=0.0, note="a leaf n x m (kernels "
+                     "reshaped to (prod(shape[:-1]), shape[-1])) is compressed when r <= "
+                     "min(n, m) and n m > min_compression_rate r (n + m), else sent dense"),
+        _text("error_feedback", "a bool (True: each worker keeps its residual; the variants "
+              "then report bound = inf)"),
     ),
     "clip": (ArgumentSpec("max_norm", "real", lo=0.0, lo_open=True,
                           note="the global norm C gradients are clipped to"),),

@@ -43,7 +43,10 @@ EXIT_STATUS = (  # (status, meaning), for docs/arguments.md
 UPDATE_RULE = ("sync", "async", "message_passing", "clock_async")  # with a compressor and EF
 STALE = ("async", "message_passing")
 COMPRESSORS = ("none", "identity", "top_k", "random_k", "scaled_random_k", "qsgd",
-               "scaled_sign")
+               "scaled_sign", "powersgd")
+# DiLoCo's outer compressors: Top-k with error feedback, 4-bit QSGD (7 levels), PowerSGD.
+OUTER_COMPRESSORS = ("none", "top_k", "qsgd", "powersgd")
+OUTER_QSGD_LEVELS = 7  # a sign and 3 bits an entry
 SCHEDULES = ("constant", "cosine", "linear", "exponential")
 LAWS = ("constant", "exponential", "lognormal", "pareto")  # simulated compute times (ej.clock)
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
@@ -71,6 +74,11 @@ ALGORITHMS = {  # name -> (flags, learning rate, shared keyword arguments) -> ej
         lr, f["num_workers"], staleness_policy=f["staleness_policy"],
         max_delay=(f["staleness_cap"] or None) if f["staleness_policy"] == "drop" else None,
         slots=f["slots"] or None, **kw),
+    "diloco": lambda f, lr, kw: ej.diloco(
+        lr, f["num_workers"], f["period"],
+        outer_optimizer=optax.sgd(f["outer_learning_rate"], momentum=f["outer_momentum"],
+                                  nesterov=f["outer_nesterov"]),
+        outer_compressor=make_outer_compressor(f), fragments=f["fragments"], **kw),
 }
 
 
@@ -101,9 +109,13 @@ FLAGS: tuple[Flag, ...] = (
          when=_on("compressor", "top_k", "random_k", "scaled_random_k")),
     Flag("qsgd_levels", "int", 4, "Quantisation levels of qsgd.", 1, 65_535,
          when=_on("compressor", "qsgd")),
+    Flag("powersgd_rank", "int", 4, "Rank r of powersgd (sync only: a collective compressor of "
+         "each matrix-shaped leaf, one power iteration a round with warm-started Q; its error "
+         "feedback is --error_feedback).", 1, 4096, when=_on("compressor", "powersgd")),
     Flag("error_feedback", "bool", True, "EF14 residual memory around the compressor (around "
-         "the identity with --compressor=none). Needs a contractive compressor (not qsgd, "
-         "scaled_random_k).", when=_on("algorithm", *UPDATE_RULE)),
+         "the identity with --compressor=none; powersgd's own residuals with "
+         "--compressor=powersgd). Needs a contractive compressor (not qsgd, scaled_random_k).",
+         when=_on("algorithm", *UPDATE_RULE)),
     Flag("ef_beta", "float", 1.0, "Error-feedback damping beta (1: EF14).", 0.0, 1.0,
          when=_on("error_feedback", True)),
     Flag("clip_norm", "float", 0.0, "Clip each worker's gradient to this norm; 0: no clipping.",
@@ -120,8 +132,27 @@ FLAGS: tuple[Flag, ...] = (
          when=_on("algorithm", "elastic_scheduling")),
     Flag("mode", "enum", "norm", "What the scheduler bounds.", choices=("norm", "variance"),
          when=_on("algorithm", "elastic_scheduling")),
-    Flag("period", "int", 4, "Rounds between model averages.", 1, 100_000,
-         when=_on("algorithm", "local_sgd")),
+    Flag("period", "int", 4, "Rounds between model averages (diloco: inner steps H per outer "
+         "step).", 1, 100_000, when=_on("algorithm", "local_sgd", "diloco")),
+    Flag("outer_learning_rate", "float", 0.7, "DiLoCo's outer optimizer optax.sgd("
+         "outer_learning_rate, momentum=outer_momentum, nesterov=outer_nesterov) on the "
+         "pseudo-gradient x - mean_p v^p (the inner optimizer is --optimizer's).", 0.0,
+         lo_open=True, when=_on("algorithm", "diloco")),
+    Flag("outer_momentum", "float", 0.9, "Momentum of DiLoCo's outer optimizer.", 0.0, 1.0,
+         hi_open=True, when=_on("algorithm", "diloco")),
+    Flag("outer_nesterov", "bool", True, "Nesterov's form of the outer momentum.",
+         when=(("outer_momentum", ">0"),)),
+    Flag("fragments", "int", 1, "Streaming DiLoCo: the model's leaves in F contiguous groups, "
+         "each synchronised once per --period at its own round (a divisor of --period, at "
+         "most the number of leaves).", 1, 100_000, when=_on("algorithm", "diloco")),
+    Flag("outer_compressor", "enum", "none", "Compressor of each node's pseudo-gradient: top_k "
+         "with error feedback, qsgd with 7 levels (4 bits an entry, no error feedback), "
+         "powersgd (its own error feedback).", choices=OUTER_COMPRESSORS,
+         when=_on("algorithm", "diloco")),
+    Flag("outer_k_fraction", "float", 0.01, "Fraction of entries the outer top_k keeps.", 0.0,
+         1.0, lo_open=True, when=_on("outer_compressor", "top_k")),
+    Flag("outer_powersgd_rank", "int", 4, "Rank of the outer powersgd.", 1, 4096,
+         when=_on("outer_compressor", "powersgd")),
     Flag("topology", "enum", "ring", "Who averages with whom (docs/theory.md section 10): "
          "lazy ring (1/3 each), 2-D torus (1/5), hypercube (P a power of two), static "
          "exponential graph, one-peer exponential graph (exact averaging every log2 P rounds "
@@ -345,6 +376,10 @@ def _check_combinations(f: Mapping[str, Any]) -> None:
                     "--algorithm=clock_async: its writes follow the clock")
     if f["compute"] != "none" and f["stragglers"] > f["num_workers"]:
         raise usage("stragglers", f["stragglers"], f"at most --num_workers={f['num_workers']}")
+    if (f["algorithm"] in UPDATE_RULE and f["compressor"] == "powersgd" and f["error_feedback"]
+            and f["ef_beta"] != 1.0):
+        raise usage("ef_beta", f["ef_beta"], "1.0 with --compressor=powersgd (its error "
+                    "feedback keeps the whole residual)")
     if f["num_devices"] and f["num_seeds"] > 1:
         raise usage("num_devices", f["num_devices"], "0 with --num_seeds > 1 (seeds are "
                     "vmapped on one device)")
@@ -406,6 +441,8 @@ def make_algorithm(f: Mapping[str, Any], **hparams) -> ej.Algorithm:
             raise ValueError(f"hparams: got {name!r}; expected {why}")
     f = {**f, **{HPARAM_FLAGS[name]: value for name, value in hparams.items()}}
     kw = {"rule": make_rule(f)}
+    if f["algorithm"] in UPDATE_RULE and f["compressor"] == "powersgd":
+        kw["compressor"] = make_compressor(f)  # collective: not a link of the chain
     if f["compute"] != "none":  # (not with --algorithm=async: refused by validate)
         kw["system"] = make_system(f)
     return ALGORITHMS[f["algorithm"]](f, make_schedule(f), kw)
@@ -424,7 +461,7 @@ def make_rule(f: Mapping[str, Any]) -> ej.Rule:
     else:
         links += [ej.weight_decay(f["weight_decay"])] if f["weight_decay"] else []
         links.append(ej.sgd(momentum=f["momentum"], nesterov=f["nesterov"]))
-    if f["algorithm"] in UPDATE_RULE:
+    if f["algorithm"] in UPDATE_RULE and f["compressor"] != "powersgd":
         compressor = make_compressor(f)
         if f["error_feedback"]:
             links.append(ej.error_feedback(compressor or ej.identity(), beta=f["ef_beta"]))
@@ -504,7 +541,17 @@ def make_compressor(f: Mapping[str, Any]):
         return ej.random_k(fraction=f["k_fraction"], scaled=name == "scaled_random_k")
     return {"none": lambda: None, "identity": ej.identity, "scaled_sign": ej.scaled_sign,
             "top_k": lambda: ej.top_k(fraction=f["k_fraction"]),
-            "qsgd": lambda: ej.qsgd(f["qsgd_levels"])}[name]()
+            "qsgd": lambda: ej.qsgd(f["qsgd_levels"]),
+            "powersgd": lambda: ej.powersgd(f["powersgd_rank"],
+                                            error_feedback=f["error_feedback"])}[name]()
+
+
+def make_outer_compressor(f: Mapping[str, Any]):
+    """DiLoCo's outer compressor `--outer_compressor` names, or None."""
+    return {"none": lambda: None,
+            "top_k": lambda: ej.error_feedback(ej.top_k(fraction=f["outer_k_fraction"])),
+            "qsgd": lambda: ej.qsgd(OUTER_QSGD_LEVELS),
+            "powersgd": lambda: ej.powersgd(f["outer_powersgd_rank"])}[f["outer_compressor"]]()
 
 
 def describe(f: Mapping[str, Any]) -> str:
@@ -527,6 +574,17 @@ def describe(f: Mapping[str, Any]) -> str:
                      f"{f['delay']} delays")
     if name == "local_sgd":
         parts.append(f"period {f['period']}")
+    if name == "diloco":
+        momentum = (f"{'Nesterov' if f['outer_nesterov'] else 'momentum'} "
+                    f"{f['outer_momentum']:g}" if f["outer_momentum"] else "no momentum")
+        parts.append(f"H {f['period']}, outer SGD {f['outer_learning_rate']:g} ({momentum})")
+        if f["fragments"] > 1:
+            parts.append(f"{f['fragments']} fragments")
+        if f["outer_compressor"] != "none":
+            parts.append({"top_k": f"outer Top-{100 * f['outer_k_fraction']:.3g}% + EF",
+                          "qsgd": "outer 4-bit QSGD",
+                          "powersgd": f"outer PowerSGD rank {f['outer_powersgd_rank']}"}[
+                              f["outer_compressor"]])
     if name == "gossip":
         parts.append(f"{f['topology'].replace('_', ' ')}" + (
             f", {f['local_steps']} local steps" if f["local_steps"] > 1 else ""))
@@ -542,7 +600,8 @@ def describe(f: Mapping[str, Any]) -> str:
         k = f"{100 * f['k_fraction']:.3g}%"
         compressor = {"none": "uncompressed", "top_k": f"Top-{k}", "random_k": f"random-{k}",
                       "scaled_random_k": f"scaled random-{k}", "qsgd":
-                      f"QSGD {f['qsgd_levels']} levels"}.get(f["compressor"],
+                      f"QSGD {f['qsgd_levels']} levels",
+                      "powersgd": f"PowerSGD rank {f['powersgd_rank']}"}.get(f["compressor"],
                                                              f["compressor"].replace("_", " "))
         beta = f" (beta {f['ef_beta']:g})" if f["ef_beta"] < 1 else ""
         parts.append(compressor + (f" + EF{beta}" if f["error_feedback"] else ", no EF"))

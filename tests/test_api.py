@@ -6,9 +6,11 @@ PUBLIC = {
     "WORKER_AXIS", "Algorithm", "AlgorithmInfo", "CompressionInfo", "Compressor", "Link",
     "Rule", "State", "adamw", "analysis", "async_sgd", "bounds", "chain", "checks", "clip",
     "clock", "clock_async_sgd",
-    "compression_info", "delays", "derive_key", "ef21", "elastic_scheduling", "error_feedback",
+    "compression_info", "delays", "derive_key", "diloco",
+    "ef21", "elastic_scheduling", "error_feedback",
     "from_optax", "gossip_sgd", "identity", "local_sgd", "make_step", "message_passing_sgd",
-    "model", "parallel", "params", "qsgd", "random_k", "run", "scaled_sign", "sgd", "Sweep",
+    "model", "parallel", "params", "powersgd",
+    "qsgd", "random_k", "run", "scaled_sign", "sgd", "Sweep",
     "sweep", "sync_sgd", "top_k", "topologies", "update", "views", "weight_decay", "workers",
 }
 
@@ -22,7 +24,8 @@ def test_public_surface():
     exported = {n for n in dir(ej) if not n.startswith("_")}
     # Submodules imported by the package are visible too; nothing else is.
     assert exported - PUBLIC <= {"algorithms", "base", "compressors", "consistency", "drivers",
-                                 "links", "optimizers", "rounds", "sweeps", "validation"}
+                                 "links", "optimizers", "powersgd", "rounds", "sweeps",
+                                 "validation"}
 
 
 def test_algorithm_is_a_namedtuple_of_functions():

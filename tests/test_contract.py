@@ -70,6 +70,10 @@ ALGORITHMS = {
         lr, p, topology="one_peer_exponential", local_steps=2,
         compressor=ej.top_k(fraction=0.34), error_feedback=True),
     "clock_async_straggler_top_k_ef": _clock_async,
+    # Three inner steps per outer step, DiLoCo's default outer Nesterov momentum, Top-k
+    # with error feedback on the pseudo-gradients.
+    "diloco_nesterov_top_k_ef": lambda lr, p: ej.diloco(
+        lr, p, 3, outer_compressor=ej.error_feedback(ej.top_k(fraction=0.34))),
 }
 
 # name -> the same variant in its degenerate setting (one worker, no delay, no
@@ -92,6 +96,10 @@ DEGENERATE = {
     "clock_async_straggler_top_k_ef": lambda lr: ej.clock_async_sgd(
         lr, 1, system=ej.clock.system(ej.clock.constant(1.0), rounds=R),
         compressor=ej.top_k(fraction=1.0), error_feedback=True),
+    # Outer SGD of rate 1 after every inner step: the inner SGD step itself.
+    "diloco_nesterov_top_k_ef": lambda lr: ej.diloco(
+        lr, 1, 1, outer_optimizer=optax.sgd(1.0),
+        outer_compressor=ej.error_feedback(ej.identity())),
 }
 REFERENCE = {
     "sync_server_nesterov_top_k_ef": lambda lr: optax.chain(
@@ -155,6 +163,8 @@ TOTAL_BITS = {
     "gossip_one_peer_local_top_k_ef": (R // 2) * P * _bits(False),
     # Steps of P - 1 and P writes, alternately.
     "clock_async_straggler_top_k_ef": (R // 2) * (2 * P - 1) * _bits(True),
+    # Each node sends its compressed pseudo-gradient once per outer step.
+    "diloco_nesterov_top_k_ef": (R // 3) * P * _bits(True),
 }
 
 
@@ -162,7 +172,7 @@ def test_the_registries_cover_every_factory():
     assert set(DEGENERATE) == set(ALGORITHMS) == set(TOTAL_BITS)
     names = {ALGORITHMS[n](LR, P).info.name for n in ALGORITHMS}
     assert names == {"sync_sgd", "async_sgd", "message_passing_sgd", "elastic_scheduling",
-                     "local_sgd", "gossip_sgd", "clock_async_sgd"}
+                     "local_sgd", "gossip_sgd", "clock_async_sgd", "diloco"}
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))

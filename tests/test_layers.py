@@ -15,13 +15,14 @@ PACKAGE = pathlib.Path(elastic_jax.__file__).parent
 LAYERS = [
     {"base", "validation", "consistency", "bounds"},  # types, state protocol, keys, numerics
     {"compressors", "delays", "topologies", "clock"},  # and the system model (ej.clock)
+    {"powersgd"},  # a collective compressor (sync_sgd, diloco)
     {"links"},  # the per-worker chain: its link type and basic links
     {"error_feedback", "ef21", "optimizers"},  # links built on the type
     {"chain"},
     {"algorithms._common"},
     {"algorithms.sync", "algorithms.asynchronous", "algorithms.message_passing",
      "algorithms.elastic_scheduling", "algorithms.local", "algorithms.gossip",
-     "algorithms.clock_async"},
+     "algorithms.clock_async", "algorithms.diloco"},
     {"workers"},  # the round: how a device maps its workers
     {"rounds"},
     {"parallel", "checks"},

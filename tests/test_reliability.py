@@ -103,6 +103,8 @@ BASE = {
     "elastic_scheduling": {"learning_rate": 0.1, "num_workers": 1, "max_outstanding": 0},
     "local_sgd": {"learning_rate": 0.1, "num_workers": 1, "period": 1},
     "gossip_sgd": {"learning_rate": 0.1, "num_workers": 1, "topology": "ring"},
+    "diloco": {"learning_rate": 0.1, "num_workers": 1, "period": 1},
+    "powersgd": {"rank": 1},
     "identity": {}, "scaled_sign": {},
     "top_k": {"k": 1}, "random_k": {"k": 1}, "qsgd": {"levels": 1},
     "error_feedback": {"compressor": top_k(k=1)},
@@ -144,6 +146,8 @@ BAD_TEXT = {
     "network": {"network": "fast"},
     "slowdown": {"slowdown": [0.0]},
     "events": {"events": []},
+    "outer_optimizer": {"outer_optimizer": "sgd"},
+    "outer_compressor": {"outer_compressor": "top_k"},
 }
 ERROR_FEEDBACK_BAD = {"compressor": ej.qsgd(2)}
 

@@ -287,15 +287,18 @@ def test_server_momentum_resumes_exactly(tmp_path):
 def _check_uses(saved, algorithm):
     """`saved` holds the flags of `algorithm` and none of the others'."""
     rule = {"compressor", "error_feedback"}
+    outer = {"outer_learning_rate", "outer_momentum", "outer_nesterov", "fragments",
+             "outer_compressor"}
     own = {"sync": rule | {"optimizer_placement"}, "async": rule | {"reads", "max_delay"},
            "message_passing": rule | {"max_delay", "drop_prob", "crashes"},
            "elastic_scheduling": {"max_outstanding", "mode", "delay"},
            "local_sgd": {"period"},
            "gossip": {"topology", "local_steps", "gossip_compressor"},
-           "clock_async": rule | {"staleness_policy", "slots", "compute_mean"}}[algorithm]
+           "clock_async": rule | {"staleness_policy", "slots", "compute_mean"},
+           "diloco": {"period"} | outer}[algorithm]
     specific = {"reads", "max_delay", "drop_prob", "crashes", "max_outstanding", "mode",
                 "period", "optimizer_placement", "topology", "local_steps",
-                "gossip_compressor", "staleness_policy", "slots"} | rule
+                "gossip_compressor", "staleness_policy", "slots"} | rule | outer
     assert own <= set(saved) and not (specific - own) & set(saved), (algorithm, sorted(saved))
 
 
@@ -320,6 +323,9 @@ NON_DEFAULT = {
     "compute_mean": 0.1, "compute_shift": 0.01, "compute_sigma": 1.0, "pareto_shape": 3.0,
     "stragglers": 1, "straggler_slowdown": 3.0, "latency": 1e-4, "bandwidth": 1e9,
     "jitter": 0.01, "system_seed": 3, "target_loss": 0.5, "target_accuracy": 0.9,
+    "powersgd_rank": 2, "outer_learning_rate": 1.0, "outer_momentum": 0.5,
+    "outer_nesterov": False, "fragments": 2, "outer_compressor": "qsgd",
+    "outer_k_fraction": 0.05, "outer_powersgd_rank": 2,
 }
 
 
@@ -338,7 +344,11 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
             assert saved[name] == value, (algorithm, name)  # used: in the effective config
             used.setdefault(name, set()).add(algorithm)
     # Where the flag applies, it is used (with the companion it needs, if any).
-    assert used["reads"] == {"async"} and used["period"] == {"local_sgd"}
+    assert used["reads"] == {"async"} and used["period"] == {"local_sgd", "diloco"}
+    assert used["outer_learning_rate"] == used["outer_momentum"] == used["fragments"] == {
+        "diloco"} == used["outer_nesterov"] == used["outer_compressor"]
+    # Each needs its compressor named first.
+    assert not {"powersgd_rank", "outer_k_fraction", "outer_powersgd_rank"} & set(used)
     assert used["topology"] == used["local_steps"] == used["gossip_compressor"] == {"gossip"}
     assert used["drop_prob"] == {"message_passing"}
     assert used["max_delay"] == {"async", "message_passing"}
@@ -386,6 +396,20 @@ def test_every_flag_given_alone_is_used_or_refused_with_one_line():
     ({"compute": "constant", "straggler_slowdown": 2.0}, "straggler_slowdown", "--stragglers > 0"),
     ({"algorithm": "message_passing", "compute": "constant", "delay": "fixed"}, "delay",
      "--compute=none"),
+    ({"outer_learning_rate": 1.0}, "outer_learning_rate", "--algorithm=diloco (here"),
+    ({"algorithm": "local_sgd", "outer_momentum": 0.5}, "outer_momentum", "--algorithm=diloco"),
+    ({"algorithm": "sync", "outer_nesterov": False}, "outer_nesterov",
+     "--algorithm=diloco and --outer_momentum > 0"),
+    ({"algorithm": "diloco", "outer_momentum": 0.0, "outer_nesterov": True}, "outer_nesterov",
+     "--outer_momentum > 0 (here --outer_momentum=0.0)"),
+    ({"algorithm": "local_sgd", "fragments": 2}, "fragments", "--algorithm=diloco"),
+    ({"algorithm": "sync", "outer_compressor": "top_k"}, "outer_compressor",
+     "--algorithm=diloco"),
+    ({"algorithm": "diloco", "outer_k_fraction": 0.1}, "outer_k_fraction",
+     "--outer_compressor=top_k"),
+    ({"algorithm": "diloco", "outer_powersgd_rank": 2}, "outer_powersgd_rank",
+     "--outer_compressor=powersgd"),
+    ({"algorithm": "sync", "powersgd_rank": 2}, "powersgd_rank", "--compressor=powersgd"),
 ])
 def test_a_flag_that_does_not_apply_is_refused_naming_what_would(values, flag, needs):
     with pytest.raises(flags.UsageError) as excinfo:
@@ -598,11 +622,40 @@ def test_missing_and_corrupt_data_files(tmp_path):
     ({"num_processes": 2}, "coordinator"),
     ({"momentum": 1.0}, "momentum"),
     ({"weight_decay": -1e-4}, "weight_decay"),
+    # PowerSGD is a collective compressor: sync SGD (and DiLoCo's outer step) only.
+    ({"algorithm": "async", "compressor": "powersgd"}, "compressor"),
+    ({"algorithm": "sync", "compressor": "powersgd", "powersgd_rank": 0}, "powersgd_rank"),
+    ({"algorithm": "sync", "compressor": "powersgd", "ef_beta": 0.5}, "ef_beta"),
+    ({"algorithm": "diloco", "fragments": 3}, "fragments"),  # not a divisor of --period=4
+    ({"algorithm": "diloco", "outer_learning_rate": 0.0}, "outer_learning_rate"),
 ])
 def test_validation_names_the_flag(overrides, flag):
     with pytest.raises(flags.UsageError) as excinfo:
         config.validate({"workdir": "w", **overrides})
     _one_line_usage(excinfo, flag)
+
+
+def test_more_fragments_than_leaves_are_refused_before_compiling(tmp_path):
+    """The launcher traces the initial state (shapes only) before it compiles anything."""
+    with pytest.raises(flags.UsageError) as excinfo:
+        train.train(config.validate({**SMALL, "workdir": str(tmp_path), "algorithm": "diloco",
+                                     "fragments": 2, "period": 4}))
+    assert "at most the model's 1 leaves" in _one_line_usage(excinfo, "fragments")
+    assert not os.listdir(tmp_path)
+
+
+def test_diloco_flags_build_the_outer_step_and_sync_takes_powersgd():
+    alg = config.validate({"workdir": "w", "algorithm": "diloco", "optimizer": "adamw",
+                           "outer_compressor": "top_k", "period": 16}).algorithm
+    assert alg.info.name == "diloco" and "adamw" in repr(alg.info.rule)
+    f = config.validate({"workdir": "w", "algorithm": "diloco", "outer_compressor":
+                         "powersgd", "outer_powersgd_rank": 2}).flags
+    assert config.make_outer_compressor(f) == ej.powersgd(2)
+    assert "outer PowerSGD rank 2" in config.describe(f)
+    sync = config.validate({"workdir": "w", "algorithm": "sync", "compressor": "powersgd",
+                            "powersgd_rank": 3, "error_feedback": False})
+    assert sync.algorithm.info.bound_kind == "deterministic"
+    assert config.make_compressor(sync.flags) == ej.powersgd(3, error_feedback=False)
 
 
 def test_error_feedback_with_an_unbiased_compressor_names_the_way_out():

@@ -31,8 +31,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import base, bounds, chain, consistency, optimizers
+from elastic_jax import base, bounds, chain, consistency, optimizers, validation
 from elastic_jax import clock as clock_lib
+from elastic_jax import powersgd as powersgd_lib
 from elastic_jax.algorithms import _common
 from elastic_jax.links import Context
 
@@ -47,6 +48,7 @@ class SyncShared(NamedTuple):
     params: Any  # the actual model X
     stats: consistency.ConsistencyState
     optimizer: Any = ()  # the base optimizer's state under server placement (one copy)
+    collective: Any = ()  # a collective compressor's state (PowerSGD: its Q, the residuals)
 
 
 def sync_sgd(
@@ -84,7 +86,10 @@ def sync_sgd(
       rule: the per-worker chain (`ej.chain(...)`); exclusive with the three
         shorthands below. Default: `ej.chain(ej.sgd())`.
       compressor: shorthand: a bare compressor (`ej.top_k(...)`, ...) applied
-        to each worker's update.
+        to each worker's update; or `ej.powersgd(rank)`, a collective compressor
+        that `combine` applies to the workers' chain outputs (two all-reduces
+        per round; with its error feedback, `bound = inf`: docs/theory.md
+        section 13); it goes with `rule=` (a chain that does not compress).
       error_feedback: shorthand: False, True (`beta = 1`) or a float `beta` in
         [0, 1]; without a compressor, error feedback wraps the identity.
       clip_norm: shorthand: clip each worker's gradient to this global norm
@@ -108,13 +113,31 @@ def sync_sgd(
       >>> alg = ej.sync_sgd(0.1, 4, rule=rule, optimizer_placement="server")
     """
     schedule, num_workers = _common.setup(learning_rate, num_workers)
+    collective = compressor if powersgd_lib.is_powersgd(compressor) else None
+    if collective is not None:
+        if error_feedback is not False:
+            validation.fail("error_feedback", error_feedback, "False with ej.powersgd (its own "
+                            "error_feedback= keeps the residuals)")
+        compressor = None
     rule = chain.resolve(rule, compressor, error_feedback, clip_norm, "sync_sgd")
+    if collective is not None and (rule.compressor is not None or rule.holds_back):
+        validation.fail("rule", rule, "a chain without a link that compresses or holds back "
+                        "with compressor=ej.powersgd(...)")
     placement = _common.check_placement(optimizer_placement, ("worker", "server"))
     workers_rule, server = rule.placed(placement)
-    # What goes on the wire is the workers' chain's output.
-    pattern = "all_reduce" if _common.dense(workers_rule) else "all_gather"
-    timing = _common.clock(system, num_workers, workers_rule.bits,
-                           lambda bits, size: clock_lib.sync(system, num_workers, bits, pattern))
+    if collective is None:
+        # What goes on the wire is the workers' chain's output.
+        pattern = "all_reduce" if _common.dense(workers_rule) else "all_gather"
+        timing = _common.clock(system, num_workers, workers_rule.bits,
+                               lambda bits, size: clock_lib.sync(system, num_workers, bits,
+                                                                 pattern))
+        bound_kind = rule.bound_kind
+    else:  # Two all-reduces a round: the P factors (and the dense leaves), the Q factors.
+        timing = _common.clock(system, num_workers, collective.phase_bits,
+                               lambda bits, size: clock_lib.periodic(
+                                   system, num_workers, 1,
+                                   {0: tuple(("all_reduce", b) for b in bits if b)}))
+        bound_kind = "none" if collective.error_feedback else rule.bound_kind
 
     def owed(eta, tree):
         """What the model owes for `tree` held back: in gradient units at the server."""
@@ -123,7 +146,10 @@ def sync_sgd(
     def init(params, key):
         rule.validate(params)
         shared = SyncShared(**_common.counters(params, key), params=_common.copy_params(params),
-                            optimizer=() if server is None else server.init(params))
+                            optimizer=() if server is None else server.init(params),
+                            collective=() if collective is None else collective.init(
+                                params, num_workers, base.derive_key(
+                                    base.as_key(key), base.TAG_FACTORS, 0, 0)))
         return shared, SyncWorkers(workers_rule.init(params, num_workers))
 
     def view(index, worker, shared):
@@ -138,7 +164,10 @@ def sync_sgd(
 
     def combine(shared, sent):
         eta = schedule(shared.round)
-        step = jax.tree.map(consistency.worker_mean, sent.update)
+        if collective is None:
+            step, compressed = jax.tree.map(consistency.worker_mean, sent.update), ()
+        else:
+            step, compressed = collective.reduce(sent.update, shared.collective)
         optimizer = shared.optimizer
         if server is not None:
             step, optimizer, _ = server.update(step, optimizer, Context(eta, None, shared.params))
@@ -147,7 +176,12 @@ def sync_sgd(
         params = _common.apply(shared.params, step)
         stats = _common.observe(shared.stats, sent, eta)
         dtype = stats.m_hat.dtype
-        if sent.pending is None:
+        owed_mean = None if collective is None else collective.mean_residual(shared.collective)
+        if owed_mean is not None:
+            # PowerSGD's mean residual: a projection's remainder, not bounded (theory 13).
+            sq_dists = consistency.tree_sq_norm(owed(eta, owed_mean)).astype(dtype)[None]
+            bound_b, etabar = jnp.asarray(jnp.inf, dtype), eta
+        elif sent.pending is None:
             # Every view is the model itself.
             sq_dists, bound_b, etabar = jnp.zeros((1,), dtype), jnp.zeros((), dtype), eta
         else:
@@ -159,22 +193,30 @@ def sync_sgd(
             bound_b = bounds.sync_sgd(residual=residual)
             etabar = stats.eta_max if server is None else eta
         metrics = consistency.metrics(sq_dists, eta, bound_b, etabar)
-        metrics.update(_common.metrics(workers_rule, stats, eta, sent, shared.params, params,
-                                       num_workers))
+        metrics.update(_common.metrics(
+            workers_rule, stats, eta, sent, shared.params, params, num_workers,
+            bits=None if collective is None else collective.bits(shared.params)))
+        if owed_mean is not None:
+            metrics["ef/residual_norm"] = jnp.max(jax.vmap(consistency.tree_norm)(
+                compressed.residual)).astype(dtype)
         new_shared = shared._replace(round=shared.round + 1, params=params, stats=stats,
-                                     optimizer=optimizer)
+                                     optimizer=optimizer, collective=compressed)
         return new_shared, metrics
 
     def actual(state):
         return state.shared.params
 
     def auxiliary(state):
-        mean = _common.reduce_pending(workers_rule, state.workers.rule, consistency.worker_mean)
+        if collective is not None:
+            mean = collective.mean_residual(state.shared.collective)
+        else:
+            mean = _common.reduce_pending(workers_rule, state.workers.rule,
+                                          consistency.worker_mean)
         if mean is None:
             return actual(state)
         return _common.apply(actual(state), owed(schedule(state.shared.round), mean))
 
-    return base.algorithm("sync_sgd", num_workers, rule.bound_kind, init=init, view=view,
+    return base.algorithm("sync_sgd", num_workers, bound_kind, init=init, view=view,
                           local=local, auxiliary=auxiliary, actual=actual, rule=rule,
                           combine=_common.timed(combine, timing, lambda s: s.params),
                           max_rounds=_common.horizon(system), clock=timing)
