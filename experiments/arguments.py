@@ -19,6 +19,7 @@ from experiments import config as config_lib
 from experiments import (
     consistency_table,
     convex_rates,
+    diloco,
     error_feedback_study,
     flags,
     hypergradients,
@@ -46,6 +47,7 @@ PROGRAMS = (  # (module, flags) of every program below the launcher
     ("experiments.topologies", topologies.FLAGS),
     ("experiments.record_async", record_async.FLAGS),
     ("experiments.time_to_accuracy", time_to_accuracy.FLAGS),
+    ("experiments.diloco", diloco.FLAGS),
 )
 
 

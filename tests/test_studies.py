@@ -21,6 +21,7 @@ import elastic_jax as ej
 from experiments import (
     consistency_table,
     convex_rates,
+    diloco,
     error_feedback_study,
     flags,
     hypergradients,
@@ -87,6 +88,8 @@ def test_validate_applies_smoke_sizes_unless_given():
     (topologies_study, {"topologies": "ring,ring"}, "topologies"),
     (topologies_study, {"topologies": "ring,mesh"}, "topologies"),
     (topologies_study, {"workers": "1"}, "workers"),
+    (diloco, {"arms": "diloco_4,diloco_8"}, "arms"),
+    (diloco, {"models": "resnet20"}, "models"),
 ])
 def test_bad_flags_are_one_line_usage_errors(module, values, flag):
     with pytest.raises(flags.UsageError) as excinfo:
@@ -118,7 +121,7 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("module", [convex_rates, consistency_table, error_feedback_study,
                                     hypergradients, topologies_study, time_to_accuracy,
-                                    record_async])
+                                    record_async, diloco])
 def test_help_and_an_unwritable_workdir(module, capsys, tmp_path):
     with pytest.raises(SystemExit) as excinfo:
         module.main(["--helpfull"])
@@ -430,4 +433,43 @@ def test_time_to_accuracy_report_says_what_ran(tta):
     assert [r[0] for r in sweep_rows] == ["1e+06"]
     assert "- straggler: against synchronous SGD's time to the target loss, async: " in text
     assert os.path.getsize(os.path.join(s.workdir, "loss_vs_seconds.png")) > 0
+    _no_temporary_files(s.workdir)
+
+
+# ---------------------------------------------------------------- DiLoCo study
+
+
+@pytest.fixture(scope="module")
+def diloco_run(tmp_path_factory):
+    """Three arms (sync, PowerSGD rank 1, DiLoCo H = 4), P = 4, 8 rounds, two seeds."""
+    s = _smoke(diloco, tmp_path_factory.mktemp("diloco"))
+    outcomes = diloco.run_grid(s)
+    return s, outcomes, open(diloco.write(s, outcomes, 0.0, ["--smoke"])).read()
+
+
+def test_diloco_study_counts_bits_and_seconds_as_each_arm_communicates(diloco_run):
+    s, outcomes, text = diloco_run
+    assert [o.point for o in outcomes] == diloco.grid(s)
+    params = models.make_model("mlp", 10, (8, 8, 1))[1](jax.random.key(0))
+    d, p = models.num_params(params), s.workers
+    by = {o.point.arm: o for o in outcomes}
+    rounds = by["sync_momentum"].curves.x["round"][0]
+    np.testing.assert_array_equal(rounds, [4, 8])
+    # Sync: every round, 32 d bits a worker; PowerSGD: its factors and dense leaves;
+    # DiLoCo with H = 4: the pseudo-gradient once every 4 rounds.
+    for arm, per_round in (("sync_momentum", 32 * d), ("powersgd_1", ej.powersgd(1).bits(params)),
+                           ("diloco_4", 32 * d / 4)):
+        np.testing.assert_array_equal(by[arm].curves.x["bits"],
+                                      np.broadcast_to(rounds * p * per_round, (s.num_seeds, 2)))
+    assert ej.powersgd(1).bits(params) < 32 * d / 10
+    # Seconds: compute plus each arm's collectives; DiLoCo pays one all-reduce in 4 rounds.
+    seconds = {a: o.curves.x["seconds"][0, -1] for a, o in by.items()}
+    assert seconds["diloco_4"] < seconds["sync_momentum"]
+    assert np.all(np.isfinite(by["sync_momentum"].curves.loss))
+    assert by["diloco_4"].max_ratio is not None and 0 < by["diloco_4"].max_ratio <= 1
+    _, rows = _table(text, "model")
+    assert [(r[0], r[1]) for r in rows] == [tuple(o.point) for o in outcomes]
+    assert "**A reduced grid**" in text and "- mlp: " in text
+    for name in ("loss_mlp.png", "accuracy_mlp.png"):
+        assert os.path.getsize(os.path.join(s.workdir, name)) > 0
     _no_temporary_files(s.workdir)
