@@ -26,6 +26,9 @@ UNBOUNDED = {
     "gossip_choco_random_matching": lambda p: ej.gossip_sgd(
         0.1, p, topology="random_matching", gossip_compressor=ej.random_k(fraction=0.34),
         gamma=0.5),
+    # PowerSGD's two phases and its residuals in combine (error feedback: bound inf).
+    "sync_powersgd": lambda p: ej.sync_sgd(0.1, p, compressor=ej.powersgd(
+        1, min_compression_rate=0.0)),
 }
 CONFIGS.update(UNBOUNDED)
 
