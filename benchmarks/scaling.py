@@ -140,7 +140,9 @@ def _sweep_p(args):
     rows = []
     for variant in variants:
         for p in counts:
-            rows.append(isolated("mlp", variant, num_workers=p, max_delay=8,
+            # Async SGD needs max_delay >= P - 1; the row records the value it ran with.
+            max_delay = max(8, p - 1) if variant.startswith("async") else 8
+            rows.append(isolated("mlp", variant, num_workers=p, max_delay=max_delay,
                                  rounds=args.rounds, repeats=args.repeats, budget=args.budget))
             _log("P", rows[-1])
     return rows
