@@ -356,7 +356,8 @@ def outcome_table(outcomes: list[Outcome], target: float) -> list[str]:
 
 def plot_curves(outcomes: list[Outcome], model: str, partition: str, what: str, s,
                 path: str) -> str:
-    """`what` ("loss" or "accuracy") against every axis, a row per P."""
+    """`what` ("loss" or "accuracy") against every axis (seconds on a log scale), a row per
+    P."""
     sel = [o for o in outcomes if o.point.model == model and o.point.partition == partition]
     workers = sorted({o.point.num_workers for o in sel})
     fig, axes = studies.figure(len(workers), len(AXES), (5.5, 3.8))
@@ -376,6 +377,8 @@ def plot_curves(outcomes: list[Outcome], model: str, partition: str, what: str, 
         if what == "loss":
             ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":", label="target loss")
             ax.set_yscale("log")
+        if axis == "seconds":  # a round's seconds differ by up to the degree's ratio
+            ax.set_xscale("log")
         ax.set(xlabel=AXES[axis], ylabel=ylabel + "\n(mean over seeds; band: min to max)")
         ax.set_title(f"{model}, {partition}, P={p}", fontsize=10)
         ax.grid(alpha=0.3)
