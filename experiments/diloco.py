@@ -205,18 +205,7 @@ def run_grid(s) -> list[Outcome]:
 
 def first_reached(o: Outcome, axis: str, target: float) -> list[float | None]:
     """Per seed, the first record's `axis` value with a training loss at or below `target`."""
-    out = []
-    for seed, curve in enumerate(o.curves.loss):
-        hits = np.flatnonzero(curve <= target)
-        out.append(float(o.curves.x[axis][seed, hits[0]]) if hits.size else None)
-    return out
-
-
-def _reached_text(values: list[float | None]) -> str:
-    hits = [v for v in values if v is not None]
-    if len(hits) < len(values):
-        return f"not reached ({len(hits)}/{len(values)} seeds did)"
-    return studies.fmt_mean_std(hits, 3)
+    return studies.first_reached(o.curves.loss, o.curves.x[axis], target)
 
 
 def findings(outcomes: list[Outcome], s) -> list[str]:
@@ -226,18 +215,13 @@ def findings(outcomes: list[Outcome], s) -> list[str]:
         group = [o for o in outcomes if o.point.model == model]
         parts = []
         for axis, unit in (("round", "rounds"), ("bits", "bits"), ("seconds", "seconds")):
-            done = {o.point.arm: studies.mean_std(v) for o in group
-                    if None not in (v := first_reached(o, axis, s.target_loss))}
-            if not done:
+            first = studies.first_to_target(
+                {o.point.arm: first_reached(o, axis, s.target_loss) for o in group}, unit,
+                "first in")
+            if first is None:
                 parts.append(f"no arm reached the target loss {s.target_loss:g} on every seed")
                 break
-            best = min(done, key=lambda a: done[a][0])
-            mean, std = done[best]
-            level = [a for a, (m, sd) in done.items() if a != best and m - sd <= mean + std]
-            parts.append(f"first in {unit}: {best} ({studies.fmt(mean)} {unit}, mean over "
-                         "seeds" + (f"; within the seeds' spread of it: {', '.join(level)}"
-                                    if level else "; every other beyond the seeds' spread")
-                         + ")")
+            parts.append(first)
         final = {o.point.arm: float(np.mean(o.curves.loss[:, -1])) for o in group}
         best = min(final, key=final.get)
         parts.append(f"lowest final training loss: {best} ({studies.fmt(final[best])})")
@@ -253,9 +237,9 @@ def outcome_table(outcomes: list[Outcome], target: float) -> list[str]:
              studies.fmt_mean_std(o.curves.accuracy[:, -1], 3),
              studies.fmt(float(np.mean(o.curves.x["bits"][:, -1]))),
              studies.fmt(float(np.mean(o.curves.x["seconds"][:, -1]))),
-             _reached_text(first_reached(o, "round", target)),
-             _reached_text(first_reached(o, "bits", target)),
-             _reached_text(first_reached(o, "seconds", target)),
+             studies.reached_text(first_reached(o, "round", target)),
+             studies.reached_text(first_reached(o, "bits", target)),
+             studies.reached_text(first_reached(o, "seconds", target)),
              "n/a (bound inf or 0)" if o.max_ratio is None else studies.fmt(o.max_ratio, 3))
             for o in outcomes]
     return studies.markdown_table(header, rows)

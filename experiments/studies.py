@@ -107,6 +107,42 @@ def fmt_mean_std(values: Sequence[float], digits: int = 4) -> str:
     return f"{fmt(mean, digits)} ± {fmt(std, 2)}"
 
 
+def first_reached(loss: np.ndarray, x: np.ndarray, target: float) -> list[float | None]:
+    """Per seed (a row of `loss`, `[seeds, records]`), the `x` value of its first record
+    with a loss at or below `target`, or None where no record is; `x` is `[records]` (the
+    same for every seed) or `[seeds, records]`."""
+    x = np.broadcast_to(np.asarray(x, np.float64), np.shape(loss))
+    out = []
+    for row, curve in zip(x, loss, strict=True):
+        hits = np.flatnonzero(np.asarray(curve) <= target)
+        out.append(float(row[hits[0]]) if hits.size else None)
+    return out
+
+
+def reached_text(values: Sequence[float | None], digits: int = 3) -> str:
+    """`mean ± std` of per-seed values to a target, or how many seeds reached it."""
+    hits = [v for v in values if v is not None]
+    if len(hits) < len(values):
+        return f"not reached ({len(hits)}/{len(values)} seeds did)"
+    return fmt_mean_std(hits, digits)
+
+
+def first_to_target(reached: Mapping[str, Sequence[float | None]], unit: str,
+                    lead: str) -> str | None:
+    """`lead` and the entry with the lowest mean over seeds among those every seed of
+    which reached the target (`reached`: name -> per-seed values, None: not reached),
+    with the others whose `mean ± std` overlaps its; None when none did."""
+    done = {name: mean_std(v) for name, v in reached.items() if None not in v}
+    if not done:
+        return None
+    best = min(done, key=lambda name: done[name][0])
+    mean, std = done[best]
+    level = [name for name, (m, sd) in done.items() if name != best and m - sd <= mean + std]
+    return (f"{lead} {unit}: {best} ({fmt(mean)} {unit}, mean over seeds" + (
+        f"; within the seeds' spread of it: {', '.join(level)}" if level
+        else "; every other beyond the seeds' spread") + ")")
+
+
 def seeds(first: int, count: int) -> list[int]:
     """Seeds `first .. first + count - 1`, as `--num_seeds` numbers them."""
     return list(range(first, first + count))

@@ -9,18 +9,23 @@ Dirichlet non-IID shards over the labels), each configuration built by
 `experiments.config.validate` (the launcher's `--algorithm=gossip`) and run
 through `ej.run`, seeds one after another (seed `s` initialises the model with
 `fold_in(key(s), 0)` and the algorithm with `fold_in(key(s), 1)`; the data split
-is drawn from `--seed`).
+is drawn from `--seed`). Every run is timed by a simulated clock (`ej.clock`,
+docs/theory.md section 11): every node computes a gradient in `--compute_mean`
+seconds, and a mixing round then costs each node `alpha + deg 32 d / beta` on
+its uplink (`--latency` alpha, `--bandwidth` beta, `deg` the topology's degree,
+`ej.topologies.degree`), so a topology pays for its neighbours in seconds.
 
 Every `--eval_every` rounds it records, per seed, the training loss (mean
 cross-entropy of the nodes' mean model over the first `--train_eval_size`
 training samples), the test accuracy, the consensus distance
-`(1/P) sum_i ||xbar - x_i||^2` (mean over the rounds since the last record), and
-the bits put on the wire so far; over the run, the largest `b_hat` against the
-bound, and both spectral gaps. The curves are indexed by every axis of `AXES`
-(rounds, bits): an axis is one more column of `Curves.x`. The report gives
-means ± standard deviations over seeds, which topology reached `--target_loss`
-first (in rounds and in bits), and whether the spectral gap, or the measured
-consensus distance, ordered the topologies.
+`(1/P) sum_i ||xbar - x_i||^2` (mean over the rounds since the last record), the
+bits put on the wire so far and the simulated seconds (`time/elapsed`); over the
+run, the largest `b_hat` against the bound, and both spectral gaps. The curves
+are indexed by every axis of `AXES` (rounds, bits, simulated seconds): an axis is
+one more column of `Curves.x`. The report gives means ± standard deviations over
+seeds, which topology reached `--target_loss` first (in rounds, in bits and in
+simulated seconds), and whether the spectral gap, or the measured consensus
+distance, ordered the topologies.
 """
 
 from __future__ import annotations
@@ -71,12 +76,20 @@ FLAGS = (
          "(the first ones).", 1, 10_000_000),
     Flag("worker_loop", "enum", "auto", "How a round evaluates the nodes' gradients "
          "(ej.make_step's worker_loop).", choices=("auto", "map", "unroll", "vmap")),
+    Flag("compute_mean", "float", 0.01, "Simulated seconds per gradient (constant, every "
+         "node).", 0.0, 1e6, lo_open=True),
+    Flag("latency", "float", 1e-4, "Network latency alpha, seconds per message.", 0.0, 1e6),
+    Flag("bandwidth", "float", 1e8, "Network bandwidth beta, bits per second (a node's "
+         "uplink; the ring's mixing round of the digits MLP then costs about half a "
+         "gradient).", 0.0, lo_open=True),
 )
 SMOKE = {"rounds": 6, "num_seeds": 2, "workers": "8", "models": "mlp", "partitions": "iid",
          "topologies": "ring,random_matching", "eval_every": 3, "batch_size": 8,
          "train_eval_size": 256}
-# The x axes of every curve: a record's round and the bits put on the wire up to it.
-AXES = {"round": "round", "bits": "bits on the wire (all nodes, cumulative)"}
+# The x axes of every curve: a record's round, the bits put on the wire up to it and the
+# simulated seconds at its end.
+AXES = {"round": "round", "bits": "bits on the wire (all nodes, cumulative)",
+        "seconds": "simulated seconds (ej.clock)"}
 
 
 class Point(NamedTuple):
@@ -99,7 +112,8 @@ def launcher_values(s, point: Point) -> dict[str, Any]:
               point.num_workers, "local_steps": s.local_steps, "learning_rate":
               s.learning_rate, "batch_size": s.batch_size, "rounds": s.rounds, "model":
               point.model, "dataset": "digits", "partition": point.partition, "seed": s.seed,
-              "workdir": s.workdir, "worker_loop": s.worker_loop}
+              "workdir": s.workdir, "worker_loop": s.worker_loop, "compute": "constant",
+              "compute_mean": s.compute_mean, "latency": s.latency, "bandwidth": s.bandwidth}
     if point.partition == "dirichlet":
         values["dirichlet_alpha"] = s.dirichlet_alpha
     return values
@@ -117,7 +131,9 @@ def check(s) -> list[tuple[Point, config_lib.Config]]:
 class Curves(NamedTuple):
     """One configuration's records, `[seeds, records]` (`x`: the axes, `[records]`)."""
 
-    x: dict[str, np.ndarray]  # axis name (AXES) -> values at each record
+    # axis name (AXES) -> values at each record, the same for every seed (the bits every
+    # round sends and the clock, one system shared by the seeds, do not depend on them)
+    x: dict[str, np.ndarray]
     loss: np.ndarray  # training loss of the nodes' mean model
     accuracy: np.ndarray  # test accuracy of the nodes' mean model
     consensus: np.ndarray  # mean consensus distance since the previous record
@@ -151,14 +167,14 @@ def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem
     alg_init = jax.jit(alg.init)
     loop = config_lib.resolve_loop(cfg.flags, jax.default_backend())
     records = [r for r in range(1, s.rounds + 1) if r % s.eval_every == 0 or r == s.rounds]
-    loss, accuracy, consensus, b_max, bits = [], [], [], [], None
+    loss, accuracy, consensus, b_max, bits, elapsed = [], [], [], [], None, None
     bound = gaps = factor = None
     t0 = time.perf_counter()
     for seed in studies.seeds(s.seed, s.num_seeds):
         base = jax.random.key(seed)
         state = alg_init(problem.init_params(jax.random.fold_in(base, 0)),
                          jax.random.fold_in(base, 1))
-        r, sent, seed_bits = 0, 0.0, []
+        r, sent, seed_bits, seed_elapsed = 0, 0.0, [], []
         rows = ([], [], [], 0.0)
         for end in records:
             state, m = ej.run(alg, problem.loss_fn, state, batch_fn=problem.batch_fn,
@@ -168,6 +184,7 @@ def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem
             r = end
             sent += float(np.sum(np.asarray(m["comm/bits"], np.float64)))
             seed_bits.append(sent)
+            seed_elapsed.append(float(m["time/elapsed"][-1]))
             params = ej.model(state)
             rows[0].append(train_loss(params))
             rows[1].append(problem.evaluate(params)["test/accuracy"])
@@ -181,19 +198,16 @@ def run_point(point: Point, cfg: config_lib.Config, problem: problem_lib.Problem
         accuracy.append(rows[1])
         consensus.append(rows[2])
         b_max.append(rows[3])
-        bits = seed_bits
-    curves = Curves({"round": np.asarray(records, np.float64), "bits": np.asarray(bits)},
+        bits, elapsed = seed_bits, seed_elapsed
+    curves = Curves({"round": np.asarray(records, np.float64), "bits": np.asarray(bits),
+                     "seconds": np.asarray(elapsed)},
                     np.asarray(loss), np.asarray(accuracy), np.asarray(consensus))
     return Outcome(point, curves, b_max, bound, factor, *gaps, time.perf_counter() - t0)
 
 
 def first_reached(o: Outcome, axis: str, target: float) -> list[float | None]:
     """Per seed, the first record's `axis` value with a training loss at or below `target`."""
-    out = []
-    for curve in o.curves.loss:
-        hits = np.flatnonzero(curve <= target)
-        out.append(float(o.curves.x[axis][hits[0]]) if hits.size else None)
-    return out
+    return studies.first_reached(o.curves.loss, o.curves.x[axis], target)
 
 
 def run_grid(s) -> list[Outcome]:
@@ -213,18 +227,6 @@ def run_grid(s) -> list[Outcome]:
 
 
 # ------------------------------------------------------------------ the report
-
-
-def _mean_of_reached(values: list[float | None]) -> float | None:
-    """The mean when every seed reached the target, else None."""
-    return None if None in values else float(np.mean(values))
-
-
-def _reached_text(values: list[float | None], digits: int = 3) -> str:
-    hits = [v for v in values if v is not None]
-    if len(hits) < len(values):
-        return f"not reached ({len(hits)}/{len(values)} seeds did)"
-    return studies.fmt_mean_std(hits, digits)
 
 
 def groups(outcomes: list[Outcome]) -> dict[tuple, list[Outcome]]:
@@ -278,31 +280,22 @@ def ordering(group: list[Outcome], target: float, predictor: str = "spectral gap
                     tuple(reversed_pairs))
 
 
-def _level(values: dict[str, tuple[float, float]]) -> tuple[str, list[str]]:
-    """The topology with the lowest mean, and the others whose `mean ± std` overlaps its."""
-    best = min(values, key=lambda t: values[t][0])
-    mean, std = values[best]
-    level = [t for t, (m, sd) in values.items() if t != best and m - sd <= mean + std]
-    return best, level
-
-
 def findings(outcomes: list[Outcome], s) -> list[str]:
-    """Per group: who reached the target first (rounds, bits), and the spectral gap's order."""
+    """Per group: who reached the target first (rounds, bits, simulated seconds), and the
+    spectral gap's order."""
     lines = []
     for (model, partition, p), group in groups(outcomes).items():
         parts = []
-        for axis, unit in (("round", "rounds"), ("bits", "bits")):
-            reached = {o.point.topology: first_reached(o, axis, s.target_loss) for o in group}
-            done = {t: studies.mean_std(v) for t, v in reached.items() if None not in v}
-            if not done:
+        for axis, unit in (("round", "rounds"), ("bits", "bits"),
+                           ("seconds", "simulated seconds")):
+            first = studies.first_to_target(
+                {o.point.topology: first_reached(o, axis, s.target_loss) for o in group},
+                unit, "first to the target in")
+            if first is None:
                 parts.append(f"no topology reached the target loss {s.target_loss:g} on "
                              "every seed")
                 break
-            best, level = _level(done)
-            parts.append(f"first to the target in {unit}: {best} ({studies.fmt(done[best][0])}"
-                         f" {unit}, mean over seeds" + (
-                             f"; within the seeds' spread of it: {', '.join(level)}" if level
-                             else "; every other beyond the seeds' spread") + ")")
+            parts.append(first)
         for predictor, (_, wording) in PREDICTORS.items():
             o = ordering(group, s.target_loss, predictor)
             pairs = o.ordered + o.reversed + o.within
@@ -334,22 +327,27 @@ def topology_table(outcomes: list[Outcome]) -> list[str]:
         if key in seen:
             continue
         seen.add(key)
+        rounds, seconds = o.curves.x["round"][-1], o.curves.x["seconds"][-1]
         rows.append((o.point.topology, o.point.num_workers, studies.fmt(o.spectral_gap),
                      studies.fmt(o.norm_gap), "inf" if o.factor is None or not np.isfinite(
-                         o.bound) else studies.fmt(o.factor)))
+                         o.bound) else studies.fmt(o.factor),
+                     ej.topologies.degree(ej.topologies.mixing(*key)),
+                     studies.fmt(seconds / rounds)))
     return studies.markdown_table(("topology", "P", "spectral gap 1 - |lambda_2|",
-                                   "norm gap 1 - ||W - J||", "B* / M"), rows)
+                                   "norm gap 1 - ||W - J||", "B* / M", "deg",
+                                   "simulated s / round"), rows)
 
 
 def outcome_table(outcomes: list[Outcome], target: float) -> list[str]:
     header = ("model", "partition", "P", "topology", "final train loss", "test accuracy",
-              "rounds to target", "bits to target", "mean consensus distance", "max b_hat",
-              "bound", "max b_hat / bound")
+              "rounds to target", "bits to target", "seconds to target",
+              "mean consensus distance", "max b_hat", "bound", "max b_hat / bound")
     rows = [(o.point.model, o.point.partition, o.point.num_workers, o.point.topology,
              studies.fmt_mean_std(o.curves.loss[:, -1]),
              studies.fmt_mean_std(o.curves.accuracy[:, -1], 3),
-             _reached_text(first_reached(o, "round", target)),
-             _reached_text(first_reached(o, "bits", target)),
+             studies.reached_text(first_reached(o, "round", target)),
+             studies.reached_text(first_reached(o, "bits", target)),
+             studies.reached_text(first_reached(o, "seconds", target)),
              studies.fmt_mean_std(o.curves.consensus.mean(axis=1), 3),
              studies.fmt_mean_std(o.max_b_hat, 3), studies.fmt(o.bound), _ratio(o))
             for o in outcomes]
@@ -358,7 +356,8 @@ def outcome_table(outcomes: list[Outcome], target: float) -> list[str]:
 
 def plot_curves(outcomes: list[Outcome], model: str, partition: str, what: str, s,
                 path: str) -> str:
-    """`what` ("loss" or "accuracy") against every axis, a row per P."""
+    """`what` ("loss" or "accuracy") against every axis (seconds on a log scale), a row per
+    P."""
     sel = [o for o in outcomes if o.point.model == model and o.point.partition == partition]
     workers = sorted({o.point.num_workers for o in sel})
     fig, axes = studies.figure(len(workers), len(AXES), (5.5, 3.8))
@@ -378,6 +377,8 @@ def plot_curves(outcomes: list[Outcome], model: str, partition: str, what: str, 
         if what == "loss":
             ax.axhline(s.target_loss, color="grey", lw=0.8, ls=":", label="target loss")
             ax.set_yscale("log")
+        if axis == "seconds":  # a round's seconds differ by up to the degree's ratio
+            ax.set_xscale("log")
         ax.set(xlabel=AXES[axis], ylabel=ylabel + "\n(mean over seeds; band: min to max)")
         ax.set_title(f"{model}, {partition}, P={p}", fontsize=10)
         ax.grid(alpha=0.3)
@@ -454,11 +455,14 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation) -> str:
         f"{s.seed}..{s.seed + s.num_seeds - 1} run one after another. Every "
         f"{s.eval_every} rounds: the training loss (mean cross-entropy of the nodes' mean "
         f"model over the first {s.train_eval_size} training samples), the test accuracy, "
-        "the mean consensus distance since the previous record, and the bits every node "
-        "put on the wire (one model of 32 d bits per node per mixing round). Values are "
+        "the mean consensus distance since the previous record, the bits every node put "
+        "on the wire (one model of 32 d bits per node per mixing round) and the "
+        "simulated seconds (`time/elapsed`). The clock (`ej.clock`, docs/theory.md section "
+        f"11): every node computes a gradient in {s.compute_mean:g} s, then a mixing round "
+        f"costs it alpha + deg 32 d / beta on its uplink (latency alpha = {s.latency:g} s, "
+        f"bandwidth beta = {s.bandwidth:g} bit/s, `deg` its topology's degree, "
+        "`ej.topologies.degree`); rounds between mixing rounds compute only. Values are "
         f"mean ± standard deviation over seeds; the target loss is {s.target_loss:g}.",
-        "",
-        "Time is not an axis yet: the curves are indexed by rounds and by bits (`AXES`).",
         "",
     ]
     cut = reductions(s)
@@ -468,14 +472,17 @@ def write(s, outcomes: list[Outcome], seconds: float, invocation) -> str:
     lines += ["", "## The topologies", ""] + topology_table(outcomes)
     lines += ["", "`B* / M`: the exact consensus constant per unit gradient bound "
               "(`ej.topologies.consensus_factor`); the bound a round reports is it times "
-              "the running maximum of the gradient norms.", ""]
+              "the running maximum of the gradient norms. `deg`: the most neighbours a node "
+              "sends its model to in a mixing round; `simulated s / round`: the clock's "
+              "seconds over the run, per round.", ""]
     lines += ["## Every configuration", ""] + outcome_table(outcomes, s.target_loss)
     lines += ["", "## Plots", ""]
     for model, partition in itertools.product(s.models, s.partitions):
         for what in ("loss", "accuracy"):
             path = plot_curves(outcomes, model, partition, what, s, os.path.join(
                 s.workdir, f"{what}_{model}_{partition}.png"))
-            lines += [f"![{what}, {model}, {partition}]({os.path.basename(path)})", ""]
+            lines += [f"![{what} against rounds, bits and simulated seconds, {model}, "
+                      f"{partition}]({os.path.basename(path)})", ""]
     path = plot_consistency(outcomes, s, os.path.join(s.workdir, "consistency.png"))
     lines += [f"![consensus distance and B]({os.path.basename(path)})", "",
               "## Cost", "",

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jax
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -361,8 +362,12 @@ def test_topologies_study_measures_every_configuration(topologies_run):
         records = o.curves.x["round"]
         assert set(o.curves.x) == set(topologies_study.AXES)
         assert o.curves.loss.shape == o.curves.accuracy.shape == (s.num_seeds, len(records))
-        # Every round mixes: each node sends its model, 32 d bits.
+        # Every round mixes: each node sends its model, 32 d bits, to its deg neighbours
+        # after its gradient (docs/theory.md section 11).
         np.testing.assert_array_equal(o.curves.x["bits"], records * p * 32 * d)
+        deg = ej.topologies.degree(ej.topologies.mixing(o.point.topology, p))
+        np.testing.assert_allclose(o.curves.x["seconds"], records * (
+            s.compute_mean + s.latency + deg * 32 * d / s.bandwidth), rtol=1e-5)
         gaps = ej.topologies.gaps(ej.topologies.mixing(o.point.topology, p))
         np.testing.assert_allclose((o.spectral_gap, o.norm_gap), gaps, rtol=1e-6)
         if o.point.topology == "random_matching":
@@ -370,12 +375,28 @@ def test_topologies_study_measures_every_configuration(topologies_run):
         else:  # a deterministic bound, above every b_hat of the run
             assert 0 < max(o.max_b_hat) <= o.bound < math.inf
     text = open(path).read()
-    _, rows = _table(text, "model")
+    header, rows = _table(text, "model")
     assert [(r[0], r[1], int(r[2]), r[3]) for r in rows] == [o.point for o in outcomes]
+    column = header.index("seconds to target")
+    assert header[column - 2:column] == ["rounds to target", "bits to target"]
+    for o, row in zip(outcomes, rows, strict=True):
+        assert row[column] == studies.reached_text(
+            topologies_study.first_reached(o, "seconds", s.target_loss))
     assert text.count("\n- mlp, iid, P = 8:") == 1 and "spectral gap" in text
+    # A target every record reaches: the topologies tie in rounds, and the one with the
+    # fewest neighbours (random matching, 1; the ring 2) is first in seconds.
+    easy = s._replace(target_loss=float(max(o.curves.loss.max() for o in outcomes)) + 1.0)
+    [line] = topologies_study.findings(outcomes, easy)
+    assert ("first to the target in simulated seconds: random_matching (" in line
+            and "seconds, mean over seeds; every other beyond the seeds' spread)" in line)
     assert "**A reduced grid**" in text
     for name in ("loss_mlp_iid.png", "accuracy_mlp_iid.png", "consistency.png"):
         assert os.path.getsize(os.path.join(s.workdir, name)) > 0
+    for what in ("loss", "accuracy"):  # a panel per axis, the simulated seconds' included
+        assert (f"![{what} against rounds, bits and simulated seconds, mlp, iid]"
+                f"({what}_mlp_iid.png)") in text
+        width = matplotlib.image.imread(os.path.join(s.workdir, f"{what}_mlp_iid.png")).shape[1]
+        assert width > 5.5 * 100 * (len(topologies_study.AXES) - 0.5)
     _no_temporary_files(s.workdir)
 
 
