@@ -175,8 +175,12 @@ def _trace(model, variant_name, num_workers, max_delay, rounds, loop):
     problem = problems.make_problem(model, num_workers)
     alg = problems.VARIANTS[variant_name].make(num_workers, max_delay)
     state = alg.init(problem.params, jax.random.key(0))
-    step = jax.jit(ej.make_step(alg, problem.loss_fn, has_aux=True, **_ej_kwargs(loop)),
-                   donate_argnums=0)
+    round_fn = ej.make_step(alg, problem.loss_fn, has_aux=True, **_ej_kwargs(loop))
+
+    def step(state, batch):  # named so that its XLA module is told apart from the sampler's
+        return round_fn(state, batch)
+
+    step = jax.jit(step, donate_argnums=0)
     sample = jax.jit(lambda st: problem.batch_fn(st.shared.round,
                                                  problems.data_keys(st, num_workers)))
 

@@ -272,11 +272,9 @@ def plot_curves(outcomes: list[Outcome], model: str, what: str, s, path: str) ->
 
 
 def reductions(s) -> list[str]:
-    table = {f.name: f for f in FLAGS}
-    return [f"--{name}={table[name].text(getattr(s, name))} instead of {table[name].default}"
-            for name in ("arms", "rounds", "workers")
-            if table[name].text(getattr(s, name)) != table[name].default] + [
-        f"{s.num_seeds} seeds instead of at least 3"] * (s.num_seeds < 3)
+    """How the settings differ from the study's defaults."""
+    return studies.reductions(FLAGS, s, {f.name: f.default for f in FLAGS
+                                         if f.name in ("arms", "rounds", "workers")})
 
 
 def run(s, invocation=None) -> str:

@@ -565,11 +565,7 @@ def plot_final(comparisons: list[Comparison], dataset: str, path: str,
 
 def reductions(s) -> list[str]:
     """How the settings differ from the reference grid."""
-    table = {f.name: f for f in FLAGS}
-    out = [f"--{name}={table[name].text(getattr(s, name))} instead of {reference}"
-           for name, reference in REFERENCE_GRID.items()
-           if table[name].text(getattr(s, name)) != reference]
-    return out + [f"{s.num_seeds} seeds instead of at least 3"] * (s.num_seeds < 3)
+    return studies.reductions(FLAGS, s, REFERENCE_GRID)
 
 
 def run(s, invocation=None) -> str:

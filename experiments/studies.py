@@ -143,6 +143,16 @@ def first_to_target(reached: Mapping[str, Sequence[float | None]], unit: str,
         else "; every other beyond the seeds' spread") + ")")
 
 
+def reductions(table: Sequence[Flag], settings, reference: Mapping[str, str]) -> list[str]:
+    """How `settings` differ from a study's reference grid (`{flag: its text there}`),
+    and fewer than 3 seeds: the lines a report lists as its grid's reductions."""
+    flags = {f.name: f for f in table}
+    out = [f"--{name}={flags[name].text(getattr(settings, name))} instead of {text}"
+           for name, text in reference.items()
+           if flags[name].text(getattr(settings, name)) != text]
+    return out + [f"{settings.num_seeds} seeds instead of at least 3"] * (settings.num_seeds < 3)
+
+
 def seeds(first: int, count: int) -> list[int]:
     """Seeds `first .. first + count - 1`, as `--num_seeds` numbers them."""
     return list(range(first, first + count))

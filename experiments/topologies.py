@@ -431,11 +431,9 @@ def plot_consistency(outcomes: list[Outcome], s, path: str) -> str:
 
 def reductions(s) -> list[str]:
     """How the settings differ from the study's reference grid."""
-    table = {f.name: f for f in FLAGS}
-    return [f"--{name}={table[name].text(getattr(s, name))} instead of {table[name].default}"
-            for name in ("topologies", "workers", "models", "partitions")
-            if table[name].text(getattr(s, name)) != table[name].default] + [
-        f"{s.num_seeds} seeds instead of at least 3"] * (s.num_seeds < 3)
+    return studies.reductions(FLAGS, s, {
+        f.name: f.default for f in FLAGS
+        if f.name in ("topologies", "workers", "models", "partitions")})
 
 
 def run(s, invocation=None) -> str:
