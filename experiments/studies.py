@@ -143,10 +143,11 @@ def first_to_target(reached: Mapping[str, Sequence[float | None]], unit: str,
         else "; every other beyond the seeds' spread") + ")")
 
 
-def reductions(table: Sequence[Flag], settings, reference: Mapping[str, str]) -> list[str]:
-    """How `settings` differ from a study's reference grid (`{flag: its text there}`),
+def reductions(table: Sequence[Flag], settings, reference: Mapping[str, Any]) -> list[str]:
+    """How `settings` differ from a study's reference grid (`{flag: its value there}`),
     and fewer than 3 seeds: the lines a report lists as its grid's reductions."""
     flags = {f.name: f for f in table}
+    reference = {name: flags[name].text(value) for name, value in reference.items()}
     out = [f"--{name}={flags[name].text(getattr(settings, name))} instead of {text}"
            for name, text in reference.items()
            if flags[name].text(getattr(settings, name)) != text]

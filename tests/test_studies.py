@@ -494,3 +494,12 @@ def test_diloco_study_counts_bits_and_seconds_as_each_arm_communicates(diloco_ru
     for name in ("loss_mlp.png", "accuracy_mlp.png"):
         assert os.path.getsize(os.path.join(s.workdir, name)) > 0
     _no_temporary_files(s.workdir)
+
+
+def test_a_grid_at_its_reference_values_is_not_called_reduced():
+    from experiments import diloco
+
+    settings = studies.validate(diloco.FLAGS, {"workdir": "/tmp/unused"})
+    assert diloco.reductions(settings) == []
+    fewer = studies.validate(diloco.FLAGS, {"workdir": "/tmp/unused", "workers": 4})
+    assert diloco.reductions(fewer) == ["--workers=4 instead of 8"]
