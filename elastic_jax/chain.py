@@ -195,6 +195,11 @@ class Rule(NamedTuple):
             bound = link.facts.out_bound(bound, params)
         return (u_hat if bound is None else bound), residual
 
+    def measures_update(self, params) -> bool:
+        """Whether `bounds` reads the measured `u_hat` (a link does not bound its output's
+        norm): only then do the variants compute the workers' update norms."""
+        return self.bounds(1.0, None, params)[0] is None
+
     def metrics(self, aux, params) -> dict:
         """The links' own metrics from their per-worker `aux` (maximised over workers)."""
         out = {}

@@ -27,7 +27,7 @@ class ConsistencyState(NamedTuple):
     """Running maxima carried in the shared state (all scalars of the param dtype)."""
 
     m_hat: jax.Array  # [] max ||g|| over every gradient seen
-    u_hat: jax.Array  # [] max ||u|| / eta over every update sent
+    u_hat: jax.Array  # [] max ||u|| / eta over every update sent (0 where no bound reads it)
     eta_max: jax.Array  # [] max learning rate of every round so far
 
 
@@ -151,11 +151,13 @@ def observe(state: ConsistencyState, grad_norms, eta, update_norms) -> Consisten
       state: the running maxima before the round.
       grad_norms: `[P]` norms of the round's gradients.
       eta: the round's learning rate.
-      update_norms: `[P]` norms `||u||` of the updates sent.
+      update_norms: `[P]` norms `||u||` of the updates sent, or None: `u_hat` is
+        then left as it was (no bound reads it).
     """
     dtype = state.m_hat.dtype
     m_hat = jnp.maximum(state.m_hat, jnp.max(grad_norms).astype(dtype))
-    u_hat = jnp.maximum(state.u_hat, jnp.max(per_eta(update_norms, eta)).astype(dtype))
+    u_hat = state.u_hat if update_norms is None else jnp.maximum(
+        state.u_hat, jnp.max(per_eta(update_norms, eta)).astype(dtype))
     eta_max = jnp.maximum(state.eta_max, jnp.asarray(eta, dtype))
     return ConsistencyState(m_hat, u_hat, eta_max)
 

@@ -144,7 +144,8 @@ def _abstract(signature):
 
 def _signature(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+    return treedef, tuple((x.shape, x.dtype) if hasattr(x, "dtype") else
+                          (jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
 @functools.lru_cache(maxsize=64)
@@ -281,35 +282,55 @@ def _sampler(batch_fn, alg):
 
 
 @functools.lru_cache(maxsize=64)
-def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, length, donate):
+def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, length,
+             transformed):
     """The compiled program of one `run` configuration (the library's one cache).
 
     `"python"`: one round, `(state, batch) -> (state, metrics, values)` (the
     batch sampled by `_sampler` when `batch_fn` is given).
     `"chunks"`: `(state, batches, n) -> ...` for `length` rounds of which the
-    first `n` run: one `lax.scan` whose iterations `i >= n` are skipped by a
-    `lax.cond` (the state passes through unchanged), so every round is the same
-    compiled loop body, a run split into calls of any lengths is bitwise the
-    same, and reverse mode flows through it (a `while_loop` with a dynamic trip
-    count has no transpose). The skipped iterations read valid inputs (padded
-    with copies of the last round), so where the `cond` becomes a `select`
-    (under `vmap`) they compute finite values and contribute zero, not NaN, to
-    a gradient. `"scan"`: `length` rounds in one `lax.scan`. With `batch_fn`
-    each round samples its own batch in the loop body (`batches` is None).
-    `values` are the checks' arrays (empty without `checks`).
+    first `n` run, every round the same compiled loop body, so a run split into
+    calls of any lengths is bitwise the same; metrics come back as `[length]`
+    arrays whose first `n` entries are the rounds'. Called directly, the rounds
+    run in a `lax.while_loop` of `n` iterations. Under a transformation
+    (`transformed`: reverse mode needs a transposable loop, and a `while_loop`
+    with a dynamic trip count has none) they run in a fixed-length `lax.scan`
+    whose iterations `i >= n` a `lax.cond` skips (the state passes through
+    unchanged); the skipped iterations read valid inputs (padded with copies of
+    the last round), so where the `cond` becomes a `select` (under `vmap`) they
+    compute finite values and contribute zero, not NaN, to a gradient. (The
+    `cond` in every iteration costs time, so the direct call does without it:
+    benchmarks/README.md.) `"scan"`: `length` rounds in one `lax.scan`.
+    `values` are the checks' arrays (empty without `checks`). Programs called
+    directly donate the state (`run` passes only buffers it made); under a
+    transformation nothing is donated.
     """
     round_fn = _round(alg, loss_fn, has_aux, mesh, worker_loop)
-    donate_argnums = (0,) if donate else ()
+    donate_argnums = () if transformed else (0,)
 
     def one(state, batch):
         new_state, metrics = round_fn(state, batch)
         values = checks_lib.evaluate(alg, state, new_state, metrics) if checks else {}
         return new_state, (metrics, values)
 
+    # With `batch_fn`, a chunk's batches are sampled in a loop of their own before
+    # its rounds (faster than sampling inside the rounds' loop body, and with no
+    # need for a vmap rule: a host-side loader works), but for
+    # `ej.clock_async_sgd`, whose keys follow the state's gradient counts: each
+    # of its rounds samples its own.
+    ahead = batch_fn is not None and alg.info.gradient_count is None
+
     def sampled(state, batch):
-        if batch_fn is not None:
+        if batch_fn is not None and not ahead:
             batch = sample_batch(batch_fn, alg, state.shared)
         return one(state, batch)
+
+    def sample_ahead(state, batches):
+        if not ahead:
+            return batches
+        rounds = state.shared.round + jnp.arange(length, dtype=state.shared.round.dtype)
+        return jax.lax.map(lambda r: batch_fn(r, base.worker_keys(
+            state.shared.key, base.TAG_DATA, r, alg.num_workers)), rounds)
 
     if loop == "python":
         def python(state, batch):
@@ -319,14 +340,15 @@ def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, l
         return jax.jit(python, donate_argnums=donate_argnums)
     if loop == "scan":
         def scan(state, batches):
-            state, (metrics, values) = jax.lax.scan(sampled, state, batches, length=length)
+            state, (metrics, values) = jax.lax.scan(sampled, state, sample_ahead(state, batches),
+                                                    length=length)
             return state, metrics, values
 
         return jax.jit(scan, donate_argnums=donate_argnums)
 
     def chunk(state, batches, n):
-        # The round is traced once; its jaxpr serves the taken branch and its
-        # output shapes the skipped one.
+        batches = sample_ahead(state, batches)
+        # The round is traced once; its jaxpr serves every iteration.
         first = jax.tree.map(lambda x: x[0], batches)
         closed, shapes = jax.make_jaxpr(sampled, return_shape=True)(state, first)
         run_round = jax_core.jaxpr_as_fun(closed)
@@ -334,6 +356,21 @@ def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, l
         def real(state, batch):
             return jax.tree.unflatten(jax.tree.structure(shapes),
                                       run_round(*jax.tree.leaves((state, batch))))
+
+        if not transformed:
+            def step(carry):
+                i, state, outputs = carry
+                batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False),
+                                     batches)
+                state, out = real(state, batch)
+                outputs = jax.tree.map(lambda b, o: jax.lax.dynamic_update_index_in_dim(
+                    b, o, i, 0), outputs, out)
+                return i + 1, state, outputs
+
+            outputs = jax.tree.map(lambda s: jnp.zeros((length,) + s.shape, s.dtype), shapes[1])
+            _, state, (metrics, values) = jax.lax.while_loop(
+                lambda carry: carry[0] < n, step, (jnp.int32(0), state, outputs))
+            return state, metrics, values
 
         def skip(state, batch):
             del batch
@@ -391,8 +428,10 @@ def run(
 
     - `"python"`: a Python loop over one compiled round;
     - `"chunks"`: a Python loop over one compiled program of `chunk` rounds (a
-      `lax.scan` whose tail a `lax.cond` skips: the last, shorter chunk reuses
-      it, and a run split into calls of any lengths is bitwise the same);
+      `lax.while_loop` whose trip count is an argument, or under a
+      transformation a fixed-length `lax.scan` whose tail a `lax.cond` skips:
+      the last, shorter chunk reuses the program, and a run split into calls
+      of any lengths is bitwise the same);
     - `"scan"`: the whole run as one `lax.scan` (compiled per `rounds`);
     - `"auto"` (the default): `choose_loops`'s rule: the Python loop when the
       workers' gradients are unrolled or mapped (a convolutional loss on the
@@ -456,19 +495,18 @@ def run(
     if mesh is not None:
         parallel.check_mesh(mesh, alg.num_workers)
     _check_trace_rounds(alg, state, rounds)
-    donate = not _under_transformation()
+    transformed = _under_transformation()
     # Place the state as the round returns it (so the second round does not
-    # recompile for a new input sharding); this copies, so the compiled round
+    # recompile for a new input sharding), then copy it, so the compiled round
     # donates only buffers `run` made, never the caller's.
-    state = parallel.shard_state(jax.tree.map(jnp.copy, state),
-                                 parallel.make_mesh(1) if mesh is None else mesh)
+    state = _fresh(parallel.shard_state(state, parallel.make_mesh(1) if mesh is None else mesh))
     if rounds == 0:
         return state, {}
     loop, worker_loop = _plan(alg, loss_fn, has_aux, loop, worker_loop, mesh,
                               _signature(state), _signature(first_batch))
     length = {"python": 1, "chunks": int(chunk), "scan": rounds}[loop]
     program = _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn,
-                       length, donate)
+                       length, transformed)
     serialize = mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
     history = []
     for start in range(0, rounds, length):
@@ -483,7 +521,7 @@ def run(
             state, metrics, values = program(state, _pad(batches, 0, rounds, rounds))
         else:
             state, metrics, values = program(state, _pad(batches, start, n, length),
-                                             jnp.int32(n))
+                                             np.int32(n))
         if checks:  # On the host, the chunk's padding rounds left out.
             checks_lib.raise_failures({k: np.asarray(v)[:n] if loop == "chunks" else v
                                        for k, v in values.items()})
@@ -497,6 +535,13 @@ def run(
     if loop == "python":
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
     return state, jax.tree.map(lambda *xs: jnp.concatenate(xs)[:rounds], *history)
+
+
+@jax.jit
+def _fresh(tree):
+    """`tree` in new buffers, one program for every leaf (a program returns none of the
+    buffers it was passed; `jnp.copy` per leaf costs a dispatch each)."""
+    return tree
 
 
 def _check_trace_rounds(alg: base.Algorithm, state: base.State, rounds: int) -> None:

@@ -113,8 +113,6 @@ def _place(x, sharding):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         data = _place(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -123,15 +121,19 @@ def shard_state(state: base.State, mesh: Mesh) -> base.State:
     """Places `state`: shared arrays replicated, per-worker arrays split over `"workers"`.
 
     Every process passes the same full state (`alg.init` is deterministic);
-    each keeps only what its devices hold.
+    each keeps only what its devices hold. A placed array may share buffers
+    with `state`'s.
     """
     leaves = jax.tree.leaves(state.workers)
     if leaves:
         check_mesh(mesh, leaves[0].shape[0])
     replicated = NamedSharding(mesh, PartitionSpec())
     split = NamedSharding(mesh, PartitionSpec(WORKER_AXIS))
-    return state.replace(shared=jax.tree.map(lambda x: _place(x, replicated), state.shared),
-                         workers=jax.tree.map(lambda x: _place(x, split), state.workers))
+    shardings = state.replace(shared=jax.tree.map(lambda _: replicated, state.shared),
+                              workers=jax.tree.map(lambda _: split, state.workers))
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings)  # One batched transfer.
+    return jax.tree.map(_place, state, shardings)  # New buffers, from the host copy.
 
 
 def shard_batches(batches, mesh: Mesh, *, worker_axis: int = 0):

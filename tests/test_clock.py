@@ -85,7 +85,10 @@ def _writes(system, num_workers, writes, cap=None):
 
 def test_equal_constant_speeds_give_async_sgd_with_fixed_delays():
     """The pinned tie rules make every lag exactly `delays.fixed()` with max_delay = P - 1:
-    lag i in the first round, P - 1 after. The runs agree bitwise."""
+    lag i in the first round, P - 1 after. The runs agree bitwise in the Python loop,
+    where both read each round's batch from the same sampler program (in chunks the
+    fixed-delay run samples a chunk's batches first, the clock-driven one in its loop
+    body, and XLA fuses the two differently)."""
     p = 4
     system = ej.clock.system(ej.clock.constant(1.0), rounds=8)
     w = _writes(system, p, 8 * p)
@@ -98,7 +101,7 @@ def test_equal_constant_speeds_give_async_sgd_with_fixed_delays():
     for alg in (ej.clock_async_sgd(0.05, p, system=system),
                 ej.async_sgd(0.05, p, p - 1, delay="fixed")):
         runs.append(ej.run(alg, h.noisy_quadratic, alg.init(params, 0), batch_fn=batch_fn,
-                           rounds=8))
+                           rounds=8, loop="python"))
     (clocked, mc), (fixed, mf) = runs
     for a, b in zip(jax.tree.leaves(ej.params(clocked)), jax.tree.leaves(ej.params(fixed)),
                     strict=True):

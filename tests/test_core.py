@@ -327,7 +327,7 @@ def test_chunks_take_a_batch_fn_without_vmap_rule():
     auto, m_auto = ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3)
     python, m_python = ej.run(alg, h.noisy_quadratic, state, batch_fn=batch_fn, rounds=3,
                               loop="python")
-    # Each round samples its own batch inside the chunk: no vmap rule is needed.
+    # The chunk samples its batches in a loop (lax.map): no vmap rule is needed.
     np.testing.assert_allclose(h.flat(ej.params(auto)), h.flat(ej.params(python)), rtol=1e-6)
     np.testing.assert_allclose(m_auto["loss"], m_python["loss"], rtol=1e-6)
 

@@ -95,12 +95,17 @@ def apply(params, update):
     return jax.tree.map(lambda x, u: (x - u.astype(x.dtype)).astype(x.dtype), params, update)
 
 
-def observe(stats: consistency.ConsistencyState, sent: Sent, eta, live=None):
-    """Folds the round's gradient and update norms (of live workers) into the running maxima."""
-    grad_norms, update_norms = sent.grad_norm, sent.update_norm
+def observe(stats: consistency.ConsistencyState, sent: Sent, eta, live=None, *,
+            measure_update: bool):
+    """Folds the round's gradient norms (of live workers) into the running maxima, and its
+    update norms where `measure_update` (the variant's bound reads `u_hat`: pass
+    `rule.measures_update(params)`); otherwise `u_hat` stays as it was and the
+    workers' update norms are never computed."""
+    grad_norms = sent.grad_norm
+    update_norms = sent.update_norm if measure_update else None
     if live is not None:
         grad_norms = jnp.where(live, grad_norms, 0)
-        update_norms = jnp.where(live, update_norms, 0)
+        update_norms = None if update_norms is None else jnp.where(live, update_norms, 0)
     return consistency.observe(stats, grad_norms, eta, update_norms)
 
 

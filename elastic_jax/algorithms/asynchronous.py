@@ -246,7 +246,8 @@ def async_sgd(
             iterates, sq_dists = ys
             history = jax.tree.map(lambda h, it: h.at[positions].set(it), shared.history,
                                    iterates)
-        stats = _common.observe(shared.stats, sent, eta)
+        stats = _common.observe(shared.stats, sent, eta,
+                                measure_update=rule.measures_update(current))
         dtype = stats.m_hat.dtype
         update_b, residual_b = _common.bounds(rule, stats, current)
         bound_b = bounds.async_sgd(max_delay=max_delay, num_workers=num_workers,

@@ -231,7 +231,8 @@ def clock_async_sgd(
             lambda old, xs: jnp.where(
                 jnp.reshape(snapshot >= 0, (-1,) + (1,) * (old.ndim - 1)), xs[position], old),
             shared.snapshots, models)
-        stats = _common.observe(shared.stats, sent, eta, live=writes)
+        stats = _common.observe(shared.stats, sent, eta, live=writes,
+                                measure_update=rule.measures_update(shared.params))
         dtype = stats.m_hat.dtype
         update_b, residual_b = _common.bounds(rule, stats, shared.params)
         lag_bound = max_delay if drop else table(shared, "lag_bound")

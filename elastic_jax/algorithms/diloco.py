@@ -310,7 +310,8 @@ def diloco(learning_rate, num_workers: int, period: int, *, outer_optimizer=None
     def combine(shared, inputs):
         sent, sq, delta = inputs
         eta = schedule(shared.round)
-        stats = _common.observe(shared.stats, sent, eta)
+        stats = _common.observe(shared.stats, sent, eta,
+                                measure_update=rule.measures_update(shared.params))
         dtype = stats.m_hat.dtype
         # The inner step, as local SGD tracks the mean local model.
         tracked = _common.apply(shared.auxiliary,

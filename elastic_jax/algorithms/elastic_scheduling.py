@@ -189,7 +189,8 @@ def elastic_scheduling(
                 base.derive_key(shared.key, base.TAG_DELAY, round_, q), round_, q, 0, tau, ()))(
                 jnp.arange(num_workers)).astype(jnp.int32)
         arrival = shared.arrival.at[slot].set(round_ + 1 + lags)
-        stats = _common.observe(shared.stats, sent, eta)
+        stats = _common.observe(shared.stats, sent, eta,
+                                measure_update=rule.measures_update(shared.params))
         dtype = stats.m_hat.dtype
         update_b, _ = _common.bounds(rule, stats, shared.params)
         bound_b = bounds.elastic_scheduling(max_outstanding=tau, num_workers=num_workers,

@@ -263,7 +263,9 @@ def gossip_sgd(
     def combine(shared, message):
         sent, half, sends = message
         eta = schedule(shared.round)
-        stats = _common.observe(shared.stats, sent, eta)
+        old_mean = jax.tree.map(consistency.worker_mean, shared.models)
+        stats = _common.observe(shared.stats, sent, eta,
+                                measure_update=rule.measures_update(old_mean))
         dtype = stats.m_hat.dtype
         mixes = (shared.round + 1) % local_steps == 0
         index, weights = neighbours_of(shared)
@@ -276,7 +278,6 @@ def gossip_sgd(
             mixed = mix(half, index, weights)
         models = jax.tree.map(lambda m, y: jnp.where(mixes, m, y), mixed, half)
 
-        old_mean = jax.tree.map(consistency.worker_mean, shared.models)
         old = _aux(old_mean, sent.pending)
         new = _aux(jax.tree.map(consistency.worker_mean, models), sent.pending_after)
         update_b, residual = _common.bounds(rule, stats, old)

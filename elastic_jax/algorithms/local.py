@@ -96,7 +96,8 @@ def local_sgd(learning_rate, num_workers: int, period: int, *, rule=None,
         sent, sq = inputs
         eta = schedule(shared.round)
         params = _common.apply(shared.params, jax.tree.map(consistency.worker_mean, sent.update))
-        stats = _common.observe(shared.stats, sent, eta)
+        stats = _common.observe(shared.stats, sent, eta,
+                                measure_update=rule.measures_update(shared.params))
         dtype = stats.m_hat.dtype
         update_b, _ = _common.bounds(rule, stats, shared.params)
         bound_b = bounds.local_sgd(period=period, num_workers=num_workers, update=update_b)

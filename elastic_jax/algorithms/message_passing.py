@@ -376,7 +376,8 @@ def message_passing_sgd(
                 buf.dtype)), shared.messages, sent.update)
         new_arrival = shared.arrival.at[slot].set(arrival)
         slot_alive = shared.slot_alive.at[slot].set(n_alive.astype(shared.slot_alive.dtype))
-        stats = _common.observe(shared.stats, sent, eta, live)
+        stats = _common.observe(shared.stats, sent, eta, live,
+                                measure_update=rule.measures_update(shared.params))
         if sent.pending is None:
             sq = extra
         else:
