@@ -156,6 +156,22 @@ KNOWN = {
 }
 
 
+def test_u_hat_is_measured_exactly_where_a_bound_reads_it():
+    """`u_hat` (the workers' update norms) is computed only where a link cannot bound its
+    output's norm: AdamW, an unbiased compressor; never for SGD, momentum or EF14."""
+    p = h.params0()
+    assert not ej.chain(ej.sgd(momentum=MU)).measures_update(p)
+    assert not ej.chain(ej.sgd(), _ef()).measures_update(p)
+    assert ej.chain(ej.adamw()).measures_update(p)
+    assert ej.chain(ej.sgd(), ej.qsgd(4)).measures_update(p)
+    for rule, measured in ((ej.chain(ej.sgd()), False), (ej.chain(ej.adamw()), True)):
+        alg = ej.async_sgd(LR, 4, 3, rule=rule)
+        state, metrics = ej.run(alg, h.noisy_quadratic, alg.init(p, 0),
+                                batch_fn=h.noise_batch_fn(p), rounds=5)
+        assert (float(state.shared.stats.u_hat) > 0) == measured
+        assert np.all(np.isfinite(metrics["consistency/bound"]))
+
+
 def test_momentum_async_bound_is_reached_on_a_constant_gradient():
     """Every update is `eta m` with `m -> g / (1 - mu)`: a view `max_delay` updates old
     misses `max_delay eta ||g|| / (1 - mu)`, the bound `max_delay M / (1 - mu)`."""

@@ -171,9 +171,11 @@ def sync_sgd(
         optimizer = shared.optimizer
         if server is not None:
             step, optimizer, _ = server.update(step, optimizer, Context(eta, None, shared.params))
+            # u_hat folds in the update applied, not the workers' gradient-sized messages.
+            sent = sent._replace(update_norm=consistency.tree_norm(step)[None])
         params = _common.apply(shared.params, step)
-        # Sync SGD's bound reads no `U` (its views are the model): `u_hat` is not measured.
-        stats = _common.observe(shared.stats, sent, eta, measure_update=False)
+        stats = _common.observe(shared.stats, sent, eta,
+                                measure_update=rule.measures_update(shared.params))
         dtype = stats.m_hat.dtype
         owed_mean = None if collective is None else collective.mean_residual(shared.collective)
         if owed_mean is not None:
