@@ -313,20 +313,18 @@ def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, l
         values = checks_lib.evaluate(alg, state, new_state, metrics) if checks else {}
         return new_state, (metrics, values)
 
-    # With `batch_fn`, a chunk's batches are sampled in a loop of their own before
-    # its rounds (faster than sampling inside the rounds' loop body, and with no
-    # need for a vmap rule: a host-side loader works), but for
-    # `ej.clock_async_sgd`, whose keys follow the state's gradient counts: each
-    # of its rounds samples its own.
-    ahead = batch_fn is not None and alg.info.gradient_count is None
-
     def sampled(state, batch):
-        if batch_fn is not None and not ahead:
+        if batch is None:  # `batch_fn` given and the batch not sampled ahead.
             batch = sample_batch(batch_fn, alg, state.shared)
         return one(state, batch)
 
     def sample_ahead(state, batches):
-        if not ahead:
+        """With `batch_fn`, a chunk's batches sampled in a loop of their own before its
+        rounds (faster than sampling inside the rounds' loop body, and with no need
+        for a vmap rule: a host-side loader works); not for `ej.clock_async_sgd`,
+        whose keys follow the state's gradient counts (each of its rounds samples
+        its own), nor for `"scan"`, whose memory would grow with `R`."""
+        if batch_fn is None or alg.info.gradient_count is not None:
             return batches
         rounds = state.shared.round + jnp.arange(length, dtype=state.shared.round.dtype)
         return jax.lax.map(lambda r: batch_fn(r, base.worker_keys(
@@ -340,8 +338,7 @@ def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, l
         return jax.jit(python, donate_argnums=donate_argnums)
     if loop == "scan":
         def scan(state, batches):
-            state, (metrics, values) = jax.lax.scan(sampled, state, sample_ahead(state, batches),
-                                                    length=length)
+            state, (metrics, values) = jax.lax.scan(sampled, state, batches, length=length)
             return state, metrics, values
 
         return jax.jit(scan, donate_argnums=donate_argnums)

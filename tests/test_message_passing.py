@@ -159,7 +159,7 @@ def test_convergence_under_theory_bound_strongly_convex():
     with jax.enable_x64(True):
         p = h.params0(jnp.float64)
         x_star = jax.tree.map(jnp.ones_like, p)
-        eta, rounds, c, lsmooth = 0.05, 150, 1.0, 1.0
+        eta, rounds, c, lsmooth = 0.05, 100, 1.0, 1.0
         d0 = float(h.tree_norm(jax.tree.map(jnp.subtract, p, x_star)) ** 2)
         algs = [
             ej.message_passing_sgd(eta, 4, max_delay=3),
