@@ -327,8 +327,8 @@ def _program(alg, loss_fn, has_aux, checks, mesh, worker_loop, loop, batch_fn, l
         if batch_fn is None or alg.info.gradient_count is not None:
             return batches
         rounds = state.shared.round + jnp.arange(length, dtype=state.shared.round.dtype)
-        return jax.lax.map(lambda r: batch_fn(r, base.worker_keys(
-            state.shared.key, base.TAG_DATA, r, alg.num_workers)), rounds)
+        return jax.lax.map(
+            lambda r: sample_batch(batch_fn, alg, state.shared._replace(round=r)), rounds)
 
     if loop == "python":
         def python(state, batch):
